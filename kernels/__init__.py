@@ -1,0 +1,1 @@
+"""Fused Triton kernels for tldr-fast, installed as `tldr_fast.kernels`."""

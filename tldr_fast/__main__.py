@@ -1,0 +1,5 @@
+import sys
+
+from tldr_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Related attacks from the same literature: split-model inversion, Data-from-Model, BNN inversion by SAT."""

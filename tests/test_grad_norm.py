@@ -1,0 +1,276 @@
+"""per_sample_grad_norm: every backend against the `loop` oracle in float64, values and d/dx."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm
+from tldr_fast.models import MLP, PaperCNN
+
+FAST_BACKENDS = [b for b in BACKENDS if b != "loop"]
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    assert not torch.isnan(a).any() and not torch.isnan(b).any()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def frozen_eval(model: nn.Module) -> nn.Module:
+    """float64, eval, requires_grad=False, with BatchNorm statistics and affine terms made non-trivial."""
+    model = model.double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+    model.requires_grad_(False)
+    return model
+
+
+class ResidualGroupNorm(nn.Module):
+    """conv -> GroupNorm -> residual add -> pool -> linear: GroupNorm exercises the vmap fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.body = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.stem(x)))
+        h = h + torch.tanh(self.body(h))
+        return self.head(h.mean((2, 3)))
+
+
+class ConvVariety(nn.Module):
+    """Strided, padded, dilated and grouped convolutions (and a bias-free one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3)
+        self.c = nn.Conv2d(6, 4, (2, 3), stride=(1, 2), groups=2, bias=False)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.sin(self.a(x))
+        h = torch.sin(self.b(h))
+        h = torch.sin(self.c(h))
+        return self.head(h.flatten(2).mean(2))
+
+
+def small_paper_cnn():
+    return PaperCNN(1, 10, 12, channels=(4, 6, 8), hidden=16)
+
+
+def small_mlp():
+    return MLP(1, 10, 8, hidden=(12, 10))
+
+
+MODELS = {
+    "paper_cnn": (small_paper_cnn, (1, 12, 12), 10),
+    "mlp": (small_mlp, (1, 8, 8), 10),
+    "residual_groupnorm": (ResidualGroupNorm, (2, 6, 6), 3),
+    "conv_variety": (ConvVariety, (4, 9, 9), 5),
+}
+
+
+def make(name: str, batch: int, seed: int = 0):
+    factory, shape, classes = MODELS[name]
+    torch.manual_seed(seed)
+    model = frozen_eval(factory())
+    x = torch.rand(batch, *shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, classes, (batch,))
+    return model, x, y
+
+
+def norms_and_input_grad(model, x, y, **kwargs):
+    norms = per_sample_grad_norm(model, x, y, **kwargs)
+    (dx,) = torch.autograd.grad(norms.sum(), x)
+    return norms, dx
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("batch", [1, 2, 17])
+def test_matches_loop(name, batch, backend):
+    model, x, y = make(name, batch, seed=batch)
+    norms, dx = norms_and_input_grad(model, x, y, backend=backend)
+    ref, ref_dx = norms_and_input_grad(model, x, y, backend="loop")
+    assert norms.shape == (batch,)
+    assert rel_rms(norms, ref) < 1e-10
+    assert rel_rms(dx, ref_dx) < 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_subset_by_name_and_tensor(backend):
+    model, x, y = make("paper_cnn", 5)
+    last = ["classifier.weight", "classifier.bias"]
+    by_name = per_sample_grad_norm(model, x, y, params=last, backend=backend)
+    by_tensor = per_sample_grad_norm(model, x, y, backend=backend,
+                                     params=[model.classifier.weight, "classifier.bias"])
+    logits, feat = model.forward_with_features(x)
+    g = torch.softmax(logits, 1) - nn.functional.one_hot(y, 10)
+    # Linear layer: ||g a^T||^2 + ||g||^2 = ||g||^2 (||a||^2 + 1).
+    expected = (g.pow(2).sum(1) * (feat.pow(2).sum(1) + 1)).sqrt()
+    assert rel_rms(by_name, expected) < 1e-12
+    assert rel_rms(by_tensor, expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_mode_is_norm_of_mean_gradient(backend):
+    model, x, y = make("paper_cnn", 6)
+    value = per_sample_grad_norm(model, x, y, backend=backend, mode="batch")
+    assert value.shape == ()
+    params = [p.detach().requires_grad_() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(
+        torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)), y)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, create_graph=True)]).norm()
+    assert rel_rms(value, expected) < 1e-12
+    (dx,) = torch.autograd.grad(value, x)
+    (ref_dx,) = torch.autograd.grad(expected, x)
+    assert rel_rms(dx, ref_dx) < 1e-10
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_chunk_size_gives_same_result(backend):
+    model, x, y = make("conv_variety", 7)
+    whole, dx = norms_and_input_grad(model, x, y, backend=backend)
+    chunked, chunked_dx = norms_and_input_grad(model, x, y, backend=backend, chunk_size=3)
+    assert rel_rms(chunked, whole) < 1e-12
+    assert rel_rms(chunked_dx, dx) < 1e-12
+    batch = per_sample_grad_norm(model, x, y, backend=backend, mode="batch")
+    assert rel_rms(per_sample_grad_norm(model, x, y, backend=backend, mode="batch", chunk_size=2), batch) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leaves_model_untouched(backend):
+    model, x, y = make("paper_cnn", 3)
+    model.requires_grad_(True)  # trainable parameters must not receive .grad either
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms_and_input_grad(model, x, y, backend=backend)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_inside_torch_func_grad_and_vmap(backend):
+    """The engine differentiates through the norms with torch.func.grad and vmaps over K generators."""
+    model, x, y = make("paper_cnn", 4)
+    x = x.detach()
+
+    def objective(scale, x):
+        return per_sample_grad_norm(model, x * scale, y, backend=backend).mean()
+
+    scales = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    got = torch.func.vmap(torch.func.grad(objective), in_dims=(0, None))(scales, x)
+    for scale, g in zip(scales, got, strict=True):
+        s = scale.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(
+            per_sample_grad_norm(model, x * s, y, backend="loop").mean(), s)
+        assert rel_rms(g, expected) < 1e-9
+
+
+def test_zero_gradient_gives_zero_norm_and_finite_derivative():
+    model = nn.Linear(3, 2, bias=False).double()
+    model.weight.data.zero_()
+    x = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    loss = lambda logits, y: (logits * 0).sum(1)
+    norms = per_sample_grad_norm(model, x, torch.zeros(2, 1), loss=loss)
+    (dx,) = torch.autograd.grad(norms.sum(), x)
+    assert torch.equal(norms, torch.zeros(2, dtype=torch.float64))
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_custom_loss_callable(backend):
+    model, x, y = make("mlp", 4)
+    target = torch.softmax(torch.randn(4, 10, dtype=torch.float64), 1)
+    soft_ce = lambda logits, t: -(t * torch.log_softmax(logits, 1)).sum(1)
+    got = per_sample_grad_norm(model, x, target, loss=soft_ce, backend=backend)
+    ref = per_sample_grad_norm(model, x, target, loss=soft_ce, backend="loop")
+    assert rel_rms(got, ref) < 1e-10
+
+
+@pytest.mark.compile
+def test_torch_compile_equals_eager():
+    model, x, y = make("paper_cnn", 3)
+    fn = lambda x: per_sample_grad_norm(model, x, y)
+    eager = fn(x)
+    compiled = torch.compile(fn)(x)
+    assert rel_rms(compiled, eager) < 1e-10
+    (dx,) = torch.autograd.grad(compiled.sum(), x)
+    (ref_dx,) = torch.autograd.grad(eager.sum(), x)
+    assert rel_rms(dx, ref_dx) < 1e-9
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_refuses_training_mode_batchnorm_and_names_it():
+    model, x, y = make("paper_cnn", 2)
+    model.train()
+    with pytest.raises(ValueError, match=r"model\.conv\.0\.1 \(BatchNorm2d\) is in training mode"):
+        per_sample_grad_norm(model, x, y)
+
+
+def test_refuses_batchnorm_without_running_stats():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"model\.1 \(BatchNorm1d\) has track_running_stats=False"):
+        per_sample_grad_norm(model, torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_refuses_batch_mismatch():
+    model, x, y = make("mlp", 3)
+    with pytest.raises(ValueError, match="one entry per sample of x"):
+        per_sample_grad_norm(model, x, y[:2])
+
+
+def test_refuses_labels_of_wrong_type():
+    model, x, y = make("mlp", 3)
+    with pytest.raises(TypeError, match="integer class labels"):
+        per_sample_grad_norm(model, x, y.double())
+
+
+def test_refuses_empty_batch_and_non_tensor_input():
+    model, x, y = make("mlp", 3)
+    with pytest.raises(ValueError, match="at least one sample"):
+        per_sample_grad_norm(model, x[:0], y[:0])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        per_sample_grad_norm(model, x.long(), y)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        per_sample_grad_norm(lambda t: t, x, y)
+
+
+def test_refuses_foreign_parameters():
+    model, x, y = make("mlp", 3)
+    with pytest.raises(ValueError, match=r"params\[0\] = 'nope.weight' is not a parameter name"):
+        per_sample_grad_norm(model, x, y, params=["nope.weight"])
+    with pytest.raises(ValueError, match=r"params\[1\] \(a tensor of shape \(3, 3\)\) is not a parameter"):
+        per_sample_grad_norm(model, x, y, params=["classifier.bias", nn.Parameter(torch.ones(3, 3))])
+    with pytest.raises(ValueError, match="non-empty list"):
+        per_sample_grad_norm(model, x, y, params=[])
+    with pytest.raises(TypeError, match=r"params\[0\] must be a parameter name or tensor"):
+        per_sample_grad_norm(model, x, y, params=[3])
+    with pytest.raises(ValueError, match="has no parameters"):
+        per_sample_grad_norm(nn.Flatten(), x, y)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "fast"}, "backend must be one of"),
+    ({"loss": "mse"}, "loss must be one of"),
+    ({"mode": "mean"}, "mode must be one of"),
+    ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+])
+def test_refuses_unknown_options(kwargs, message):
+    model, x, y = make("mlp", 2)
+    with pytest.raises(ValueError, match=message):
+        per_sample_grad_norm(model, x, y, **kwargs)

@@ -1,0 +1,92 @@
+"""Per-sample weight-gradient norms, differentiable with respect to the input.
+
+    n_i = || grad_theta l(f_theta(x_i), y_i) ||_2          (mode="per_sample", shape (B,))
+    n   = || grad_theta (1/B) sum_i l(f_theta(x_i), y_i) || (mode="batch", the TLDR authors' code, 0-d)
+
+over the chosen parameters theta (all of them by default, frozen or not). The result keeps the
+graph to x (create_graph semantics), so d/dx of any function of it is a double backward. Backends:
+`vmap` (torch.func.vmap(grad), any model), `loop` (one sample at a time with autograd, the oracle),
+and `auto`. Nothing is left on the model: no `.grad`, no hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tldr_fast.grad_norm.loop import loop_batch_gradient, loop_squared_norms
+from tldr_fast.grad_norm.selection import (
+    LOSSES,
+    check_samples_independent,
+    resolve_loss,
+    resolve_params,
+)
+from tldr_fast.grad_norm.vmap import batch_gradient, vmap_squared_norms
+from tldr_fast.validation import check_positive_int
+
+BACKENDS = ("auto", "vmap", "loop")
+MODES = ("per_sample", "batch")
+
+__all__ = ["BACKENDS", "LOSSES", "MODES", "per_sample_grad_norm", "safe_sqrt"]
+
+
+def safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
+    """sqrt with derivative 0 (not NaN) where the argument is exactly 0."""
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(),
+                       torch.zeros_like(squared))
+
+
+def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss="ce", params=None,
+                         backend: str = "auto", mode: str = "per_sample",
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Norms of per-sample (or batch-mean) loss gradients with respect to the model's parameters.
+
+    model: in eval mode wherever BatchNorm is present (training-mode BatchNorm mixes samples).
+    x: (B, ...) input; y: (B,) integer class labels for loss="ce", else whatever `loss` takes.
+    loss: "ce" (cross-entropy) or a callable (logits, y) -> per-sample losses (B,).
+    params: None for every parameter, or names from model.named_parameters() and/or the parameter
+        tensors themselves (matched by identity).
+    backend: "auto" | "vmap" | "loop".
+    mode: "per_sample" returns (B,) norms; "batch" returns the 0-d norm of the batch-mean gradient.
+    chunk_size: at most this many samples per vectorised pass (bounds memory); the loop backend
+        ignores it.
+    """
+    names = _validate(model, x, y, loss, params, backend, mode, chunk_size)
+    loss_fn = resolve_loss(loss)
+    if mode == "batch":
+        if backend == "loop":
+            grads = loop_batch_gradient(model, x, y, loss_fn, names)
+        else:
+            grads = batch_gradient(model, x, y, loss_fn, names, chunk_size)
+        return safe_sqrt(sum(g.pow(2).sum() for g in grads))
+    if backend == "loop":
+        squared = loop_squared_norms(model, x, y, loss_fn, names)
+    else:
+        squared = vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
+    return safe_sqrt(squared)
+
+
+def _validate(model, x, y, loss, params, backend, mode, chunk_size) -> tuple[str, ...]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size")
+    resolve_loss(loss)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"x must be a floating-point tensor (B, ...), got {getattr(x, 'dtype', type(x))}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y must be a tensor with one entry per sample of x (batch {x.shape[0]}), "
+            f"got {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
+    if loss == "ce" and (y.dim() != 1 or y.dtype not in (torch.int64, torch.int32)):
+        raise TypeError(f"y must be (B,) integer class labels for loss='ce', got {y.dtype} {tuple(y.shape)}")
+    check_samples_independent(model)
+    return resolve_params(model, params)

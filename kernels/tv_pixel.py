@@ -1,0 +1,222 @@
+"""Fused total-variation and pixel-range losses of an image batch x (N, C, H, W), one read of x.
+
+    TV  = (1/N) sum_{i,c,h,w} (x_{h+1,w} - x_{h,w})^2 + (x_{h,w+1} - x_{h,w})^2
+    Pix = (1/N) sum_{i,c,h,w} relu(-x) + relu(x - 1)
+
+(the definitions of `tldr_fast.losses.total_variation` / `pixel_range`, which are the reference and
+the CPU path). Gradient for loss weights (g_tv, g_pix), with forward differences dx, dy and the
+backward ones at the same pixel (zero outside the image):
+
+    dL/dx_{h,w} = (g_tv / N) 2 (dx_{h,w-1} - dx_{h,w} + dy_{h-1,w} - dy_{h,w})
+                  + (g_pix / N) ([x > 1] - [x < 0])
+
+One kernel does both: each program loads a block of planes once (the neighbour loads hit L1) and
+writes per-plane partial sums and, when asked, the gradient. The autograd backward is one more pass
+(read x, write the gradient) because the weights only arrive there; `weighted_tv_pixel` takes the
+weights up front and writes loss and gradient in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from tldr_fast.kernels._dispatch import INTERPRETED, fold_vmapped, resolve_impl, unfold
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_TILE_ELEMENTS = 1 << 14 if INTERPRETED else 4096  # elements per program
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tv_pixel_kernel(X, part_tv, part_pix, grad, w_tv_ptr, w_pix_ptr,
+                         n_planes, H, W, planes_per_group,
+                         WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+        """Per-plane partial TV / Pix sums of one [planes, pixels] tile and/or its gradient."""
+        pid_p = tl.program_id(0)
+        pid_hw = tl.program_id(1)
+        hw = H * W
+        planes = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        k = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        h = k // W
+        w = k % W
+        ok = (planes < n_planes)[:, None] & (k < hw)[None, :]
+        ptrs = X + planes.to(tl.int64)[:, None] * hw + k[None, :]
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        right = ok & (w < W - 1)[None, :]
+        down = ok & (h < H - 1)[None, :]
+        dx = tl.where(right, tl.load(ptrs + 1, mask=right, other=0.0).to(tl.float32) - x, 0.0)
+        dy = tl.where(down, tl.load(ptrs + W, mask=down, other=0.0).to(tl.float32) - x, 0.0)
+        if WRITE_LOSS:
+            # propagate_nan keeps a NaN pixel visible in Pix too (relu(NaN) = NaN in torch).
+            outside = (tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                       + tl.maximum(x - 1.0, 0.0, propagate_nan=tl.PropagateNan.ALL))
+            n_hw = tl.num_programs(1)
+            dst = planes * n_hw + pid_hw
+            tl.store(part_tv + dst, tl.sum(dx * dx + dy * dy, 1), mask=planes < n_planes)
+            tl.store(part_pix + dst, tl.sum(outside, 1), mask=planes < n_planes)
+        if WRITE_GRAD:
+            left = ok & (w > 0)[None, :]
+            up = ok & (h > 0)[None, :]
+            dl = tl.where(left, x - tl.load(ptrs - 1, mask=left, other=0.0).to(tl.float32), 0.0)
+            du = tl.where(up, x - tl.load(ptrs - W, mask=up, other=0.0).to(tl.float32), 0.0)
+            group = planes // planes_per_group
+            w_tv = tl.load(w_tv_ptr + group, mask=planes < n_planes, other=0.0)
+            w_pix = tl.load(w_pix_ptr + group, mask=planes < n_planes, other=0.0)
+            g = (2.0 * w_tv[:, None] * (dl - dx + du - dy)
+                 + w_pix[:, None] * (tl.where(x > 1.0, 1.0, 0.0) - tl.where(x < 0.0, 1.0, 0.0)))
+            tl.store(grad + planes.to(tl.int64)[:, None] * hw + k[None, :],
+                     g.to(grad.dtype.element_ty), mask=ok)
+
+
+def _launch(x: torch.Tensor, w_tv=None, w_pix=None, write_loss: bool = True):
+    """Run the kernel on x (G, N, C, H, W); returns ((tv, pix) per group or None, grad or None)."""
+    groups, n, c, h, w = x.shape
+    x = x.contiguous()
+    n_planes, hw = groups * n * c, h * w
+    block_hw = min(triton.next_power_of_2(hw), _TILE_ELEMENTS)
+    block_p = max(1, _TILE_ELEMENTS // block_hw)
+    grid = (triton.cdiv(n_planes, block_p), triton.cdiv(hw, block_hw))
+    write_grad = w_tv is not None
+    part_tv = torch.empty(n_planes, grid[1], device=x.device, dtype=torch.float32)
+    part_pix = torch.empty_like(part_tv)
+    grad = torch.empty(x.shape, device=x.device, dtype=x.dtype) if write_grad else part_tv
+    if write_grad:
+        w_tv, w_pix = (w.float().div(n).contiguous() for w in (w_tv, w_pix))
+    else:
+        w_tv = w_pix = part_tv
+    _tv_pixel_kernel[grid](
+        x, part_tv, part_pix, grad, w_tv, w_pix, n_planes, h, w, n * c,
+        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BLOCK_P=block_p, BLOCK_HW=block_hw,
+        num_warps=8)
+    losses = None
+    if write_loss:
+        losses = tuple(p.view(groups, -1).sum(-1) / n for p in (part_tv, part_pix))
+    return losses, (grad if write_grad else None)
+
+
+class _TVPixelGrad(torch.autograd.Function):
+    """dL/dx for per-group weights (g_tv, g_pix); its own function so vmap folds it too."""
+
+    @staticmethod
+    def forward(x, g_tv, g_pix):
+        return _launch(x, g_tv, g_pix, write_loss=False)[1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("double backward through the Triton TV/pixel loss; use impl='torch'")
+
+    @staticmethod
+    def vmap(info, in_dims, x, g_tv, g_pix):
+        args = fold_vmapped(info.batch_size, in_dims, x, g_tv, g_pix)
+        (out,) = unfold(info.batch_size, _TVPixelGrad.apply(*args))
+        return out, 0
+
+
+class _TVPixel(torch.autograd.Function):
+    """(tv, pix) per group of x (G, N, C, H, W)."""
+
+    @staticmethod
+    def forward(x):
+        return _launch(x)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g_tv, g_pix):
+        (x,) = ctx.saved_tensors
+        zeros = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        g_tv = zeros if g_tv is None else g_tv
+        g_pix = zeros if g_pix is None else g_pix
+        return _TVPixelGrad.apply(x, g_tv, g_pix)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        (folded,) = fold_vmapped(info.batch_size, in_dims, x)
+        outputs = unfold(info.batch_size, *_TVPixel.apply(folded))
+        return outputs, (0, 0)
+
+
+class _WeightedTVPixel(torch.autograd.Function):
+    """w_tv TV + w_pix Pix per group, with the gradient written in the same pass as the loss."""
+
+    @staticmethod
+    def forward(x, w_tv, w_pix):
+        (tv, pix), grad = _launch(x, w_tv, w_pix)
+        return w_tv * tv + w_pix * pix, tv, pix, grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, tv, pix, grad = output
+        ctx.mark_non_differentiable(tv, pix, grad)
+        ctx.save_for_backward(grad)
+
+    @staticmethod
+    def backward(ctx, g_loss, _tv, _pix, _grad):
+        (grad,) = ctx.saved_tensors
+        scale = g_loss.to(grad.dtype).view(-1, *(1,) * (grad.dim() - 1))
+        return grad * scale, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, w_tv, w_pix):
+        args = fold_vmapped(info.batch_size, in_dims, x, w_tv, w_pix)
+        outputs = unfold(info.batch_size, *_WeightedTVPixel.apply(*args))
+        return outputs, (0,) * len(outputs)
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+
+
+def tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(TV, Pix) of images x (N, C, H, W); see the module docstring for the math.
+
+    impl: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (the
+    `tldr_fast.losses` reference) or "auto" (Triton on CUDA, torch otherwise). Composes with
+    torch.func.grad / vmap (a vmapped batch of image batches is one launch) and torch.compile.
+    Losses are float32 for float32 and bfloat16 images.
+    """
+    _check_images(x)
+    if resolve_impl(impl, x, SUPPORTED_DTYPES) == "torch":
+        from tldr_fast.losses import tv_pixel as torch_tv_pixel
+
+        return torch_tv_pixel(x, impl="torch")
+    tv, pix = _TVPixel.apply(x.unsqueeze(0))
+    return tv[0], pix[0]
+
+
+def weighted_tv_pixel(x: torch.Tensor, w_tv, w_pix, impl: str = "auto"):
+    """(w_tv TV + w_pix Pix, TV, Pix) with the gradient computed in the forward pass.
+
+    For a fixed-weight objective this reads x once and writes dL/dx once (the backward only scales
+    it by the incoming gradient, which torch.compile fuses into the next op). w_tv and w_pix are
+    Python floats or 0-d tensors; TV and Pix are returned detached, for logging.
+    """
+    _check_images(x)
+    if resolve_impl(impl, x, SUPPORTED_DTYPES) == "torch":
+        from tldr_fast.losses import tv_pixel as torch_tv_pixel
+
+        tv, pix = torch_tv_pixel(x, impl="torch")
+        return w_tv * tv + w_pix * pix, tv.detach(), pix.detach()
+    weights = [torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(1) for v in (w_tv, w_pix)]
+    loss, tv, pix, _ = _WeightedTVPixel.apply(x.unsqueeze(0), *weights)
+    return loss[0], tv[0], pix[0]

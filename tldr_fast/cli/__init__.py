@@ -9,6 +9,7 @@ import sys
 # Each module adds its subcommands to `commands` (top level) or `attacks` (`tldr-fast attack ...`).
 COMMAND_MODULES = [
     "tldr_fast.cli.train",
+    "tldr_fast.cli.engine",
 ]
 
 

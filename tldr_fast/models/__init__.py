@@ -1,5 +1,7 @@
 """Models: the classifiers under attack and the conditioned generators that invert them."""
 
 from tldr_fast.models.classifiers import MLP, ImageClassifier, Normalize, PaperCNN
+from tldr_fast.models.generator import Generator
+from tldr_fast.models.lenet import LeNet
 
-__all__ = ["MLP", "ImageClassifier", "Normalize", "PaperCNN"]
+__all__ = ["MLP", "Generator", "ImageClassifier", "LeNet", "Normalize", "PaperCNN"]

@@ -1,0 +1,350 @@
+"""The trainer: K stacked generators against a frozen classifier, with checkpoints and resume.
+
+One step is a pure function of (params, Adam state) -> (params, Adam state, loss terms): the noise
+is drawn inside it from the global RNG, the gradient is `torch.func.grad_and_value` of
+`objective.objective`, the update is a functional Adam. No host synchronisation happens inside the
+step; the loop reads the loss values back every `log_every` steps (progress bar, history,
+non-finite check) and before each checkpoint.
+
+Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the stacked
+parameters, the Adam moments, the step, the RNG state, the history and the config, so a resumed
+run on the CPU continues bit for bit where the killed one stopped. A checkpoint is only written
+after the values of every step before it were found finite, so the newest one is always good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import grad_and_value
+
+from tldr_fast import conditioning
+from tldr_fast.config import RESUMABLE_FIELDS, _EngineConfig, config_from_dict
+from tldr_fast.models.generator import Generator
+from tldr_fast.objective import Problem, active_terms, build_generators, draw_noise, objective
+from tldr_fast.serialization import read_safetensors, write_safetensors_atomic
+
+CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
+CHECKPOINTS_KEPT = 2
+ADAM_EPS = 1e-8
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or Inf; `term` and `step` (1-based) say where it happened first."""
+
+    def __init__(self, term: str, step: int, checkpoint: Path | None):
+        self.term, self.step, self.checkpoint = term, step, checkpoint
+        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else "; no checkpoint was written"
+        super().__init__(f"loss term {term!r} is not finite at step {step}{kept}")
+
+
+@dataclass
+class AdamState:
+    """Functional Adam: first and second moments per stacked parameter and the step count."""
+
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    t: torch.Tensor  # 0-d float64: the number of updates taken
+
+    @classmethod
+    def zeros_like(cls, params: dict[str, torch.Tensor]) -> AdamState:
+        device = next(iter(params.values())).device
+        return cls(
+            {k: torch.zeros_like(p) for k, p in params.items()},
+            {k: torch.zeros_like(p) for k, p in params.items()},
+            torch.zeros((), dtype=torch.float64, device=device),
+        )
+
+
+def adam_update(params, grads, state: AdamState, lr: float, beta1: float, beta2: float):
+    """One Adam step (Kingma & Ba, with bias correction), returning new params and state."""
+    t = state.t + 1
+    correction1 = (1 - beta1**t).to(torch.float32)
+    correction2 = (1 - beta2**t).to(torch.float32)
+    new_params, m, v = {}, {}, {}
+    for name, p in params.items():
+        g = grads[name]
+        m[name] = beta1 * state.m[name] + (1 - beta1) * g
+        v[name] = beta2 * state.v[name] + (1 - beta2) * g * g
+        step = (m[name] / correction1) / ((v[name] / correction2).sqrt() + ADAM_EPS)
+        new_params[name] = p - lr * step
+    return new_params, AdamState(m, v, t)
+
+
+def make_step(problem: Problem, buffers: dict[str, torch.Tensor]):
+    """The training step: (params, AdamState) -> (params, AdamState, {term: (K,)})."""
+    cfg = problem.config
+    value_and_grad = grad_and_value(objective, has_aux=True)
+
+    def step(params, state: AdamState):
+        noise = draw_noise(problem)
+        grads, (_, report) = value_and_grad(params, buffers, noise, problem)
+        params, state = adam_update(params, grads, state, cfg.lr, cfg.adam_beta1, cfg.adam_beta2)
+        return params, state, report
+
+    return step
+
+
+@dataclass
+class Trained:
+    """What training produced: the stacked generators and the per-step history of every term."""
+
+    template: Generator
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    config: _EngineConfig
+    history: dict[str, list[float]] = field(default_factory=dict)
+    steps_done: int = 0
+
+    def generator(self, index: int) -> Generator:
+        """Generator `index` as an ordinary module (on the parameters' device)."""
+        module = Generator(**self.template.config())
+        state = {k: v[index] for k, v in {**self.params, **self.buffers}.items()}
+        module.load_state_dict(state)
+        return module.to(next(iter(self.params.values())).device)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def validate_classifier(classifier, num_classes: int, image_shape, needs_features: bool) -> None:
+    """Refuse a classifier that is not a module, expects other images or predicts other classes."""
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+    image_shape = tuple(int(s) for s in image_shape)
+    expected = getattr(classifier, "input_shape", None)
+    if expected is not None and tuple(expected) != image_shape:
+        raise ValueError(
+            f"the generator's image shape {image_shape} (C, H, W) does not match the classifier's "
+            f"input shape {tuple(expected)}"
+        )
+    if needs_features and not hasattr(classifier, "forward_with_features"):
+        raise TypeError(
+            f"the diversity losses (gamma, delta > 0) need penultimate features, but "
+            f"{type(classifier).__name__} has no forward_with_features(x) -> (logits, features); "
+            "add one or set gamma = delta = 0"
+        )
+    device = _device_of(classifier)
+    probe = torch.full((2, *image_shape), 0.5, device=device)
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        with torch.no_grad():
+            out = classifier(probe)
+    except Exception as err:  # the model's own error says why; we add which shape we fed
+        raise ValueError(
+            f"the classifier failed on generator images of shape (2, {', '.join(map(str, image_shape))}): {err}"
+        ) from err
+    finally:
+        classifier.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the classifier must return logits of shape (B, num_classes), got {got}")
+    if out.shape[1] != num_classes:
+        raise ValueError(
+            f"num_classes is {num_classes} but the classifier outputs {out.shape[1]} logits per image"
+        )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def classifier_fingerprint(classifier: nn.Module) -> str:
+    """sha256 of the classifier's state dict (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}.safetensors"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"rng/cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng/cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+
+
+def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str) -> Path:
+    tensors = {f"params/{k}": v for k, v in trained.params.items()}
+    tensors.update({f"buffers/{k}": v for k, v in trained.buffers.items()})
+    tensors.update({f"adam_m/{k}": v for k, v in state.m.items()})
+    tensors.update({f"adam_v/{k}": v for k, v in state.v.items()})
+    tensors["adam_t"] = state.t
+    tensors.update(_rng_state(next(iter(trained.params.values())).device))
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": trained.config.kind,
+        "config": trained.config.to_dict(),
+        "generator": trained.template.config(),
+        "step": trained.steps_done,
+        "history": trained.history,
+        "classifier_sha256": fingerprint,
+    }
+    path = write_safetensors_atomic(_checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
+    for old in list_checkpoints(run_dir)[:-CHECKPOINTS_KEPT]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _group(tensors: dict[str, torch.Tensor], prefix: str, device) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> AdamState:
+    """Restore params, history and RNG into `trained` from `path`; refuse a different run."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r})")
+    if meta.get("kind") != trained.config.kind:
+        raise ValueError(f"cannot resume: {path} is a {meta.get('kind')} run, this is a {trained.config.kind} run")
+    saved = config_from_dict(meta["kind"], meta["config"])
+    differing = [f for f in trained.config.differing_fields(saved) if f not in RESUMABLE_FIELDS]
+    if differing:
+        detail = ", ".join(f"{f}: {getattr(saved, f)!r} -> {getattr(trained.config, f)!r}" for f in differing)
+        raise ValueError(f"cannot resume from {path}: the config differs in {detail}")
+    if meta.get("classifier_sha256") != fingerprint:
+        raise ValueError(f"cannot resume from {path}: it was made against a different classifier (weights differ)")
+    if meta["step"] > trained.config.steps:
+        raise ValueError(f"cannot resume: {path} is at step {meta['step']}, beyond steps={trained.config.steps}")
+    device = next(iter(trained.params.values())).device
+    trained.params = _group(tensors, "params/", device)
+    trained.buffers = _group(tensors, "buffers/", device)
+    trained.history = {k: list(v) for k, v in meta["history"].items()}
+    trained.steps_done = int(meta["step"])
+    _set_rng_state(tensors, device)
+    return AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def train(
+    classifier: nn.Module,
+    num_classes: int,
+    image_shape,
+    config: _EngineConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Trained:
+    """Train config.num_generators generators against `classifier` (frozen and in eval mode meanwhile)."""
+    if not isinstance(config, _EngineConfig):
+        raise TypeError(f"config must be an InversionConfig or ReconstructionConfig, got {type(config).__name__}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    image_shape = tuple(int(s) for s in image_shape)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir whose checkpoints to continue from")
+    run_dir = Path(run_dir) if run_dir is not None else None
+
+    terms = active_terms(config)
+    validate_classifier(classifier, num_classes, image_shape, "cos" in terms or "ortho" in terms)
+    device = _device_of(classifier)
+    template, params, buffers = build_generators(config, num_classes, image_shape, device)
+    labels = conditioning.balanced_labels(config.batch_size, num_classes, device)
+    problem = Problem(template, classifier, config, labels.expand(config.num_generators, -1).contiguous())
+
+    frozen = [(p, p.requires_grad) for p in classifier.parameters()]
+    was_training = classifier.training
+    classifier.eval().requires_grad_(False)
+    try:
+        return _run(problem, params, buffers, run_dir, resume, progress)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        classifier.train(was_training)
+
+
+def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, progress: bool) -> Trained:
+    cfg = problem.config
+    trained = Trained(problem.template, params, buffers, cfg)
+    fingerprint = classifier_fingerprint(problem.classifier)
+    torch.manual_seed(cfg.seed)
+    state = AdamState.zeros_like(params)
+    last_checkpoint = None
+    if resume:
+        existing = list_checkpoints(run_dir)
+        if existing:
+            last_checkpoint = existing[-1]
+            state = load_checkpoint(last_checkpoint, trained, fingerprint)
+    step_fn = make_step(problem, trained.buffers)
+    bar = _progress_bar(cfg, trained.steps_done, progress)
+    pending: list[dict[str, torch.Tensor]] = []
+    try:
+        while trained.steps_done < cfg.steps:
+            trained.params, state, report = step_fn(trained.params, state)
+            trained.steps_done += 1
+            pending.append(report)
+            at_checkpoint = run_dir is not None and cfg.checkpoint_every and trained.steps_done % cfg.checkpoint_every == 0
+            if at_checkpoint or len(pending) >= cfg.log_every or trained.steps_done == cfg.steps:
+                _flush(pending, trained, last_checkpoint, bar)
+                pending = []
+            if at_checkpoint:
+                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint)
+    finally:
+        if bar is not None:
+            bar.close()
+    return trained
+
+
+def _flush(pending, trained: Trained, last_checkpoint, bar) -> None:
+    """Move the pending steps' values to the host: history, non-finite check, progress bar."""
+    first_step = trained.steps_done - len(pending) + 1
+    names = list(pending[0])
+    # One transfer for all pending steps: (steps, terms, K).
+    values = torch.stack([torch.stack([r[n] for n in names]) for r in pending]).double().cpu()
+    for offset, per_step in enumerate(values):
+        finite = torch.isfinite(per_step).all(dim=1).tolist()
+        if not all(finite):
+            term = next((n for n, ok in zip(names, finite, strict=True) if not ok and n != "total"), "total")
+            raise NonFiniteLossError(term, first_step + offset, last_checkpoint)
+        for name, v in zip(names, per_step.mean(dim=1).tolist(), strict=True):
+            trained.history.setdefault(name, []).append(v)
+    if bar is not None:
+        bar.update(len(pending))
+        bar.set_postfix({n: _short(trained.history[n][-1]) for n in names}, refresh=False)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+def _progress_bar(cfg: _EngineConfig, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, desc=cfg.kind, unit="step", dynamic_ncols=True)

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm
+from tldr_fast.grad_norm.ghost import fully_closed_form
+from tldr_fast.grad_norm.layers import summed_outer_squared_norm
 from tldr_fast.models import MLP, PaperCNN
 
 FAST_BACKENDS = [b for b in BACKENDS if b != "loop"]
@@ -65,6 +67,24 @@ class ConvVariety(nn.Module):
         return self.head(h.flatten(2).mean(2))
 
 
+class SequenceLayers(nn.Module):
+    """Conv2d taking the Gram route, Conv1d, BatchNorm2d/1d on 4-D/3-D inputs, Linear on a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)  # 9 positions: P (m + n) < m n, Gram route
+        self.bn = nn.BatchNorm2d(16)
+        self.conv1d = nn.Conv1d(16, 6, 3, stride=2, padding=1)
+        self.bn1d = nn.BatchNorm1d(6)
+        self.seq = nn.Linear(6, 64)  # 5 positions: Gram route
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x))).flatten(2)
+        h = torch.tanh(self.bn1d(self.conv1d(h))).transpose(1, 2)
+        return self.head(torch.tanh(self.seq(h)).mean(1))
+
+
 def small_paper_cnn():
     return PaperCNN(1, 10, 12, channels=(4, 6, 8), hidden=16)
 
@@ -78,6 +98,7 @@ MODELS = {
     "mlp": (small_mlp, (1, 8, 8), 10),
     "residual_groupnorm": (ResidualGroupNorm, (2, 6, 6), 3),
     "conv_variety": (ConvVariety, (4, 9, 9), 5),
+    "sequence_layers": (SequenceLayers, (8, 3, 3), 4),
 }
 
 
@@ -177,6 +198,57 @@ def test_inside_torch_func_grad_and_vmap(backend):
         (expected,) = torch.autograd.grad(
             per_sample_grad_norm(model, x * s, y, backend="loop").mean(), s)
         assert rel_rms(g, expected) < 1e-9
+
+
+@pytest.mark.parametrize("positions, m, n", [(3, 5, 7), (40, 5, 7)])
+def test_summed_outer_squared_norm_both_routes(positions, m, n):
+    g = torch.randn(4, positions, m, dtype=torch.float64)
+    a = torch.randn(4, positions, n, dtype=torch.float64)
+    expected = torch.einsum("bpm,bpn->bmn", g, a).pow(2).sum((1, 2))
+    assert rel_rms(summed_outer_squared_norm(g, a), expected) < 1e-12
+
+
+def test_auto_uses_ghost_only_for_closed_form_layers():
+    for name in ("paper_cnn", "mlp", "conv_variety", "sequence_layers"):
+        model, _, _ = make(name, 1)
+        assert fully_closed_form(model, tuple(dict(model.named_parameters())))
+    model, _, _ = make("residual_groupnorm", 1)
+    assert not fully_closed_form(model, tuple(dict(model.named_parameters())))
+    assert fully_closed_form(model, ("head.weight", "stem.bias"))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_module_called_twice_ghost_refuses_auto_falls_back():
+    model = frozen_eval(CalledTwice())
+    x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (3,))
+    with pytest.raises(ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"):
+        per_sample_grad_norm(model, x, y, backend="ghost")
+    got, dx = norms_and_input_grad(model, x, y, backend="auto")
+    ref, ref_dx = norms_and_input_grad(model, x, y, backend="loop")
+    assert rel_rms(got, ref) < 1e-10 and rel_rms(dx, ref_dx) < 1e-9
+
+
+def test_tied_weights_ghost_refuses_auto_falls_back():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    model[2].weight = model[0].weight
+    x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (3,))
+    assert not fully_closed_form(model, tuple(dict(model.named_parameters())))
+    with pytest.raises(ValueError, match="parameter 0.weight is shared as 0.weight, 2.weight"):
+        per_sample_grad_norm(model, x, y, backend="ghost")
+    got, dx = norms_and_input_grad(model, x, y, backend="auto")
+    ref, ref_dx = norms_and_input_grad(model, x, y, backend="loop")
+    assert rel_rms(got, ref) < 1e-10 and rel_rms(dx, ref_dx) < 1e-9
 
 
 def test_zero_gradient_gives_zero_norm_and_finite_derivative():

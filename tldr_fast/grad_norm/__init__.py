@@ -5,8 +5,12 @@
 
 over the chosen parameters theta (all of them by default, frozen or not). The result keeps the
 graph to x (create_graph semantics), so d/dx of any function of it is a double backward. Backends:
-`vmap` (torch.func.vmap(grad), any model), `loop` (one sample at a time with autograd, the oracle),
-and `auto`. Nothing is left on the model: no `.grad`, no hooks.
+- `ghost`: one batched backward to every layer's output, then closed-form per-layer norms (Linear,
+  Conv1d/2d, eval BatchNorm; see `layers`), other parameterised modules through vmap on that module;
+- `vmap`: torch.func.vmap(grad) over functional_call, any model;
+- `loop`: one sample at a time with plain autograd, the oracle;
+- `auto`: `ghost` when every chosen parameter sits in a closed-form layer, else `vmap`.
+Nothing is left on the model: no `.grad`, no hooks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tldr_fast.grad_norm.ghost import GhostUnsupported, fully_closed_form, ghost_squared_norms
 from tldr_fast.grad_norm.loop import loop_batch_gradient, loop_squared_norms
 from tldr_fast.grad_norm.selection import (
     LOSSES,
@@ -24,7 +29,7 @@ from tldr_fast.grad_norm.selection import (
 from tldr_fast.grad_norm.vmap import batch_gradient, vmap_squared_norms
 from tldr_fast.validation import check_positive_int
 
-BACKENDS = ("auto", "vmap", "loop")
+BACKENDS = ("auto", "ghost", "vmap", "loop")
 MODES = ("per_sample", "batch")
 
 __all__ = ["BACKENDS", "LOSSES", "MODES", "per_sample_grad_norm", "safe_sqrt"]
@@ -47,7 +52,7 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
     loss: "ce" (cross-entropy) or a callable (logits, y) -> per-sample losses (B,).
     params: None for every parameter, or names from model.named_parameters() and/or the parameter
         tensors themselves (matched by identity).
-    backend: "auto" | "vmap" | "loop".
+    backend: "auto" | "ghost" | "vmap" | "loop" (see the module docstring).
     mode: "per_sample" returns (B,) norms; "batch" returns the 0-d norm of the batch-mean gradient.
     chunk_size: at most this many samples per vectorised pass (bounds memory); the loop backend
         ignores it.
@@ -62,6 +67,14 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
         return safe_sqrt(sum(g.pow(2).sum() for g in grads))
     if backend == "loop":
         squared = loop_squared_norms(model, x, y, loss_fn, names)
+    elif backend == "ghost" or (backend == "auto" and fully_closed_form(model, names)):
+        try:
+            squared = ghost_squared_norms(model, x, y, loss_fn, names, chunk_size)
+        except GhostUnsupported as err:
+            if backend == "ghost":
+                raise ValueError(f"backend='ghost' cannot handle this model: {err}; use backend='vmap'") from err
+            # auto: only running the model reveals a layer called twice per forward
+            squared = vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
     else:
         squared = vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
     return safe_sqrt(squared)

@@ -1,0 +1,73 @@
+"""`tldr-fast train`: train a classifier on a dataset and write it as a model file."""
+
+from __future__ import annotations
+
+import argparse
+
+ARCHS = {"cnn": "PaperCNN", "mlp": "MLP"}
+
+
+def register(commands, attacks) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train a classifier (the model to attack) and write a .safetensors model file",
+        description="Train PaperCNN or MLP on a dataset split, print train/test accuracy, write the model file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_arguments(p)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="cnn", help="classifier architecture")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="model.safetensors", help="model file to write")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--dataset/--subset/--seed/--data-root, shared by every command that trains on a dataset."""
+    from tldr_fast.datasets import NAMES
+
+    p.add_argument("--dataset", choices=NAMES, default="mnist-bundled", help="training data")
+    p.add_argument("--subset", type=int, default=None, help="balanced training subset size (e.g. 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
+
+
+def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out: str, seed: int = 0,
+                   batch_size: int = 64, lr: float = 1e-3, data_root=None, device=None, progress: bool = True):
+    """Train `arch` on the dataset's (subset of the) training split, test on its test split, save."""
+    import time
+
+    from tldr_fast import datasets, models, serialization, training
+
+    start = time.perf_counter()
+    train = datasets.load_dataset(dataset, "train", root=data_root, subset=subset, seed=seed)
+    test = datasets.load_dataset(dataset, "test", root=data_root)
+    c, h, w = train.images.shape[1:]
+    model = getattr(models, ARCHS.get(arch, arch))(in_channels=c, num_classes=train.num_classes, image_size=(h, w))
+    training.train_classifier(
+        model, train.images, train.labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        test=(test.images, test.labels), device=device, progress=progress,
+    )
+    report = model.train_report
+    serialization.save(out, model.cpu(), metadata={
+        "dataset": dataset, "subset": subset, "seed": seed, "epochs": epochs,
+        "train_accuracy": report.train_accuracy, "test_accuracy": report.test_accuracy,
+    })
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+def run(args) -> int:
+    model, report = train_and_save(
+        args.dataset, args.subset, args.arch, args.epochs, args.out, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, data_root=args.data_root, device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"{model.arch} on {args.dataset} (subset {args.subset or 'all'}): "
+          f"train accuracy {report.train_accuracy:.4f}, test accuracy {report.test_accuracy:.4f}, "
+          f"{report.seconds:.1f} s")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,119 @@
+"""Supervised training of the classifiers under attack: seeded Adam on cross-entropy, with a progress bar."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tldr_fast.validation import check_images, check_labels, check_positive_int
+
+
+@dataclass
+class TrainReport:
+    """What `train_classifier` measured: final train/test accuracy, loss per epoch, wall time."""
+
+    train_accuracy: float
+    test_accuracy: float | None
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None):
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train `model` in place with Adam on cross-entropy and return it in eval mode.
+
+    Mini-batch order, dropout and initialisation-independent randomness are drawn from `seed`, so a
+    CPU run is reproducible. The report is attached as `model.train_report`.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    check_images(images, "images", getattr(model, "input_shape", None))
+    check_labels(labels, "labels", num_classes or int(labels.max()) + 1, batch=images.shape[0])
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    if test is not None:
+        check_images(test[0], "test images", getattr(model, "input_shape", None))
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    report = TrainReport(train_accuracy=0.0, test_accuracy=None)
+    start = time.perf_counter()
+    bar = _progress(range(epochs), progress, desc=f"train {type(model).__name__}")
+    for _ in bar:
+        model.train()
+        total, count = torch.zeros((), device=device), 0
+        for idx in _batches(len(images), batch_size, gen):
+            if len(idx) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a single sample
+            x, y = images[idx].to(device), labels[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+            count += len(idx)
+        sched.step()
+        report.epoch_losses.append(float(total) / max(count, 1))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{report.epoch_losses[-1]:.4f}")
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    report.train_accuracy = evaluate_classifier(model, images, labels, device=device)
+    if test is not None:
+        report.test_accuracy = evaluate_classifier(model, *test, device=device)
+    model.train_report = report
+    return model
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
+    """Logits of `model` in eval mode, computed in batches, returned on the CPU."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024, device=None) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    if len(images) != len(labels):
+        raise ValueError(f"images has {len(images)} entries but labels has {len(labels)}")
+    logits = predict_logits(model, images, batch_size=batch_size, device=device)
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)

@@ -11,7 +11,6 @@ import os
 import platform
 import statistics
 import time
-import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 

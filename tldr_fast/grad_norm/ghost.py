@@ -13,6 +13,7 @@ each chosen parameter belongs to exactly one module that runs exactly once per f
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,20 +66,33 @@ def fully_closed_form(model: nn.Module, names: tuple[str, ...]) -> bool:
         return False
 
 
+# Key of our hook in a module's hook dicts; negative so it never collides with torch's handle ids.
+_HOOK_KEY = -1
+
+
 @contextmanager
 def _forward_hooks(layers: list[Layer], hook_for):
-    handles = [layer.module.register_forward_hook(hook_for(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+    """Temporarily add hook_for(i) (with kwargs) as the last forward hook of layer i.
+
+    The hook dicts are swapped for extended copies and restored afterwards instead of calling
+    register_forward_hook: its RemovableHandle bumps a class counter, which torch.compile cannot
+    trace (a graph break inside the compiled training step), while attribute swaps trace fine.
+    """
+    saved = [(layer.module, layer.module._forward_hooks, layer.module._forward_hooks_with_kwargs)
+             for layer in layers]
+    for i, (module, hooks, with_kwargs) in enumerate(saved):
+        module._forward_hooks = OrderedDict([*hooks.items(), (_HOOK_KEY, hook_for(i))])
+        module._forward_hooks_with_kwargs = OrderedDict([*with_kwargs.items(), (_HOOK_KEY, True)])
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for module, hooks, with_kwargs in saved:
+            module._forward_hooks, module._forward_hooks_with_kwargs = hooks, with_kwargs
 
 
 def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> list:
-    """(shape, dtype) of each layer's output, from a forward on the meta device (no compute), or
-    None for a layer the forward does not reach."""
+    """(shape, dtype) of each layer's output, from a forward on the meta device (no compute; a
+    dead-code forward under torch.compile), or None for a layer the forward does not reach."""
     specs: list = [None] * len(layers)
 
     def hook_for(i):
@@ -90,10 +104,16 @@ def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> lis
             specs[i] = (output.shape, output.dtype)
         return record
 
-    state = {n: torch.empty_like(t, device="meta")
-             for n, t in [*model.named_parameters(), *model.named_buffers()]}
     with _forward_hooks(layers, hook_for):
-        functional_call(model, state, (torch.empty(x.shape, dtype=x.dtype, device="meta"),))
+        if torch.compiler.is_compiling():
+            # Fake tensors under torch.func cannot run BatchNorm on meta ("ambiguous autogradother
+            # kernel"); a real no-grad forward traces, and its unused values are dead code.
+            with torch.no_grad():
+                model(x.detach())
+        else:
+            state = {n: torch.empty_like(t, device="meta")
+                     for n, t in [*model.named_parameters(), *model.named_buffers()]}
+            functional_call(model, state, (torch.empty(x.shape, dtype=x.dtype, device="meta"),))
     return specs
 
 
@@ -118,7 +138,8 @@ def _probed_forward(model, layers, specs, x, y, loss_fn):
         return loss_fn(logits, y).sum(), inputs
 
     reached = {i: spec for i, spec in enumerate(specs) if spec is not None}
-    probes = {i: torch.zeros(shape, dtype=dtype, device=x.device) for i, (shape, dtype) in reached.items()}
+    # Zero probes as broadcast views of one scalar: no memory and no fill pass over the activations.
+    probes = {i: torch.zeros((), dtype=dtype, device=x.device).expand(shape) for i, (shape, dtype) in reached.items()}
     output_grads, inputs = grad(summed_loss, has_aux=True)(probes)
     return output_grads, inputs, structure
 

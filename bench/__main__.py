@@ -10,7 +10,10 @@ import time
 from bench.common import environment, print_table, write_json
 
 # suite name -> module; each module has run(args) -> list[dict] and optionally add_arguments(parser)
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {
+    "evaluate": "bench.evaluate",
+    "kernels": "bench.kernels",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

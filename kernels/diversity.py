@@ -43,9 +43,10 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
 
 EPS = 1e-12  # torch.nn.functional.normalize's default
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-# Split-K target: enough CTAs to fill a 132-SM H100 a few times over; the interpreter runs programs
-# one after another, so there the fewest programs are fastest.
-_TARGET_PROGRAMS = 1 if INTERPRETED else 512
+# Split-K target: about two CTAs per SM of a 132-SM H100. More chunks would only enlarge the fp32
+# partial Gram buffer that the second stage sums. The interpreter runs programs one after another,
+# so there the fewest programs are fastest.
+_TARGET_PROGRAMS = 1 if INTERPRETED else 264
 
 
 def _next_pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -222,6 +223,12 @@ if triton is not None:
                 tl.store(out + out_rows + cols[None, :], res.to(out.dtype.element_ty), mask=ok)
 
 
+def _bf16_dot(feat: torch.Tensor) -> bool:
+    """bf16 tensor-core products for bf16 features; the Triton 3.9 interpreter's bf16 tl.dot
+    multiplies raw bit patterns, so there the products stay fp32 (same math, more precise)."""
+    return feat.dtype == torch.bfloat16 and not INTERPRETED
+
+
 def uses_sample_route(n: int, d: int) -> bool:
     """N x N route when it is the smaller matrix (N <= D); shape-only, so no host sync."""
     return n <= d
@@ -252,7 +259,7 @@ def _gram(x: torch.Tensor, r: torch.Tensor, scale_k: bool, scale_m: bool, write_
     s_part = torch.empty(nb, chunks, m, device=x.device, dtype=torch.float32) if write_s else part
     _gram_kernel[(n_tiles * n_tiles, chunks, nb)](
         x, r, part, s_part, k, m, k_per_prog, *x.stride(),
-        SCALE_K=scale_k, SCALE_M=scale_m, WRITE_S=write_s, DOT_BF16=x.dtype != torch.float32,
+        SCALE_K=scale_k, SCALE_M=scale_m, WRITE_S=write_s, DOT_BF16=_bf16_dot(x),
         PRECISION=DOT_PRECISION, BLOCK_K=block_k, BLOCK_M=block_m,
         num_warps=8 if block_m == 128 else 4)
     return part.sum(1), (s_part.sum(1) if write_s else None)
@@ -289,17 +296,19 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
     k = a.shape[-1]
     out = torch.empty(feat.shape, device=feat.device, dtype=feat.dtype)
     # The interpreter pays per operation, not per element: there, few big tiles are fastest.
-    block_n, block_k = (128, 128) if INTERPRETED else (32, 32)
-    block_d = _next_pow2(d, hi=256 if INTERPRETED else 128)
+    # Every program streams the whole K x D matrix B, so row blocks are tall (B is re-read from L2
+    # N / block_n times) and D <= 256 fits one column tile (no scratch sweep).
+    block_n, block_k = (128, 128) if INTERPRETED else (64, 32)
+    block_d = _next_pow2(d, hi=256)
     single = d <= block_d
     scratch = out if single or feat.dtype == torch.float32 else torch.empty(
         nb, n, d, device=feat.device, dtype=torch.float32)
     _grad_kernel[(triton.cdiv(n, block_n), nb)](
         a, bmat, feat, r.contiguous(), s.contiguous(), c1.contiguous(), scratch, out, n, k, d,
         *a.stride(), *bmat.stride(), *feat.stride(),
-        EPS=EPS, ALPHA_R=alpha_r, PROJECT_U=normalized, DOT_BF16=feat.dtype != torch.float32,
+        EPS=EPS, ALPHA_R=alpha_r, PROJECT_U=normalized, DOT_BF16=_bf16_dot(feat),
         PRECISION=DOT_PRECISION, SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_D=block_d, num_warps=4)
+        BLOCK_D=block_d, num_warps=8)
     return out
 
 

@@ -295,8 +295,12 @@ def run_chain(
     num_samples: int = 10,
     seed: int = 0,
     progress: bool = False,
+    on_model: Callable[[ChainResult], None] | None = None,
 ) -> ChainResult:
-    """Apply DfM and DtM `cycles` times from `origin` (M0); each M_i sees only D_i, each D_i only M_{i-1}."""
+    """Apply DfM and DtM `cycles` times from `origin` (M0); each M_i sees only D_i, each D_i only M_{i-1}.
+
+    `on_model(result)` is called after every model is evaluated (e.g. to write partial tables).
+    """
     cycles = check_positive_int(cycles, "cycles (k)")
     check_images(test_images, "test_images", getattr(origin, "input_shape", None))
     check_positive_int(robustness_size, "robustness_size")
@@ -319,6 +323,8 @@ def run_chain(
         result.models.append(model)
         result.accuracy.append(clean)
         result.robustness.append(robust)
+        if on_model is not None:
+            on_model(result)
     return result
 
 

@@ -202,9 +202,9 @@ def test_inside_torch_func_grad_and_vmap(backend):
 
 @pytest.mark.parametrize("positions, m, n", [(3, 5, 7), (40, 5, 7)])
 def test_summed_outer_squared_norm_both_routes(positions, m, n):
-    g = torch.randn(4, positions, m, dtype=torch.float64)
-    a = torch.randn(4, positions, n, dtype=torch.float64)
-    expected = torch.einsum("bpm,bpn->bmn", g, a).pow(2).sum((1, 2))
+    g = torch.randn(4, m, positions, dtype=torch.float64)
+    a = torch.randn(4, n, positions, dtype=torch.float64)
+    expected = torch.einsum("bmp,bnp->bmn", g, a).pow(2).sum((1, 2))
     assert rel_rms(summed_outer_squared_norm(g, a), expected) < 1e-12
 
 

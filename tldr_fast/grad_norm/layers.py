@@ -25,11 +25,12 @@ Rule = Callable[[nn.Module, tuple[str, ...], torch.Tensor, torch.Tensor], torch.
 
 
 def summed_outer_squared_norm(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """||sum_p g_p a_p^T||_F^2 for g (N, P, m) and a (N, P, n), by whichever route costs less."""
-    positions, m, n = g.shape[1], g.shape[2], a.shape[2]
+    """||sum_p g_p a_p^T||_F^2 for channel-major g (N, m, P) and a (N, n, P), by the cheaper route."""
+    positions, m, n = g.shape[2], g.shape[1], a.shape[1]
     if positions * (m + n) < m * n:
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+        return (torch.bmm(g.transpose(1, 2), g) * torch.bmm(a.transpose(1, 2), a)).sum((1, 2))
+    # (a g^T) rather than (g a^T): the backward then hands a contiguous gradient to the (larger) a.
+    return torch.bmm(a, g.transpose(1, 2)).pow(2).sum((1, 2))
 
 
 def linear_rule(module: nn.Linear, names, a, g) -> torch.Tensor:
@@ -37,8 +38,8 @@ def linear_rule(module: nn.Linear, names, a, g) -> torch.Tensor:
         g_sq = g.pow(2).sum(1)
         weight = g_sq * a.pow(2).sum(1) if "weight" in names else 0
         return weight + (g_sq if "bias" in names else 0)
-    a, g = a.flatten(1, -2), g.flatten(1, -2)
-    weight = summed_outer_squared_norm(g, a) if "weight" in names else 0
+    a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, T, features)
+    weight = summed_outer_squared_norm(g.transpose(1, 2), a.transpose(1, 2)) if "weight" in names else 0
     return weight + (g.sum(1).pow(2).sum(1) if "bias" in names else 0)
 
 
@@ -56,23 +57,25 @@ def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
         return total
     patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C_in k, P)
     positions = patches.shape[2]
-    # (B * groups, P, channels of one group); unfold orders patch channels (C_in, kh, kw), so each
+    # (B * groups, channels of one group, P); unfold orders patch channels (C_in, kh, kw), so each
     # group's input channels are contiguous.
-    g = g.reshape(batch * groups, -1, positions).transpose(1, 2)
-    patches = patches.reshape(batch * groups, -1, positions).transpose(1, 2)
+    g = g.reshape(batch * groups, -1, positions)
+    patches = patches.reshape(batch * groups, -1, positions)
     return total + summed_outer_squared_norm(g, patches).view(batch, groups).sum(1)
 
 
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names, a, g) -> torch.Tensor:
     batch, channels = a.shape[0], a.shape[1]
     g = g.reshape(batch, channels, -1)
-    total = g.sum(2).pow(2).sum(1) if "bias" in names else 0
+    g_sum = g.sum(2)
+    total = g_sum.pow(2).sum(1) if "bias" in names else 0
     if "weight" not in names:
         return total
-    shape = (1, channels, 1)
-    normalised = (a.reshape(batch, channels, -1) - module.running_mean.view(shape)) * torch.rsqrt(
-        module.running_var.view(shape) + module.eps)
-    return total + (g * normalised).sum(2).pow(2).sum(1)
+    # sum_p g_p x^_p = (sum_p g_p a_p - running_mean sum_p g_p) / sqrt(running_var + eps): one pass
+    # over the activations instead of normalising them first.
+    weight = ((g * a.reshape(batch, channels, -1)).sum(2) - module.running_mean * g_sum) * torch.rsqrt(
+        module.running_var + module.eps)
+    return total + weight.pow(2).sum(1)
 
 
 def closed_form_rule(module: nn.Module) -> Rule | None:

@@ -243,7 +243,7 @@ def test_double_backward_is_refused():
 @pytest.mark.compile
 def test_torch_path_compiles_without_graph_breaks():
     feat = features(67, 5)
-    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "torch"))), fullgraph=True)
+    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "torch"))), fullgraph=True, dynamic=False)
     feats = torch.stack([feat, feat.flip(0)])
     torch.testing.assert_close(compiled(feats), vmap(grad(lambda f: _loss(f, "torch")))(feats))
 
@@ -295,6 +295,6 @@ def test_cuda_poison_nan_and_vmap(monkeypatch):
 def test_cuda_triton_path_compiles_without_graph_breaks():
     feats = torch.randn(2, 4096, 256, device="cuda")
     eager = vmap(grad(lambda f: _loss(f, "triton")))(feats)
-    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "triton"))), fullgraph=True)
+    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "triton"))), fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(feats), eager, rtol=1e-5, atol=1e-9)
     assert math.isfinite(compiled(feats).sum().item())

@@ -189,7 +189,7 @@ def test_double_backward_is_refused():
 @pytest.mark.compile
 def test_torch_path_compiles_without_graph_breaks():
     xs = images((2, 3, 1, 7, 9))
-    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "torch"))), fullgraph=True)
+    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "torch"))), fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(xs), vmap(grad(lambda x: _loss(x, "torch")))(xs))
 
 
@@ -238,7 +238,7 @@ def test_cuda_poison_and_vmap(monkeypatch):
 def test_cuda_triton_path_compiles_without_graph_breaks():
     xs = images((2, 512, 1, 28, 28)).cuda()
     eager = vmap(grad(lambda x: _loss(x, "triton")))(xs)
-    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "triton"))), fullgraph=True)
+    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "triton"))), fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(xs), eager)
-    weighted = torch.compile(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7)[0], fullgraph=True)
+    weighted = torch.compile(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7)[0], fullgraph=True, dynamic=False)
     torch.testing.assert_close(weighted(xs[0]), _loss(xs[0], "triton"))

@@ -1,0 +1,124 @@
+"""The pure objective: each term equals its loss function on the generated images; generators independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, grad_and_value
+
+from tldr_fast import conditioning, losses, objective
+from tldr_fast.config import InversionConfig, ReconstructionConfig
+from tldr_fast.grad_norm import per_sample_grad_norm
+from tldr_fast.models import PaperCNN
+
+SHAPE = (1, 8, 8)
+TINY = {"latent_dim": 6, "generator_width": 4, "dropout": 0.0, "batch_size": 6}
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(1)
+    return PaperCNN(1, 10, 8, channels=(4, 8), hidden=16).eval().requires_grad_(False)
+
+
+def problem_for(config, classifier):
+    template, params, buffers = objective.build_generators(config, 10, SHAPE)
+    labels = conditioning.balanced_labels(config.batch_size, 10).expand(config.num_generators, -1).contiguous()
+    return objective.Problem(template, classifier, config, labels), params, buffers
+
+
+def test_every_term_equals_its_loss_on_the_generated_images(classifier):
+    cfg = ReconstructionConfig(num_generators=2, eta_pix=1.0, eps=0.05, **TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    noise = objective.draw_noise(problem)
+    loss, report = objective.objective(params, buffers, noise, problem)
+
+    vectors = objective.condition(problem, noise)
+    x = objective.generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
+    expected_total = 0.0
+    for k in range(2):
+        xk, yk, ck = x[k], problem.labels[k], vectors[k]
+        xp = losses.perturb(xk, cfg.eps, noise["perturb"][k])
+        logits, feat = classifier.forward_with_features(xk)
+        logits_p = classifier(xp)
+        cos, ortho = losses.diversity_losses(feat)
+        expected = {
+            "kl": losses.kl(logits, ck), "kl_pert": losses.kl(logits_p, ck),
+            "ce": losses.ce(logits, yk), "ce_pert": losses.ce(logits_p, yk),
+            "cos": cos, "ortho": ortho,
+            "tv": losses.total_variation(xk), "pix": losses.pixel_range(xk),
+            "grad": per_sample_grad_norm(classifier, xk, yk).mean(),
+        }
+        total = sum(w * expected[t] for t, w in objective.active_terms(cfg).items())
+        for term, value in expected.items():
+            assert torch.allclose(report[term][k], value, rtol=1e-4, atol=1e-5), term
+        assert torch.allclose(report["total"][k], total, rtol=1e-4)
+        expected_total += total
+    assert torch.allclose(loss, expected_total, rtol=1e-4)
+
+
+def test_generators_are_independent(classifier):
+    """The gradient of generator 0 in a K=2 run equals its gradient when trained alone."""
+    cfg2 = ReconstructionConfig(num_generators=2, **TINY)
+    problem2, params2, buffers2 = problem_for(cfg2, classifier)
+    noise2 = objective.draw_noise(problem2)
+    grads2 = grad(lambda p: objective.objective(p, buffers2, noise2, problem2)[0])(params2)
+
+    cfg1 = ReconstructionConfig(num_generators=1, **TINY)
+    problem1, _, _ = problem_for(cfg1, classifier)
+    params1 = {k: v[:1] for k, v in params2.items()}
+    buffers1 = {k: v[:1] for k, v in buffers2.items()}
+    noise1 = {k: v[:1] for k, v in noise2.items()}
+    grads1 = grad(lambda p: objective.objective(p, buffers1, noise1, problem1)[0])(params1)
+    for name in grads1:
+        a, b = grads1[name][0], grads2[name][0]
+        assert float((a - b).norm() / b.norm()) < 1e-4, name
+
+
+def test_zero_weights_are_not_computed(classifier):
+    cfg = ReconstructionConfig(alpha_pert=0, beta_pert=0, eta_grad=0, eta_tv=0, eta_pix=0, **TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    noise = objective.draw_noise(problem)
+    assert "perturb" not in noise
+    _, report = objective.objective(params, buffers, noise, problem)
+    assert set(report) == {"kl", "ce", "cos", "ortho", "total"}
+
+
+def test_inversion_uses_soft_vectors_whose_argmax_is_the_label(classifier):
+    cfg = InversionConfig(num_generators=2, **TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    noise = objective.draw_noise(problem)
+    vectors = objective.condition(problem, noise)
+    assert torch.equal(vectors.argmax(-1), problem.labels)
+    assert float(vectors.max()) < 1
+    _, report = objective.objective(params, buffers, noise, problem)
+    assert set(report) == {"kl", "ce", "cos", "ortho", "total"}
+
+
+def test_zero_eps_makes_the_perturbed_terms_equal_the_clean_ones(classifier):
+    cfg = ReconstructionConfig(eps=0.0, **TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    _, report = objective.objective(params, buffers, objective.draw_noise(problem), problem)
+    assert torch.allclose(report["kl"], report["kl_pert"]) and torch.allclose(report["ce"], report["ce_pert"])
+
+
+def test_authors_batch_norm_mode(classifier):
+    cfg = ReconstructionConfig.authors(num_generators=2, **TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    noise = objective.draw_noise(problem)
+    _, report = objective.objective(params, buffers, noise, problem)
+    vectors = objective.condition(problem, noise)
+    x = objective.generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
+    expected = per_sample_grad_norm(classifier, x[1], problem.labels[1], mode="batch")
+    assert torch.allclose(report["grad"][1], expected, rtol=1e-4)
+
+
+def test_objective_is_differentiable_and_finite(classifier):
+    cfg = ReconstructionConfig(**TINY)
+    problem, params, buffers = problem_for(cfg, classifier)
+    grads, (loss, _) = grad_and_value(
+        lambda p: objective.objective(p, buffers, objective.draw_noise(problem), problem), has_aux=True
+    )(params)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())

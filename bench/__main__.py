@@ -12,6 +12,7 @@ from bench.common import environment, print_table, write_json
 # suite name -> module; each module has run(args) -> list[dict] and optionally add_arguments(parser)
 SUITES: dict[str, str] = {
     "evaluate": "bench.evaluate",
+    "gradnorm": "bench.grad_norm",
     "kernels": "bench.kernels",
 }
 

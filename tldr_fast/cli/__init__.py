@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "tldr_fast.cli.train",
     "tldr_fast.cli.engine",
+    "tldr_fast.cli.evaluate",
     "tldr_fast.cli.attack_split",
     "tldr_fast.cli.attack_dfm",
 ]

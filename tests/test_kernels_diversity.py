@@ -210,6 +210,14 @@ def test_auto_uses_torch_on_cpu_and_torch_impl_is_the_reference():
         torch.testing.assert_close(got, reference(feat, normalized=False, impl="torch"))
 
 
+def test_losses_module_routes_triton_to_the_kernels():
+    from tldr_fast import losses
+
+    feat = features(67, 5)
+    torch.testing.assert_close(losses.diversity_losses(feat, impl="triton"),
+                               kdiv.diversity_losses(feat, impl="triton"), rtol=0, atol=0)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="impl"):
         kdiv.diversity_losses(features(4, 3), impl="cuda")

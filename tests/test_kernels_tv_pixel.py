@@ -161,6 +161,14 @@ def test_auto_uses_torch_on_cpu_and_torch_impl_is_the_reference():
     torch.testing.assert_close(loss, 2.0 * tv + 3.0 * pix)
 
 
+def test_losses_module_routes_triton_to_the_kernels():
+    from tldr_fast import losses
+
+    x = images((2, 3, 5, 6))
+    torch.testing.assert_close(losses.tv_pixel(x, impl="triton"), ktv.tv_pixel(x, impl="triton"),
+                               rtol=0, atol=0)
+
+
 def test_bad_inputs_are_named(monkeypatch):
     with pytest.raises(ValueError, match="impl"):
         ktv.tv_pixel(images((1, 1, 2, 2)), impl="gpu")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Implementations `diversity_losses` and `tv_pixel` accept. The Triton kernels of tldr_fast.kernels
-# register here once they land; "auto" then picks Triton for CUDA tensors.
-IMPLS = ("auto", "torch")
+# Implementations `diversity_losses` and `tv_pixel` accept: "auto" picks the Triton kernels of
+# tldr_fast.kernels for CUDA tensors and this module's torch code otherwise.
+IMPLS = ("auto", "triton", "torch")
 
 # Below this norm a feature vector is treated as zero (its normalised version is then ~0).
 _NORM_EPS = 1e-12
@@ -38,6 +38,11 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def _check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _use_kernels(impl: str, x: torch.Tensor) -> bool:
+    # The kernels import this module (their torch path), so they are imported lazily by the caller.
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
@@ -121,6 +126,10 @@ def diversity_losses(
     """(cosine_diversity, ortho_diversity) from one normalisation pass; the objective calls this."""
     _check_impl(impl)
     _check_features(feat)
+    if _use_kernels(impl, feat):
+        from tldr_fast.kernels.diversity import diversity_losses as fused
+
+        return fused(feat, normalized=normalized, impl=impl)
     fn = _normalize(feat)
     return _cosine_from_normalized(fn), _ortho_from_rows(fn if normalized else _acc(feat))
 
@@ -144,6 +153,10 @@ def pixel_range(x: torch.Tensor) -> torch.Tensor:
 def tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(total_variation(x), pixel_range(x)); the objective calls this so one kernel can read x once."""
     _check_impl(impl)
+    if _use_kernels(impl, x):
+        from tldr_fast.kernels.tv_pixel import tv_pixel as fused
+
+        return fused(x, impl=impl)
     return total_variation(x), pixel_range(x)
 
 

@@ -1,0 +1,142 @@
+"""Per-sample gradient norms: cost of the value and d/dx of mean_i ||grad_theta CE_i|| for each backend.
+
+R = time(per_sample_grad_norm(...).mean() and its gradient with respect to x)
+    / time(plain cross-entropy forward + backward with respect to x),
+for PaperCNN on 28x28 MNIST-shaped inputs with the classifier frozen and in eval mode (as in the
+engine). Each backend's R uses a baseline measured right before it at the same batch size, so a
+drifting load on a shared machine cancels. On CPU both wall time and process CPU time are
+reported (CPU time is robust to other processes on a shared box; `cpu_R` uses it). The peak-memory
+ratio compares the extra memory of one call with the baseline's. On CUDA, `--gn-max-batch` also
+doubles the batch from the timed size until each backend runs out of memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import is_oom, peak_memory_bytes, time_fn
+from tldr_fast.grad_norm import per_sample_grad_norm
+from tldr_fast.models import PaperCNN
+
+BACKENDS = ("ghost", "vmap", "loop")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gn-batch", type=int, default=None,
+                        help="batch for ghost and vmap (default 256 on CPU, 4096 on CUDA, 32 with --quick)")
+    parser.add_argument("--gn-loop-batch", type=int, default=None,
+                        help="smaller batch for the loop backend (default 32 on CPU, 256 on CUDA, 8 with --quick)")
+    parser.add_argument("--gn-backends", default=",".join(BACKENDS), help="comma-separated backends")
+    parser.add_argument("--gn-threads", type=int, default=None, help="torch CPU threads (default: unchanged)")
+    parser.add_argument("--gn-compile", action="store_true", help="also time torch.compile'd baseline and ghost")
+    parser.add_argument("--gn-max-batch", action="store_true",
+                        help="double the batch until each backend runs out of memory (CUDA)")
+
+
+def frozen_paper_cnn(device) -> PaperCNN:
+    torch.manual_seed(0)
+    model = PaperCNN(1, 10, 28).to(device).eval().requires_grad_(False)
+    return model
+
+
+def batch_for(model, batch: int, device):
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 1, 28, 28, generator=gen).to(device).requires_grad_()
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return x, y
+
+
+def baseline_step(model, x, y):
+    """Plain cross-entropy forward and backward with respect to x (the unit of R)."""
+    return lambda: torch.autograd.grad(F.cross_entropy(model(x), y), x)
+
+
+def grad_norm_step(model, x, y, backend):
+    return lambda: torch.autograd.grad(per_sample_grad_norm(model, x, y, backend=backend).mean(), x)
+
+
+def compiled_steps(model, x, y):
+    base = torch.compile(lambda x: torch.autograd.grad(F.cross_entropy(model(x), y), x))
+    ghost = torch.compile(lambda x: torch.autograd.grad(
+        per_sample_grad_norm(model, x, y, backend="ghost").mean(), x))
+    return (lambda: base(x)), (lambda: ghost(x))
+
+
+def cpu_seconds(fn, repeats: int) -> float:
+    """Median process CPU time of fn() after one warm-up call (all threads of this process)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        samples.append(time.process_time() - start)
+    return statistics.median(samples)
+
+
+def measure(name: str, step, baseline, batch: int, device, repeats: int) -> dict:
+    base_t = time_fn(baseline, device=device, repeats=repeats)
+    t = time_fn(step, device=device, repeats=repeats, max_seconds=60.0)
+    row = {"backend": name, "batch": batch, "median_s": t.median_s, "baseline_s": base_t.median_s,
+           "R": t.median_s / base_t.median_s, "repeats": t.repeats}
+    if torch.device(device).type == "cpu":
+        base_cpu, cpu = cpu_seconds(baseline, repeats), cpu_seconds(step, min(repeats, t.repeats))
+        row.update(cpu_s=cpu, baseline_cpu_s=base_cpu, cpu_R=cpu / base_cpu)
+    base_mem, mem = peak_memory_bytes(baseline, device), peak_memory_bytes(step, device)
+    row.update(peak_bytes=mem, baseline_peak_bytes=base_mem, mem_ratio=mem / max(base_mem, 1))
+    return row
+
+
+def largest_batch(model, backend: str, start: int, device, limit: int = 1 << 22) -> dict:
+    """Double the batch from `start` until one value-and-d/dx call runs out of memory."""
+    fits, batch = None, start
+    while batch <= limit:
+        try:
+            x, y = batch_for(model, batch, device)
+            grad_norm_step(model, x, y, backend)()
+            torch.cuda.synchronize()
+            fits, batch = batch, batch * 2
+        except Exception as err:  # only OOM ends the search; anything else is a bug to surface
+            if not is_oom(err):
+                raise
+            break
+        finally:
+            x = y = None
+            torch.cuda.empty_cache()
+    return {"backend": backend, "max_batch": fits, "first_oom_batch": batch if batch <= limit else None}
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    on_cuda = torch.device(device).type == "cuda"
+    if args.gn_threads:
+        torch.set_num_threads(args.gn_threads)
+    batch = args.gn_batch or (32 if args.quick else 4096 if on_cuda else 256)
+    loop_batch = args.gn_loop_batch or (8 if args.quick else 256 if on_cuda else 32)
+    repeats = 3 if args.quick else 7
+    model = frozen_paper_cnn(device)
+    rows = []
+    for backend in args.gn_backends.split(","):
+        b = loop_batch if backend == "loop" else batch
+        x, y = batch_for(model, b, device)
+        rows.append(measure(backend, grad_norm_step(model, x, y, backend), baseline_step(model, x, y), b,
+                            device, repeats))
+    if args.gn_compile:
+        x, y = batch_for(model, batch, device)
+        base, ghost = compiled_steps(model, x, y)
+        rows.append(measure("ghost+compile", ghost, base, batch, device, repeats))
+    by_backend = {r["backend"]: r for r in rows}
+    if "ghost" in by_backend and "vmap" in by_backend:
+        for clock in ("R", "cpu_R"):
+            if clock in by_backend["ghost"]:
+                by_backend["ghost"][f"vmap_over_ghost_{clock}"] = by_backend["vmap"][clock] / by_backend["ghost"][clock]
+    for r in rows:
+        r.update(suite="gradnorm", model="PaperCNN", image="1x28x28", device=device,
+                 threads=torch.get_num_threads())
+    if args.gn_max_batch and on_cuda:
+        rows += [dict(largest_batch(model, b, batch, device), suite="gradnorm", model="PaperCNN")
+                 for b in args.gn_backends.split(",")]
+    return rows

@@ -296,10 +296,10 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
     k = a.shape[-1]
     out = torch.empty(feat.shape, device=feat.device, dtype=feat.dtype)
     # The interpreter pays per operation, not per element: there, few big tiles are fastest.
-    # Every program streams the whole K x D matrix B, so row blocks are tall (B is re-read from L2
-    # N / block_n times) and D <= 256 fits one column tile (no scratch sweep).
-    block_n, block_k = (128, 128) if INTERPRETED else (64, 32)
+    # Every program streams the K x D matrix B (from L2, N / block_n times), so row blocks are tall;
+    # D <= 256 fits one column tile (no scratch sweep) with a shorter block to bound registers.
     block_d = _next_pow2(d, hi=256)
+    block_n, block_k = (128, 128) if INTERPRETED else (32 if block_d == 256 else 64, 32)
     single = d <= block_d
     scratch = out if single or feat.dtype == torch.float32 else torch.empty(
         nb, n, d, device=feat.device, dtype=torch.float32)

@@ -360,3 +360,56 @@ def test_chain_works_with_papercnn_students():
     data = dfm.extract(origin, torch.rand(8, 1, 12, 12), dfm.ExtractionConfig(num_images=16, epsilon=1.0, steps=2, batch_size=8))
     student = dfm.distill(PaperCNN(image_size=12, channels=(4, 8), hidden=16), data, dfm.TrainConfig(epochs=1, batch_size=8))
     assert not student.training and torch.isfinite(student(data.images)).all()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _cli(*argv: str) -> int:
+    from tldr_fast.cli import main
+
+    return main(["attack", "dfm", *argv])
+
+
+def test_cli_tiny_run_writes_tables_picture_and_models(shared_data, tmp_path):
+    out = tmp_path / "run"
+    code = _cli(
+        "--dataset", "mnist", "--data-root", str(shared_data), "--subset", "200", "--extract", "100", "--cycles", "1",
+        "--background", "noise", "--background-count", "50", "--eval-eps", "0", "1", "--eval-size", "20",
+        "--eval-steps", "1", "--test-size", "200", "--origin-epochs", "1", "--distill-epochs", "1", "--robust-origin",
+        "--adv-steps", "1", "--device", "cpu", "--no-progress", "--out", str(out),
+    )
+    assert code == 0
+    import json
+
+    payload = json.loads((out / "dfm.json").read_text())
+    assert set(payload["results"]) == {"non-robust", "robust"}
+    assert len(payload["results"]["robust"]["accuracy"]) == 2
+    assert "| M1 |" in (out / "dfm.md").read_text()
+    assert (out / "dfm.png").stat().st_size > 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "non-robust-M0.safetensors", "non-robust-M1.safetensors", "robust-M0.safetensors", "robust-M1.safetensors",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--cycles", "0"], "cycles"),
+        (["--epsilon", "0"], "epsilon"),
+        (["--epsilon", "-1"], "epsilon"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(argv, match, capsys):
+    assert _cli("--dataset", "mnist-bundled", *argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_omniglot_background_needs_resize(shared_data, capsys):
+    code = _cli(
+        "--dataset", "mnist", "--data-root", str(shared_data), "--background", "omniglot",
+        "--background-split", "background_small1", "--cycles", "1",
+    )
+    assert code == 2
+    assert "--resize-background" in capsys.readouterr().err

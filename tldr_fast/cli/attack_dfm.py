@@ -57,6 +57,7 @@ def register(commands, attacks) -> None:
     g.add_argument("--eval-eps", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0])
     g.add_argument("--eval-steps", type=int, default=20, help="l2-PGD steps (step size 2.5 * eps / steps)")
     g.add_argument("--eval-size", type=int, default=1000, help="test images attacked per model (clean accuracy uses all)")
+    g.add_argument("--test-size", type=int, default=None, help="use only the first N test images (default: all)")
 
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="dfm-run", help="directory for dfm.json, dfm.md, dfm.png and the models")
@@ -93,7 +94,8 @@ def run(args) -> int:
     test = datasets.load_dataset(args.dataset, "test", root=args.data_root)
     image_shape = tuple(train.images.shape[1:])
     backgrounds = _backgrounds(args, image_shape).to(device)
-    test_x, test_y = test.images.to(device), test.labels.to(device)
+    test_size = check_positive_int(args.test_size, "--test-size") if args.test_size is not None else None
+    test_x, test_y = test.images[:test_size].to(device), test.labels[:test_size].to(device)
     arch = getattr(models, ARCHS[args.arch])
 
     def make_model():
@@ -149,7 +151,7 @@ def _write_tables(out, command: str, args, device: str, seconds: float, origin_s
         f"Command: `{command}` ({seconds / 60:.1f} min on {device})\n\n"
         f"Table 1: test accuracy (%) of M_i on the {args.dataset} test set\n\n{dfm.accuracy_table(results)}\n"
         f"Table 2: accuracy (%) under l2-PGD, {args.eval_steps} steps, step 2.5*eps/{args.eval_steps}, "
-        f"first {args.eval_size} test images (eps 0: the whole test set)\n\n{dfm.robustness_table(results)}"
+        f"first {args.eval_size} test images (eps 0: {f'the first {args.test_size}' if args.test_size else 'all'} test images)\n\n{dfm.robustness_table(results)}"
     )
     serialization.atomic_write(out / "dfm.md", lambda tmp: tmp.write_text(markdown))
     return markdown

@@ -67,3 +67,22 @@ def fold_vmapped(batch_size: int, in_dims, *tensors: torch.Tensor) -> list[torch
 def unfold(batch_size: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Inverse of fold_vmapped for outputs: split dim 0 back into (vmapped, problems)."""
     return tuple(t.reshape(batch_size, t.shape[0] // batch_size, *t.shape[1:]) for t in tensors)
+
+
+def vmap_by_folding(function: type[torch.autograd.Function], info, in_dims, *args):
+    """The `vmap` rule of a kernel Function whose tensor arguments and outputs all lead with a
+    problem dim: fold the vmapped dim into it, apply once, split it out again (out_dims 0)."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    folded = fold_vmapped(info.batch_size, [in_dims[i] for i in positions], *(args[i] for i in positions))
+    args = list(args)
+    for i, tensor in zip(positions, folded, strict=True):
+        args[i] = tensor
+    out = function.apply(*args)
+    if isinstance(out, torch.Tensor):
+        return unfold(info.batch_size, out)[0], 0
+    out = unfold(info.batch_size, *out)
+    return out, (0,) * len(out)
+
+
+def refuse_double_backward(loss: str):
+    raise NotImplementedError(f"double backward through the Triton {loss} loss; use impl='torch'")

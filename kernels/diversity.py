@@ -30,9 +30,9 @@ import torch
 from tldr_fast.kernels._dispatch import (
     DOT_PRECISION,
     INTERPRETED,
-    fold_vmapped,
+    refuse_double_backward,
     resolve_impl,
-    unfold,
+    vmap_by_folding,
 )
 
 try:
@@ -325,13 +325,11 @@ class _DiversityGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise NotImplementedError("double backward through the Triton diversity loss; use impl='torch'")
+        refuse_double_backward("diversity")
 
     @staticmethod
-    def vmap(info, in_dims, feat, r, s, gram, g_cos, g_ortho, normalized):
-        args = fold_vmapped(info.batch_size, in_dims[:6], feat, r, s, gram, g_cos, g_ortho)
-        (out,) = unfold(info.batch_size, _DiversityGrad.apply(*args, normalized))
-        return out, 0
+    def vmap(info, in_dims, *args):
+        return vmap_by_folding(_DiversityGrad, info, in_dims, *args)
 
 
 class _Diversity(torch.autograd.Function):
@@ -358,10 +356,8 @@ class _Diversity(torch.autograd.Function):
         return _DiversityGrad.apply(feat, r, s, gram, g_cos, g_ortho, ctx.normalized), None
 
     @staticmethod
-    def vmap(info, in_dims, feat, normalized):
-        (folded,) = fold_vmapped(info.batch_size, in_dims[:1], feat)
-        outputs = unfold(info.batch_size, *_Diversity.apply(folded, normalized))
-        return outputs, (0,) * len(outputs)
+    def vmap(info, in_dims, *args):
+        return vmap_by_folding(_Diversity, info, in_dims, *args)
 
 
 def _check_features(feat: torch.Tensor) -> None:

@@ -19,7 +19,12 @@ weights up front and writes loss and gradient in the forward pass.
 from __future__ import annotations
 
 import torch
-from tldr_fast.kernels._dispatch import INTERPRETED, fold_vmapped, resolve_impl, unfold
+from tldr_fast.kernels._dispatch import (
+    INTERPRETED,
+    refuse_double_backward,
+    resolve_impl,
+    vmap_by_folding,
+)
 
 try:
     import triton
@@ -114,13 +119,11 @@ class _TVPixelGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise NotImplementedError("double backward through the Triton TV/pixel loss; use impl='torch'")
+        refuse_double_backward("TV/pixel")
 
     @staticmethod
-    def vmap(info, in_dims, x, g_tv, g_pix):
-        args = fold_vmapped(info.batch_size, in_dims, x, g_tv, g_pix)
-        (out,) = unfold(info.batch_size, _TVPixelGrad.apply(*args))
-        return out, 0
+    def vmap(info, in_dims, *args):
+        return vmap_by_folding(_TVPixelGrad, info, in_dims, *args)
 
 
 class _TVPixel(torch.autograd.Function):
@@ -143,10 +146,8 @@ class _TVPixel(torch.autograd.Function):
         return _TVPixelGrad.apply(x, g_tv, g_pix)
 
     @staticmethod
-    def vmap(info, in_dims, x):
-        (folded,) = fold_vmapped(info.batch_size, in_dims, x)
-        outputs = unfold(info.batch_size, *_TVPixel.apply(folded))
-        return outputs, (0, 0)
+    def vmap(info, in_dims, *args):
+        return vmap_by_folding(_TVPixel, info, in_dims, *args)
 
 
 class _WeightedTVPixel(torch.autograd.Function):
@@ -170,10 +171,8 @@ class _WeightedTVPixel(torch.autograd.Function):
         return grad * scale, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, w_tv, w_pix):
-        args = fold_vmapped(info.batch_size, in_dims, x, w_tv, w_pix)
-        outputs = unfold(info.batch_size, *_WeightedTVPixel.apply(*args))
-        return outputs, (0,) * len(outputs)
+    def vmap(info, in_dims, *args):
+        return vmap_by_folding(_WeightedTVPixel, info, in_dims, *args)
 
 
 def _check_images(x: torch.Tensor) -> None:

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tldr_fast.attacks import dfm
@@ -131,6 +133,25 @@ def test_project_l2_keeps_inside_and_scales_outside():
     inside = norms <= eps
     assert torch.allclose(out[inside], delta[inside])
     assert torch.allclose(out_norms[~inside], torch.full_like(out_norms[~inside], eps))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    eps=st.floats(0.01, 30.0),
+    step=st.floats(0.01, 10.0),
+    steps=st.integers(1, 4),
+    n=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_pgd_property_unit_range_and_ball(eps, step, steps, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = TinyNet().eval()
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    target = 5 * torch.randn(n, 4, generator=g)
+    for maximize in (True, False):
+        out = l2_pgd(model, x, lambda z: dfm.logit_l2_loss(z, target), epsilon=eps, steps=steps, step_size=step, maximize=maximize)
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+        assert float((out - x).flatten(1).norm(dim=1).max()) <= eps * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("eps", [0.3, 2.0, 50.0])

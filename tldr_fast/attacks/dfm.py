@@ -62,7 +62,7 @@ class ExtractionConfig:
 
     num_images: int = 50_000
     epsilon: float = 10.0
-    steps: int = 10
+    steps: int = 5
     step_size: float | None = None  # None: 2.5 * epsilon / steps
     batch_size: int = 1000
 
@@ -79,7 +79,7 @@ class ExtractionConfig:
 class TrainConfig:
     """Mini-batch Adam with a cosine schedule, for distillation and adversarial training."""
 
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 128
     lr: float = 1e-3
 

@@ -46,12 +46,12 @@ def register(commands, attacks) -> None:
     g.add_argument("--invert-background", action="store_true", help="use 1 - x (Omniglot strokes are dark on white, MNIST's bright on black)")
 
     g = p.add_argument_group("DtM (distillation) and origin training")
-    g.add_argument("--origin-epochs", type=int, default=2)
-    g.add_argument("--distill-epochs", type=int, default=3)
+    g.add_argument("--origin-epochs", type=int, default=1)
+    g.add_argument("--distill-epochs", type=int, default=2)
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--adv-epsilon", type=float, default=2.0, help="l2 radius of adversarial training for the robust M0")
-    g.add_argument("--adv-steps", type=int, default=5, help="PGD steps of adversarial training")
+    g.add_argument("--adv-steps", type=int, default=3, help="PGD steps of adversarial training")
 
     g = p.add_argument_group("robustness evaluation (Table 2)")
     g.add_argument("--eval-eps", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0])

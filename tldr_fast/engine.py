@@ -26,7 +26,7 @@ from torch.func import grad_and_value
 from tldr_fast import conditioning
 from tldr_fast.config import RESUMABLE_FIELDS, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
-from tldr_fast.objective import Problem, active_terms, build_generators, draw_noise, objective
+from tldr_fast.objective import Problem, build_generators, draw_noise, needs_features, objective
 from tldr_fast.serialization import read_safetensors, write_safetensors_atomic
 
 CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
@@ -270,8 +270,7 @@ def train(
         raise ValueError("resume=True needs the run_dir whose checkpoints to continue from")
     run_dir = Path(run_dir) if run_dir is not None else None
 
-    terms = active_terms(config)
-    validate_classifier(classifier, num_classes, image_shape, "cos" in terms or "ortho" in terms)
+    validate_classifier(classifier, num_classes, image_shape, needs_features(config))
     device = _device_of(classifier)
     template, params, buffers = build_generators(config, num_classes, image_shape, device)
     labels = conditioning.balanced_labels(config.batch_size, num_classes, device)

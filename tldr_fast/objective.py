@@ -49,6 +49,12 @@ def active_terms(config: _EngineConfig) -> dict[str, float]:
     return {term: weights[field] for term, field in TERM_WEIGHTS.items() if weights.get(field, 0.0) > 0}
 
 
+def needs_features(config: _EngineConfig) -> bool:
+    """Whether the objective reads the classifier's penultimate features (the diversity terms)."""
+    terms = active_terms(config)
+    return "cos" in terms or "ortho" in terms
+
+
 @dataclass(frozen=True)
 class Problem:
     """Everything static about a run: the generator template, the frozen classifier and the labels."""
@@ -68,7 +74,7 @@ class Problem:
 
     @property
     def needs_features(self) -> bool:
-        return "cos" in self.terms or "ortho" in self.terms
+        return needs_features(self.config)
 
     @property
     def needs_perturbation(self) -> bool:

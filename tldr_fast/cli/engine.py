@@ -90,6 +90,7 @@ def _parse_value(raw: str, default):
 def _train_and_report(kind: str, classifier, config, args, **meta):
     from tldr_fast import api
     from tldr_fast.engine import NonFiniteLossError
+    from tldr_fast.evaluate import fidelity
 
     entry = api.invert if kind == "invert" else api.reconstruct
     start = time.perf_counter()
@@ -103,22 +104,13 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
         print(f"tldr-fast {kind}: {err}", file=sys.stderr)
         return None
     seconds = time.perf_counter() - start
-    confidence = _target_confidence(classifier, result)
+    scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes)
     print(f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s; "
-          f"target labels {confidence[0]:.1%} of {len(result.images)} images as intended, "
-          f"mean confidence {confidence[1]:.3f}")
+          f"the target labels {scores['target_accuracy']:.1%} of {len(result.images)} images as intended, "
+          f"mean confidence {scores['target_mean_confidence']:.3f}")
     print(f"run directory: {Path(args.out).resolve()}")
     print(f"pictures:      {(Path(args.out) / 'grid.png').resolve()}  (rows = classes, columns = generators x samples)")
     return result
-
-
-def _target_confidence(classifier, result) -> tuple[float, float]:
-    """(fraction the target labels as intended, mean softmax probability of the intended label)."""
-    from tldr_fast.training import predict_logits
-
-    probs = predict_logits(classifier, result.images).softmax(1)
-    intended = probs.gather(1, result.labels[:, None]).squeeze(1)
-    return float((probs.argmax(1) == result.labels).float().mean()), float(intended.mean())
 
 
 def _load_classifier(path: str):
@@ -172,13 +164,19 @@ def _run_demo(args) -> int:
     if result is None:
         return 1
     if not args.no_evaluate:
-        _evaluate(out)
+        _evaluate(out, progress=not args.no_progress)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _evaluate(out: Path) -> None:
-    from tldr_fast import evaluate
+def _evaluate(out: Path, progress: bool) -> None:
+    from tldr_fast.evaluate import evaluate_run
+    from tldr_fast.report import summary_rows
 
-    evaluate.evaluate_run(out, train_data=DEMO_DATASET, subset=DEMO_SUBSET)
+    print("evaluating the reconstructions against the training digits ...")
+    metrics = evaluate_run(out, train_data=DEMO_DATASET, subset=DEMO_SUBSET, progress=progress)
+    rows = summary_rows(metrics)
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name.ljust(width)}  {value}")
     print(f"report:        {(out / 'report.html').resolve()}")

@@ -23,6 +23,10 @@ from tldr_fast import losses
 FULL_NS = (1024, 4096, 16384, 65536, 262144)
 FULL_DS = (64, 256, 1024)
 FULL_TV_BATCHES = (1024, 16384, 65536)
+# --quick: the target shapes only (CPU: N=32768, D=256; GPU: N=65536, D=256 and a batch of
+# 65536 MNIST-size images), the TV batch kept small on CPU.
+QUICK_N = {"cpu": 32768, "cuda": 65536}
+QUICK_TV_BATCH = {"cpu": 1024, "cuda": 65536}
 # The naive route holds one N x N fp32 matrix forward, about three with its gradient: skip beyond.
 NAIVE_BYTES_LIMIT = {"cuda": 24 << 30, "cpu": 5 << 30}
 
@@ -129,7 +133,7 @@ def diversity_rows(args, rates) -> list[dict]:
     device = args.device
     dtype = getattr(torch, args.kernels_dtype)
     quick = args.quick
-    ns = args.kernels_n or ((32768,) if quick else FULL_NS)
+    ns = args.kernels_n or ((QUICK_N[device],) if quick else FULL_NS)
     ds = args.kernels_d or ((256,) if quick else FULL_DS)
     variants = {"naive": naive_diversity, "identity": identity_diversity,
                 "identity_compiled": torch.compile(identity_diversity)}
@@ -176,7 +180,7 @@ def _tv_fused(x):
 def tv_rows(args, rates) -> list[dict]:
     device = args.device
     dtype = getattr(torch, args.kernels_dtype)
-    batches = (1024,) if args.quick else FULL_TV_BATCHES
+    batches = (QUICK_TV_BATCH[device],) if args.quick else FULL_TV_BATCHES
     shapes = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
     variants = {"torch": lambda x: losses.tv_pixel(x, impl="torch"),
                 "torch_compiled": torch.compile(lambda x: losses.tv_pixel(x, impl="torch"))}

@@ -93,7 +93,7 @@ def _launch(x: torch.Tensor, w_tv=None, w_pix=None, write_loss: bool = True):
     part_pix = torch.empty_like(part_tv)
     grad = torch.empty(x.shape, device=x.device, dtype=x.dtype) if write_grad else part_tv
     if write_grad:
-        w_tv, w_pix = (w.float().div(n).contiguous() for w in (w_tv, w_pix))
+        w_tv, w_pix = (weight.float().div(n).contiguous() for weight in (w_tv, w_pix))
     else:
         w_tv = w_pix = part_tv
     _tv_pixel_kernel[grid](
@@ -216,6 +216,8 @@ def weighted_tv_pixel(x: torch.Tensor, w_tv, w_pix, impl: str = "auto"):
 
         tv, pix = torch_tv_pixel(x, impl="torch")
         return w_tv * tv + w_pix * pix, tv.detach(), pix.detach()
-    weights = [torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(1) for v in (w_tv, w_pix)]
+    # torch.full, not torch.tensor: a fill kernel, no host-to-device copy, so CUDA graphs capture it.
+    weights = [v.float().reshape(1) if isinstance(v, torch.Tensor)
+               else torch.full((1,), float(v), device=x.device, dtype=torch.float32) for v in (w_tv, w_pix)]
     loss, tv, pix, _ = _WeightedTVPixel.apply(x.unsqueeze(0), *weights)
     return loss[0], tv[0], pix[0]

@@ -144,6 +144,19 @@ def test_parameter_subset_by_name_and_tensor(backend):
     assert rel_rms(by_tensor, expected) < 1e-12
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name, params", [
+    ("paper_cnn", ["conv.1.0.weight", "conv.0.1.bias", "fc.2.weight"]),
+    ("residual_groupnorm", ["norm.weight", "body.weight"]),
+    ("sequence_layers", ["seq.weight", "conv1d.bias", "bn.weight"]),
+])
+def test_parameter_subset_across_layers(name, params, backend):
+    model, x, y = make(name, 5)
+    got, dx = norms_and_input_grad(model, x, y, params=params, backend=backend)
+    ref, ref_dx = norms_and_input_grad(model, x, y, params=params, backend="loop")
+    assert rel_rms(got, ref) < 1e-10 and rel_rms(dx, ref_dx) < 1e-9
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_mode_is_norm_of_mean_gradient(backend):
     model, x, y = make("paper_cnn", 6)

@@ -32,8 +32,9 @@ GRAD_NORM_MODES = ("per_sample", "batch")
 PRESETS = ("paper", "authors")
 
 # Fields that may change when a run is resumed: they do not alter the trajectory of the steps
-# already taken (more steps extend the run; checkpoint and log cadence are bookkeeping).
-RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every"})
+# already taken (more steps extend the run; checkpoint and log cadence are bookkeeping; the compiled
+# step draws the same noise and computes the same update as the eager one, to float tolerance).
+RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every", "compile"})
 
 
 def _check_weight(name: str, value) -> None:
@@ -74,6 +75,10 @@ class _EngineConfig:
     output_activation: str = "sigmoid"
     ortho_normalized: bool = True
     impl: str = "auto"
+    # torch.compile the step (fullgraph) and, on CUDA, replay it as a CUDA graph. Off by default:
+    # the first compilation of the double-backward step takes minutes on a CPU, longer than short
+    # runs; turn it on for long or large-batch runs (a second process reuses the compile cache).
+    compile: bool = False
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -103,6 +108,8 @@ class _EngineConfig:
         _check_choice("vector_kind", self.vector_kind, conditioning.VECTOR_KINDS)
         _check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
         _check_choice("impl", self.impl, losses.IMPLS)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.batch_size < 2 and (self.gamma > 0 or self.delta > 0):
             raise ValueError(
                 f"batch_size {self.batch_size} is too small for the diversity losses (gamma={self.gamma}, "

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import grad_and_value
 
 from tldr_fast import conditioning
+from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import RESUMABLE_FIELDS, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import Problem, build_generators, draw_noise, needs_features, objective
@@ -100,6 +101,9 @@ class Trained:
     config: _EngineConfig
     history: dict[str, list[float]] = field(default_factory=dict)
     steps_done: int = 0
+    # config.compile: seconds of the first compiled call (tracing, code generation, one step; on
+    # CUDA plus the graph capture), kept apart from the step times. None when not compiled.
+    compile_seconds: float | None = None
 
     def generator(self, index: int) -> Generator:
         """Generator `index` as an ordinary module (on the parameters' device)."""
@@ -300,6 +304,8 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
             last_checkpoint = existing[-1]
             state = load_checkpoint(last_checkpoint, trained, fingerprint)
     step_fn = make_step(problem, trained.buffers)
+    if cfg.compile:
+        step_fn = CompiledStep(step_fn)
     bar = _progress_bar(cfg, trained.steps_done, progress)
     pending: list[dict[str, torch.Tensor]] = []
     try:
@@ -316,6 +322,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     finally:
         if bar is not None:
             bar.close()
+    trained.compile_seconds = getattr(step_fn, "compile_seconds", None)
     return trained
 
 

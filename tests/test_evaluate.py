@@ -158,7 +158,8 @@ def test_fidelity_statistics(digits):
     hx, hy = digits["heldout"]
     model = centroid_classifier(x, y)
     out = fidelity(hx, hy, evaluator=model, target=model)
-    logits = model(hx)
+    with torch.no_grad():
+        logits = model(hx)
     assert out["evaluator_accuracy"] == pytest.approx(float((logits.argmax(1) == hy).float().mean()))
     assert out["evaluator_accuracy"] > 0.6  # a real, if weak, classifier
     probs = torch.softmax(logits.double(), 1)
@@ -264,7 +265,7 @@ def test_evaluate_run_writes_metrics_and_a_self_contained_report(tmp_path):
     assert saved["authors"]["reconstructed"] == 200
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("<!DOCTYPE html>", "")
-    assert (tmp_path / "run" / "grid.png").is_file()
+    assert (tmp_path / "run" / "matches.png").is_file()
 
 
 @pytest.mark.slow

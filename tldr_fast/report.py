@@ -4,7 +4,8 @@
 - `matches_grid`: per class, the reconstructions with the highest matched SSIM, each followed by
   the training image the Hungarian matching paired it with.
 - `ssim_histogram`: matched SSIM of every reconstruction, with the threshold marked.
-`write_report(run_dir, metrics, ...)` writes grid.png, matches.png and report.html.
+`write_report(run_dir, metrics, ...)` writes matches.png and report.html (the engine already wrote
+grid.png, which is left alone; the report embeds its own class grid).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def png_bytes(img: Image.Image) -> bytes:
 def write_report(run_dir, metrics: dict, recon: torch.Tensor, recon_labels: torch.Tensor,
                  generator_index: torch.Tensor | None, train: torch.Tensor,
                  class_names: tuple[str, ...] | None = None) -> Path:
-    """Write grid.png, matches.png and the self-contained report.html into run_dir; return the HTML path."""
+    """Write matches.png and the self-contained report.html into run_dir; return the HTML path."""
     from tldr_fast.serialization import atomic_write
 
     run_dir = Path(run_dir)
@@ -118,8 +119,7 @@ def write_report(run_dir, metrics: dict, recon: torch.Tensor, recon_labels: torc
         "matches": png_bytes(matches_grid(recon, recon_labels, authors["matched_index"], authors["matched_ssim"], train)),
         "histogram": png_bytes(ssim_histogram(authors["matched_ssim"], metrics["threshold"])),
     }
-    for name in ("grid", "matches"):
-        atomic_write(run_dir / f"{name}.png", lambda tmp, data=pictures[name]: tmp.write_bytes(data))
+    atomic_write(run_dir / "matches.png", lambda tmp: tmp.write_bytes(pictures["matches"]))
     page = render_html(metrics, pictures, class_names)
     return atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 

@@ -239,3 +239,24 @@ def test_binarised_mnist_bnn_trains_and_inverts():
     assert model.train_report.test_accuracy > 0.25  # chance is 0.1; 10x10 with 100-50 reaches ~0.86
     result = bnn.invert(model, 1, num_samples=5, sampler="blocking", time_limit=60)
     assert (forward_labels(model, result.pixels) == 1).all()
+
+
+@pytest.mark.slow
+def test_cli_writes_grids_and_report(tmp_path):
+    from tldr_fast.cli import main
+
+    code = main(["attack", "bnn", "--out", str(tmp_path), "--size", "4", "--hidden", "8", "6", "--epochs", "1",
+                 "--samples", "3", "--labels", "0", "1", "--sampler", "blocking", "--time-limit", "20"])
+    assert code == 0
+    report = json.loads((tmp_path / "bnn.json").read_text())
+    assert [entry["label"] for entry in report["labels"]] == [0, 1]
+    assert report["formula"]["layers"][1]["layer"] == "hidden 1"
+    for entry in report["labels"]:
+        assert (tmp_path / f"samples_label{entry['label']}.png").exists() == (entry["samples"] > 0)
+
+
+def test_cli_refuses_bad_input(tmp_path, capsys):
+    from tldr_fast.cli import main
+
+    assert main(["attack", "bnn", "--out", str(tmp_path), "--samples", "0"]) == 2
+    assert "--samples must be an integer >= 1" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tldr_fast.models.classifiers import ImageClassifier
+from tldr_fast.serialization import register_architecture
 from tldr_fast.validation import check_positive_int
 
 
@@ -72,6 +73,7 @@ class BinaryLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+@register_architecture
 class BinarizedMLP(ImageClassifier):
     """Binarised MLP over a grid x grid binarised view of the image.
 

@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "tldr_fast.cli.evaluate",
     "tldr_fast.cli.attack_split",
     "tldr_fast.cli.attack_dfm",
+    "tldr_fast.cli.attack_bnn",
 ]
 
 

@@ -14,6 +14,7 @@ SUITES: dict[str, str] = {
     "evaluate": "bench.evaluate",
     "gradnorm": "bench.grad_norm",
     "kernels": "bench.kernels",
+    "step": "bench.step",
 }
 
 

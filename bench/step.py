@@ -1,0 +1,165 @@
+"""`python -m bench step`: images per second of the full nine-term reconstruction step.
+
+Variants, each on the same classifier (PaperCNN, MNIST 28x28, 10 classes) and the same config
+(all nine terms, one generator of the default width, batch B per step):
+- `naive`: the reference written from the paper (`bench.naive_step`: N x N Gram, vmap(grad) norms,
+  torch.optim.Adam, eager);
+- `fast-eager`: the engine's pure step (`engine.make_step`: diversity identities, ghost norms,
+  functional Adam), eager;
+- `fast-compiled`: the same step under `tldr_fast.compiled.CompiledStep` (torch.compile fullgraph;
+  on CUDA replayed as a CUDA graph); its first call is reported as `compile_s`, apart from the
+  step time.
+Each row: variant, batch, median step seconds, images/s and the speedup over `naive` at the same
+batch (same run). On CUDA the default batches are 1024, 8192 and 65536, then each variant's batch
+is doubled until it runs out of memory (`--step-max-batch`) to find the largest it fits.
+`--step-cache-check` compiles the step in two fresh processes sharing an empty TorchInductor cache
+and reports both compile times (the second reuses the first one's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from bench.common import is_oom, time_fn
+from bench.naive_step import NaiveStep
+from tldr_fast import conditioning, objective
+from tldr_fast.compiled import CompiledStep
+from tldr_fast.config import ReconstructionConfig
+from tldr_fast.engine import AdamState, make_step
+from tldr_fast.models import PaperCNN
+
+VARIANTS = ("naive", "fast-eager", "fast-compiled")
+IMAGE_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+CPU_BATCHES, CPU_QUICK_BATCHES = (256,), (64,)
+GPU_BATCHES, GPU_QUICK_BATCHES = (1024, 8192, 65536), (1024,)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("step suite")
+    g.add_argument("--step-batches", type=int, nargs="+", default=None,
+                   help="images per step (default: 256 on CPU, 1024 8192 65536 on CUDA; --quick: 64 / 1024)")
+    g.add_argument("--step-variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    g.add_argument("--step-max-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="double each variant's batch until out of memory (default: on CUDA without --quick)")
+    g.add_argument("--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here")
+    g.add_argument("--step-cache-check", action="store_true",
+                   help="compile time in two fresh processes sharing an empty compile cache")
+
+
+def step_config(batch: int) -> ReconstructionConfig:
+    """The paper preset with all nine terms on (eta_pix is 0 in the preset) and one generator."""
+    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0)
+
+
+def bench_classifier(device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return PaperCNN(1, NUM_CLASSES, IMAGE_SHAPE[1:]).to(device).eval().requires_grad_(False)
+
+
+def make_runner(variant: str, batch: int, classifier, device):
+    """A zero-argument callable taking one training step of `variant` (state kept inside)."""
+    cfg = step_config(batch)
+    if variant == "naive":
+        return NaiveStep(classifier, cfg, IMAGE_SHAPE, device)
+    template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
+    labels = conditioning.balanced_labels(batch, NUM_CLASSES, device)[None]
+    step = make_step(objective.Problem(template, classifier, cfg, labels), buffers)
+    if variant == "fast-compiled":
+        step = CompiledStep(step)
+    carry = [params, AdamState.zeros_like(params)]
+
+    def run():
+        carry[0], carry[1], report = step(*carry)
+        return report
+
+    run.step = step
+    return run
+
+
+def measure(variant: str, batch: int, classifier, device, quick: bool) -> dict:
+    """One row: median step time and images/s, or status 'oom'."""
+    row = {"variant": variant, "device": str(device), "batch": batch}
+    runner = None
+    try:
+        runner = make_runner(variant, batch, classifier, device)
+        if variant == "fast-compiled":
+            runner()  # compiles; a CUDA graph is captured on the next call, inside the warm-up
+            row["compile_s"] = runner.step.compile_seconds
+        timing = time_fn(runner, device=device, warmup=1, repeats=3 if quick else 5,
+                         max_seconds=10 if quick else 60)
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        row["status"] = "oom"
+        return row
+    finally:
+        del runner
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    row.update(status="ok", median_s=timing.median_s, min_s=timing.min_s, repeats=timing.repeats,
+               images_per_s=batch / timing.median_s)
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_naive = images/s over the naive variant's at the same batch (same run)."""
+    naive = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "naive" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and r["batch"] in naive:
+            r["speedup_vs_naive"] = r["images_per_s"] / naive[r["batch"]]
+
+
+def largest_batch(variant: str, start: int, limit: int, classifier, device) -> dict:
+    """Double the batch from `start` (which fits) until out of memory or past `limit`."""
+    fits, batch = start, 2 * start
+    while batch <= limit and measure(variant, batch, classifier, device, quick=True)["status"] == "ok":
+        fits, batch = batch, 2 * batch
+    return {"variant": variant, "device": str(device), "batch": fits, "status": "largest",
+            "limit_reached": batch > limit}
+
+
+def compile_probe(batch: int, device: str) -> None:
+    """Child process of the cache check: print the compile seconds of a fresh compiled step."""
+    runner = make_runner("fast-compiled", batch, bench_classifier(device), device)
+    runner()
+    print(json.dumps({"compile_s": runner.step.compile_seconds}))
+
+
+def cache_check(batch: int, device: str) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tldr-inductor-cache-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        code = f"from bench.step import compile_probe; compile_probe({batch}, {device!r})"
+        for run in ("cold cache", "warm cache"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+            seconds = json.loads(out.stdout.strip().splitlines()[-1])["compile_s"]
+            rows.append({"variant": "fast-compiled", "device": device, "batch": batch, "status": run,
+                         "compile_s": seconds})
+    return rows
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    batches = args.step_batches or (
+        (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if on_gpu else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES))
+    classifier = bench_classifier(device)
+    rows = [measure(v, b, classifier, device, args.quick) for b in batches for v in args.step_variants]
+    add_speedups(rows)
+    search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
+    if search:
+        for variant in args.step_variants:
+            fitting = [r["batch"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
+            if fitting:
+                rows.append(largest_batch(variant, max(fitting), args.step_max_batch_limit, classifier, device))
+    if args.step_cache_check:
+        rows += cache_check(min(batches), str(device))
+    return rows

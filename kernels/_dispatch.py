@@ -34,6 +34,11 @@ def resolve_impl(impl: str, tensor: torch.Tensor, supported_dtypes: tuple[torch.
         return "torch"
     runnable = TRITON_AVAILABLE and (tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu"))
     if impl == "auto":
+        # Under torch.compile, "auto" takes the torch path: Inductor fuses it into its own kernels,
+        # and Dynamo (torch 2.13) cannot trace a custom autograd.Function inside nested torch.func
+        # transforms (grad of vmap, as in the engine's step). A trace-time constant, not a sync.
+        if torch.compiler.is_compiling():
+            return "torch"
         return "triton" if tensor.is_cuda and runnable and tensor.dtype in supported_dtypes else "torch"
     if not runnable:
         raise RuntimeError(
@@ -69,15 +74,15 @@ def unfold(batch_size: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.reshape(batch_size, t.shape[0] // batch_size, *t.shape[1:]) for t in tensors)
 
 
-def vmap_by_folding(function: type[torch.autograd.Function], info, in_dims, *args):
-    """The `vmap` rule of a kernel Function whose tensor arguments and outputs all lead with a
-    problem dim: fold the vmapped dim into it, apply once, split it out again (out_dims 0)."""
+def vmap_by_folding(op, info, in_dims, *args):
+    """The vmap rule of a kernel op whose tensor arguments and outputs all lead with a problem dim:
+    fold the vmapped dim into it, call the op once, split it out again (out_dims 0)."""
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     folded = fold_vmapped(info.batch_size, [in_dims[i] for i in positions], *(args[i] for i in positions))
     args = list(args)
     for i, tensor in zip(positions, folded, strict=True):
         args[i] = tensor
-    out = function.apply(*args)
+    out = op(*args)
     if isinstance(out, torch.Tensor):
         return unfold(info.batch_size, out)[0], 0
     out = unfold(info.batch_size, *out)
@@ -86,3 +91,18 @@ def vmap_by_folding(function: type[torch.autograd.Function], info, in_dims, *arg
 
 def refuse_double_backward(loss: str):
     raise NotImplementedError(f"double backward through the Triton {loss} loss; use impl='torch'")
+
+
+def kernel_op(name: str, fake):
+    """Register a launcher as the custom op tldr_fast::NAME with its fake (shape) function and the
+    folding vmap rule. Opaque ops keep torch.compile away from the launch itself (so the
+    interpreter works under compile too), and their vmap rule is what lets the autograd Functions
+    around them use generate_vmap_rule, the form torch.compile accepts under vmap."""
+
+    def register(launcher):
+        op = torch.library.custom_op(f"tldr_fast::{name}", launcher, mutates_args=())
+        op.register_fake(fake)
+        op.register_vmap(lambda info, in_dims, *args: vmap_by_folding(op, info, in_dims, *args))
+        return op
+
+    return register

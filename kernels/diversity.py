@@ -30,9 +30,9 @@ import torch
 from tldr_fast.kernels._dispatch import (
     DOT_PRECISION,
     INTERPRETED,
+    kernel_op,
     refuse_double_backward,
     resolve_impl,
-    vmap_by_folding,
 )
 
 try:
@@ -312,12 +312,39 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
     return out
 
 
+def _forward_fake(feat, normalized):
+    nb, n, d = feat.shape
+    m = n if uses_sample_route(n, d) else d
+    loss = feat.new_empty(nb, dtype=torch.float32)
+    return (loss, loss.clone(), feat.new_empty(nb, n, dtype=torch.float32),
+            feat.new_empty(nb, d, dtype=torch.float32), feat.new_empty(nb, m, m, dtype=torch.float32))
+
+
+def _backward_fake(feat, r, s, gram, g_cos, g_ortho, normalized):
+    return feat.new_empty(feat.shape)
+
+
+@kernel_op("diversity_forward", _forward_fake)
+def _forward_op(feat: torch.Tensor, normalized: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(feat, normalized)
+
+
+@kernel_op("diversity_backward", _backward_fake)
+def _backward_op(feat: torch.Tensor, r: torch.Tensor, s: torch.Tensor, gram: torch.Tensor,
+                 g_cos: torch.Tensor, g_ortho: torch.Tensor, normalized: bool) -> torch.Tensor:
+    return _backward(feat, r, s, gram, g_cos, g_ortho, normalized)
+
+
 class _DiversityGrad(torch.autograd.Function):
-    """dL/dF as its own function, so that vmap(grad(...)) folds the backward launch too."""
+    """dL/dF (first order only). A Function, not a bare op call, because torch.func.grad hands the
+    backward wrapped tensors, and only a Function with setup_context unwraps them for the op."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(feat, r, s, gram, g_cos, g_ortho, normalized):
-        return _backward(feat, r, s, gram, g_cos, g_ortho, normalized)
+        return _backward_op(feat, r, s, gram, g_cos, g_ortho, normalized)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -327,17 +354,18 @@ class _DiversityGrad(torch.autograd.Function):
     def backward(ctx, grad):
         refuse_double_backward("diversity")
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_folding(_DiversityGrad, info, in_dims, *args)
-
 
 class _Diversity(torch.autograd.Function):
-    """(cos, ortho) per problem of feat (B, N, D); r, s and the Gram matrix are saved outputs."""
+    """(cos, ortho) per problem of feat (B, N, D); r, s and the Gram matrix are saved outputs.
+
+    Forward and backward are custom ops with folding vmap rules, so vmap is generated from them.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(feat, normalized):
-        return _forward(feat, normalized)
+        return _forward_op(feat, normalized)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -354,10 +382,6 @@ class _Diversity(torch.autograd.Function):
         g_cos = zeros if g_cos is None else g_cos
         g_ortho = zeros if g_ortho is None else g_ortho
         return _DiversityGrad.apply(feat, r, s, gram, g_cos, g_ortho, ctx.normalized), None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_folding(_Diversity, info, in_dims, *args)
 
 
 def _check_features(feat: torch.Tensor) -> None:

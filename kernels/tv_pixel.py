@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from tldr_fast.kernels._dispatch import (
     INTERPRETED,
+    kernel_op,
     refuse_double_backward,
     resolve_impl,
-    vmap_by_folding,
 )
 
 try:
@@ -106,12 +106,40 @@ def _launch(x: torch.Tensor, w_tv=None, w_pix=None, write_loss: bool = True):
     return losses, (grad if write_grad else None)
 
 
+def _losses_fake(x):
+    loss = x.new_empty(x.shape[0], dtype=torch.float32)
+    return loss, loss.clone()
+
+
+@kernel_op("tv_pixel_forward", _losses_fake)
+def _forward_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x)[0]
+
+
+@kernel_op("tv_pixel_backward", lambda x, g_tv, g_pix: x.new_empty(x.shape))
+def _backward_op(x: torch.Tensor, g_tv: torch.Tensor, g_pix: torch.Tensor) -> torch.Tensor:
+    return _launch(x, g_tv, g_pix, write_loss=False)[1]
+
+
+def _weighted_fake(x, w_tv, w_pix):
+    return (*_losses_fake(x), x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape))
+
+
+@kernel_op("tv_pixel_weighted", _weighted_fake)
+def _weighted_op(x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (tv, pix), grad = _launch(x, w_tv, w_pix)
+    return w_tv * tv + w_pix * pix, tv, pix, grad
+
+
 class _TVPixelGrad(torch.autograd.Function):
-    """dL/dx for per-group weights (g_tv, g_pix); its own function so vmap folds it too."""
+    """dL/dx (first order only); a Function so that torch.func.grad unwraps its inputs for the op."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, g_tv, g_pix):
-        return _launch(x, g_tv, g_pix, write_loss=False)[1]
+        return _backward_op(x, g_tv, g_pix)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -121,17 +149,15 @@ class _TVPixelGrad(torch.autograd.Function):
     def backward(ctx, grad):
         refuse_double_backward("TV/pixel")
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_folding(_TVPixelGrad, info, in_dims, *args)
-
 
 class _TVPixel(torch.autograd.Function):
-    """(tv, pix) per group of x (G, N, C, H, W)."""
+    """(tv, pix) per group of x (G, N, C, H, W); vmap is generated from the ops' folding rules."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x):
-        return _launch(x)[0]
+        return _forward_op(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -145,18 +171,15 @@ class _TVPixel(torch.autograd.Function):
         g_pix = zeros if g_pix is None else g_pix
         return _TVPixelGrad.apply(x, g_tv, g_pix)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_folding(_TVPixel, info, in_dims, *args)
-
 
 class _WeightedTVPixel(torch.autograd.Function):
     """w_tv TV + w_pix Pix per group, with the gradient written in the same pass as the loss."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, w_tv, w_pix):
-        (tv, pix), grad = _launch(x, w_tv, w_pix)
-        return w_tv * tv + w_pix * pix, tv, pix, grad
+        return _weighted_op(x, w_tv, w_pix)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -169,10 +192,6 @@ class _WeightedTVPixel(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         scale = g_loss.to(grad.dtype).view(-1, *(1,) * (grad.dim() - 1))
         return grad * scale, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_folding(_WeightedTVPixel, info, in_dims, *args)
 
 
 def _check_images(x: torch.Tensor) -> None:

@@ -249,11 +249,25 @@ def test_double_backward_is_refused():
 
 
 @pytest.mark.compile
-def test_torch_path_compiles_without_graph_breaks():
-    feat = features(67, 5)
-    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "torch"))), fullgraph=True, dynamic=False)
-    feats = torch.stack([feat, feat.flip(0)])
-    torch.testing.assert_close(compiled(feats), vmap(grad(lambda f: _loss(f, "torch")))(feats))
+def test_compiles_without_graph_breaks():
+    f0 = features(67, 5)
+    feats = torch.stack([f0, f0.flip(0)])
+
+    def loss(impl):
+        return lambda f: _loss(f, impl)
+
+    # Triton ops under torch.compile: grad, vmap, and forward + .backward() (the ops are opaque to
+    # Dynamo, so the interpreter runs them on CPU too).
+    compiled = torch.compile(grad(loss("triton")), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(f0), grad(loss("triton"))(f0))
+    compiled = torch.compile(vmap(loss("triton")), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(feats), vmap(loss("triton"))(feats))
+    leaf = f0.clone().requires_grad_()
+    torch.compile(loss("triton"), fullgraph=True, dynamic=False)(leaf).backward()
+    torch.testing.assert_close(leaf.grad, grad(loss("triton"))(f0))
+    # Nested transforms (the engine's grad of vmap): "auto" compiles the torch path.
+    nested = torch.compile(grad(lambda a: vmap(loss("auto"))(a).sum()), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(nested(feats), vmap(grad(loss("triton")))(feats))
 
 
 # ---------------------------------------------------------------- CUDA: the same checks, large shapes
@@ -302,7 +316,11 @@ def test_cuda_poison_nan_and_vmap(monkeypatch):
 @pytest.mark.compile
 def test_cuda_triton_path_compiles_without_graph_breaks():
     feats = torch.randn(2, 4096, 256, device="cuda")
-    eager = vmap(grad(lambda f: _loss(f, "triton")))(feats)
-    compiled = torch.compile(vmap(grad(lambda f: _loss(f, "triton"))), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(feats), eager, rtol=1e-5, atol=1e-9)
+    one = lambda f: _loss(f, "triton")
+    compiled = torch.compile(grad(one), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(feats[0]), grad(one)(feats[0]), rtol=1e-5, atol=1e-9)
+    compiled = torch.compile(vmap(one), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(feats), vmap(one)(feats), rtol=1e-5, atol=1e-7)
+    nested = torch.compile(grad(lambda a: vmap(lambda f: _loss(f, "auto"))(a).sum()), fullgraph=True)
+    torch.testing.assert_close(nested(feats), vmap(grad(one))(feats), rtol=1e-4, atol=1e-9)
     assert math.isfinite(compiled(feats).sum().item())

@@ -195,10 +195,25 @@ def test_double_backward_is_refused():
 
 
 @pytest.mark.compile
-def test_torch_path_compiles_without_graph_breaks():
-    xs = images((2, 3, 1, 7, 9))
-    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "torch"))), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(xs), vmap(grad(lambda x: _loss(x, "torch")))(xs))
+def test_compiles_without_graph_breaks():
+    x0 = images((2, 1, 7, 9))
+    xs = torch.stack([x0, x0.flip(0)])
+
+    def loss(impl):
+        return lambda x: _loss(x, impl)
+
+    # Triton ops under torch.compile: grad, vmap, and forward + .backward() (the ops are opaque to
+    # Dynamo, so the interpreter runs them on CPU too).
+    compiled = torch.compile(grad(loss("triton")), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x0), grad(loss("triton"))(x0))
+    compiled = torch.compile(vmap(loss("triton")), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(xs), vmap(loss("triton"))(xs))
+    leaf = x0.clone().requires_grad_()
+    torch.compile(loss("triton"), fullgraph=True, dynamic=False)(leaf).backward()
+    torch.testing.assert_close(leaf.grad, grad(loss("triton"))(x0))
+    # Nested transforms (the engine's grad of vmap): "auto" compiles the torch path.
+    nested = torch.compile(grad(lambda a: vmap(loss("auto"))(a).sum()), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(nested(xs), vmap(grad(loss("triton")))(xs))
 
 
 # ---------------------------------------------------------------- CUDA: the same checks, large shapes
@@ -245,8 +260,12 @@ def test_cuda_poison_and_vmap(monkeypatch):
 @pytest.mark.compile
 def test_cuda_triton_path_compiles_without_graph_breaks():
     xs = images((2, 512, 1, 28, 28)).cuda()
-    eager = vmap(grad(lambda x: _loss(x, "triton")))(xs)
-    compiled = torch.compile(vmap(grad(lambda x: _loss(x, "triton"))), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(xs), eager)
-    weighted = torch.compile(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7)[0], fullgraph=True, dynamic=False)
-    torch.testing.assert_close(weighted(xs[0]), _loss(xs[0], "triton"))
+    one = lambda x: _loss(x, "triton")
+    compiled = torch.compile(grad(one), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(xs[0]), grad(one)(xs[0]))
+    compiled = torch.compile(vmap(one), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(xs), vmap(one)(xs))
+    weighted = torch.compile(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7)[0], fullgraph=True)
+    torch.testing.assert_close(weighted(xs[0]), one(xs[0]))
+    nested = torch.compile(grad(lambda a: vmap(lambda x: _loss(x, "auto"))(a).sum()), fullgraph=True)
+    torch.testing.assert_close(nested(xs), vmap(grad(one))(xs))

@@ -104,7 +104,10 @@ def leakage_gap(recon, recon_labels, train, train_labels, heldout, heldout_label
 
 def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=None, device=None,
              chunk_size=None) -> dict:
-    """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean pairwise SSIM)."""
+    """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean pairwise SSIM).
+
+    The classifiers run on their own device; `device` is where the SSIM matrices are computed.
+    """
     check_images(recon, "recon")
     check_unit_range(recon, "recon")
     check_labels(recon_labels, "recon_labels", num_classes or _num_classes(recon_labels), batch=recon.shape[0])

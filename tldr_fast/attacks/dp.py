@@ -293,7 +293,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
                 loss = nn.functional.cross_entropy(logits, y, reduction="sum") / max(x.shape[0], 1)
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss) * x.shape[0]
+                total_loss += float(loss.detach()) * x.shape[0]
                 correct += int((logits.argmax(1) == y).sum())
                 seen += x.shape[0]
             row = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}

@@ -342,6 +342,10 @@ class SplitAttackConfig:
             raise ValueError("noise_multipliers must name at least one setting (None for non-private)")
         for epochs, name in ((self.target_epochs, "target_epochs"), (self.decoder_epochs, "decoder_epochs")):
             check_positive_int(epochs, name)
+        # Fail before any training: every row's DP settings are checked up front.
+        for noise in self.noise_multipliers:
+            DPTrainingConfig(noise_multiplier=noise, max_grad_norm=self.max_grad_norm, epochs=self.target_epochs,
+                             batch_size=self.batch_size, lr=self.lr, delta=self.delta)
 
 
 def _row_tag(noise: float | None) -> str:

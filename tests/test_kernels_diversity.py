@@ -6,8 +6,6 @@ stay small; the `cuda` tests repeat the checks at large shapes on a GPU.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import Phase, given, settings
@@ -248,26 +246,27 @@ def test_double_backward_is_refused():
         g.sum().backward()
 
 
+def assert_compiles(loss, one: torch.Tensor, batch: torch.Tensor, **tol) -> None:
+    """loss(x, impl) compiles with fullgraph and matches eager: grad, vmap and forward + .backward()
+    on the Triton ops (opaque to Dynamo, so the interpreter runs them under compile on CPU too),
+    and the engine's nested grad of vmap, which "auto" compiles on the torch path."""
+    triton = lambda x: loss(x, "triton")
+    compiled = torch.compile(grad(triton), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(one), grad(triton)(one), **tol)
+    compiled = torch.compile(vmap(triton), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(batch), vmap(triton)(batch), **tol)
+    leaf = one.clone().requires_grad_()
+    torch.compile(triton, fullgraph=True, dynamic=False)(leaf).backward()
+    torch.testing.assert_close(leaf.grad, grad(triton)(one), **tol)
+    nested = grad(lambda a: vmap(lambda x: loss(x, "auto"))(a).sum())
+    compiled = torch.compile(nested, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(batch), vmap(grad(triton))(batch), **tol)
+
+
 @pytest.mark.compile
 def test_compiles_without_graph_breaks():
-    f0 = features(67, 5)
-    feats = torch.stack([f0, f0.flip(0)])
-
-    def loss(impl):
-        return lambda f: _loss(f, impl)
-
-    # Triton ops under torch.compile: grad, vmap, and forward + .backward() (the ops are opaque to
-    # Dynamo, so the interpreter runs them on CPU too).
-    compiled = torch.compile(grad(loss("triton")), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(f0), grad(loss("triton"))(f0))
-    compiled = torch.compile(vmap(loss("triton")), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(feats), vmap(loss("triton"))(feats))
-    leaf = f0.clone().requires_grad_()
-    torch.compile(loss("triton"), fullgraph=True, dynamic=False)(leaf).backward()
-    torch.testing.assert_close(leaf.grad, grad(loss("triton"))(f0))
-    # Nested transforms (the engine's grad of vmap): "auto" compiles the torch path.
-    nested = torch.compile(grad(lambda a: vmap(loss("auto"))(a).sum()), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(nested(feats), vmap(grad(loss("triton")))(feats))
+    feat = features(67, 5)
+    assert_compiles(_loss, feat, torch.stack([feat, feat.flip(0)]))
 
 
 # ---------------------------------------------------------------- CUDA: the same checks, large shapes
@@ -314,13 +313,6 @@ def test_cuda_poison_nan_and_vmap(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.compile
-def test_cuda_triton_path_compiles_without_graph_breaks():
+def test_cuda_compiles_without_graph_breaks():
     feats = torch.randn(2, 4096, 256, device="cuda")
-    one = lambda f: _loss(f, "triton")
-    compiled = torch.compile(grad(one), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(feats[0]), grad(one)(feats[0]), rtol=1e-5, atol=1e-9)
-    compiled = torch.compile(vmap(one), fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(feats), vmap(one)(feats), rtol=1e-5, atol=1e-7)
-    nested = torch.compile(grad(lambda a: vmap(lambda f: _loss(f, "auto"))(a).sum()), fullgraph=True)
-    torch.testing.assert_close(nested(feats), vmap(grad(one))(feats), rtol=1e-4, atol=1e-9)
-    assert math.isfinite(compiled(feats).sum().item())
+    assert_compiles(_loss, feats[0], feats, rtol=1e-4, atol=1e-9)

@@ -30,30 +30,40 @@ def naive_terms(generator: nn.Module, classifier: nn.Module, config: Reconstruct
     logits, feat = classifier.forward_with_features(x)
     logits_pert = classifier(x_pert)
 
-    unit = F.normalize(feat, dim=1, eps=1e-12)
-    gram = unit @ unit.T  # N x N
-    ortho_rows = unit if config.ortho_normalized else feat
-    ortho_gram = ortho_rows @ ortho_rows.T
+    cos, ortho = naive_diversity(feat, config.ortho_normalized)
+    return {
+        "kl": F.kl_div(F.log_softmax(logits, 1), vectors, reduction="batchmean"),
+        "kl_pert": F.kl_div(F.log_softmax(logits_pert, 1), vectors, reduction="batchmean"),
+        "ce": F.cross_entropy(logits, labels),
+        "ce_pert": F.cross_entropy(logits_pert, labels),
+        "cos": cos,
+        "ortho": ortho,
+        "tv": ((x[:, :, 1:] - x[:, :, :-1]).pow(2).sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum()) / n,
+        "pix": (F.relu(-x) + F.relu(x - 1)).sum() / n,
+        "grad": naive_grad_norms(classifier, x, labels).mean(),
+    }
 
+
+def naive_diversity(feat: torch.Tensor, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine, ortho) diversity from the N x N Gram matrices of the features."""
+    n = feat.shape[0]
+    unit = F.normalize(feat, dim=1, eps=1e-12)
+    gram = unit @ unit.T
+    rows = unit if normalized else feat
+    ortho_gram = rows @ rows.T
+    cos = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+    return cos, (ortho_gram - torch.eye(n, device=feat.device)).pow(2).sum() / n**2
+
+
+def naive_grad_norms(classifier: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample norms ||grad_theta CE(f(x_i), y_i)|| from vmap(grad): every gradient materialised."""
     params = dict(classifier.named_parameters())
 
     def sample_loss(p, xi, yi):
         return F.cross_entropy(functional_call(classifier, p, (xi[None],)), yi[None])
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, labels)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
-
-    return {
-        "kl": F.kl_div(F.log_softmax(logits, 1), vectors, reduction="batchmean"),
-        "kl_pert": F.kl_div(F.log_softmax(logits_pert, 1), vectors, reduction="batchmean"),
-        "ce": F.cross_entropy(logits, labels),
-        "ce_pert": F.cross_entropy(logits_pert, labels),
-        "cos": (gram.sum() - gram.diagonal().sum()) / (n * (n - 1)),
-        "ortho": (ortho_gram - torch.eye(n, device=x.device)).pow(2).sum() / n**2,
-        "tv": ((x[:, :, 1:] - x[:, :, :-1]).pow(2).sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum()) / n,
-        "pix": (F.relu(-x) + F.relu(x - 1)).sum() / n,
-        "grad": norms.mean(),
-    }
+    return torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
 
 
 class NaiveStep:

@@ -1,0 +1,167 @@
+"""The compiled step: one graph (fullgraph), equal to the eager step from the same state and seed;
+on CUDA, graph replay equal to eager and free of host synchronisation. The naive benchmark
+reference computes the same objective as the engine."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import pytest
+import torch
+
+from bench.naive_step import naive_terms
+from tldr_fast import conditioning, engine, objective
+from tldr_fast.compiled import CompiledStep
+from tldr_fast.config import ReconstructionConfig
+from tldr_fast.engine import AdamState, make_step
+from tldr_fast.models import PaperCNN
+
+SHAPE = (1, 8, 8)
+# All nine terms on (eta_pix is 0 in the presets), dropout on so the generator's random masks are
+# part of what must match.
+TINY = {"num_generators": 2, "batch_size": 6, "latent_dim": 6, "generator_width": 4, "eta_pix": 1.0,
+        "eps": 0.05, "steps": 2, "log_every": 1}
+
+
+def tiny_classifier(device="cpu"):
+    torch.manual_seed(1)
+    return PaperCNN(1, 10, 8, channels=(4, 8), hidden=16).to(device).eval().requires_grad_(False)
+
+
+def tiny_step(device="cpu", **overrides):
+    cfg = ReconstructionConfig(**{**TINY, **overrides})
+    template, params, buffers = objective.build_generators(cfg, 10, SHAPE, device)
+    labels = conditioning.balanced_labels(cfg.batch_size, 10, device).expand(cfg.num_generators, -1).contiguous()
+    problem = objective.Problem(template, tiny_classifier(device), cfg, labels)
+    return make_step(problem, buffers), params
+
+
+def run_steps(step, params, steps: int, seed: int = 3):
+    torch.manual_seed(seed)
+    state = AdamState.zeros_like(params)
+    reports = []
+    for _ in range(steps):
+        params, state, report = step(params, state)
+        params = {k: v.clone() for k, v in params.items()}  # CUDA graph buffers change on the next call
+        reports.append(report)
+    return params, state, reports
+
+
+def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
+    (p0, s0, r0), (p1, s1, r1) = eager, compiled
+    for a, b in zip(r0, r1, strict=True):
+        assert a.keys() == b.keys()
+        for term in a:
+            torch.testing.assert_close(b[term], a[term], rtol=rtol, atol=atol, msg=term)
+    for name in s0.m:
+        torch.testing.assert_close(s1.m[name], s0.m[name], rtol=rtol, atol=atol)
+        torch.testing.assert_close(s1.v[name], s0.v[name], rtol=rtol, atol=atol**2)
+    for name in p0:
+        # Adam's update m/sqrt(v) is ill-conditioned where the gradient is ~0 (e.g. dropped units):
+        # there float noise may flip it by up to one lr per step; elsewhere it must agree.
+        diff = (p1[name] - p0[name]).abs()
+        assert diff.max() <= 2 * lr * len(r0) + 1e-6, name
+        well_conditioned = s0.v[name].sqrt() > 1e-3 * s0.v[name].sqrt().max()
+        torch.testing.assert_close(p1[name][well_conditioned], p0[name][well_conditioned], rtol=rtol, atol=atol)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_step_compiles_as_one_graph_and_equals_eager():
+    # fullgraph=True raises on any graph break; aot_eager traces exactly what inductor would get.
+    step, params = tiny_step()
+    eager = run_steps(step, params, 2)
+    compiled_step = CompiledStep(step, backend="aot_eager")
+    compiled = run_steps(compiled_step, params, 2)
+    assert compiled_step.compile_seconds > 0
+    assert_same_trajectory(eager, compiled, lr=TINY.get("lr", 3e-3))
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_inductor_step_equals_eager():
+    step, params = tiny_step()
+    eager = run_steps(step, params, 2)
+    compiled = run_steps(CompiledStep(step), params, 2)
+    assert_same_trajectory(eager, compiled, lr=3e-3)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_engine_compile_flag_gives_the_eager_history(monkeypatch):
+    classifier = tiny_classifier()
+    eager = engine.train(classifier, 10, SHAPE, ReconstructionConfig(**TINY), progress=False)
+    monkeypatch.setattr(engine, "CompiledStep", functools.partial(CompiledStep, backend="aot_eager"))
+    compiled = engine.train(classifier, 10, SHAPE, ReconstructionConfig(**TINY, compile=True), progress=False)
+    assert eager.compile_seconds is None and compiled.compile_seconds > 0
+    for term, values in eager.history.items():
+        assert compiled.history[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
+
+
+def test_compile_field_is_a_bool():
+    with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
+        ReconstructionConfig(compile="yes")
+
+
+def test_cli_compile_flags():
+    from tldr_fast.cli.engine import _add_engine_arguments, _config
+
+    parser = argparse.ArgumentParser()
+    _add_engine_arguments(parser, "reconstruct")
+    for flags, expected in (([], False), (["--compile"], True), (["--no-compile"], False)):
+        assert _config(parser.parse_args(flags), ReconstructionConfig).compile is expected
+
+
+def test_cuda_graph_needs_cuda_parameters():
+    step, params = tiny_step()
+    with pytest.raises(ValueError, match="cuda_graph=True needs parameters on a CUDA device"):
+        CompiledStep(step, cuda_graph=True)(params, AdamState.zeros_like(params))
+
+
+def test_naive_reference_computes_the_engine_objective():
+    # The benchmark's speedups compare like with like: same nine terms, same values.
+    cfg = ReconstructionConfig(**{**TINY, "num_generators": 1, "dropout": 0.0})
+    template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
+    classifier = tiny_classifier()
+    labels = conditioning.balanced_labels(cfg.batch_size, 10)
+    problem = objective.Problem(template, classifier, cfg, labels[None])
+    noise = objective.draw_noise(problem)
+    _, report = objective.objective(params, buffers, noise, problem)
+    generator = objective.make_generator(cfg, 10, SHAPE)
+    generator.load_state_dict({k: v[0] for k, v in {**params, **buffers}.items()})
+    naive = naive_terms(generator, classifier, cfg, labels, noise["z"][0], noise["perturb"][0])
+    for term, value in naive.items():
+        torch.testing.assert_close(value, report[term][0], rtol=1e-4, atol=1e-5, msg=term)
+
+
+# -- CUDA (skipped without a GPU) ----------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+def test_cuda_graph_replay_equals_eager():
+    step, params = tiny_step("cuda")
+    eager = run_steps(step, params, 4)
+    compiled_step = CompiledStep(step)
+    compiled = run_steps(compiled_step, params, 4)  # compile, capture + replay, replay, replay
+    assert compiled_step._graph is not None
+    assert_same_trajectory(eager, compiled, lr=3e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+def test_replayed_step_makes_no_host_sync():
+    step, params = tiny_step("cuda")
+    compiled_step = CompiledStep(step)
+    state = AdamState.zeros_like(params)
+    for _ in range(2):  # compile, then capture
+        params, state, _ = compiled_step(params, state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            params, state, report = compiled_step(params, state)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(report["total"]).all()

@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("step suite")
     g.add_argument("--step-batches", type=int, nargs="+", default=None,
                    help="images per step (default: 256 on CPU, 1024 8192 65536 on CUDA; --quick: 64 / 1024)")
-    g.add_argument("--step-variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    g.add_argument("--step-variants", nargs="+", choices=VARIANTS, default=None,
+                   help="default: all three; with --quick on a CPU naive and fast-eager (a cold compile "
+                        "of the step takes minutes there)")
     g.add_argument("--step-max-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="double each variant's batch until out of memory (default: on CUDA without --quick)")
     g.add_argument("--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here")
@@ -151,12 +153,13 @@ def run(args) -> list[dict]:
     on_gpu = device.type == "cuda"
     batches = args.step_batches or (
         (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if on_gpu else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES))
+    variants = args.step_variants or (VARIANTS[:2] if args.quick and not on_gpu else VARIANTS)
     classifier = bench_classifier(device)
-    rows = [measure(v, b, classifier, device, args.quick) for b in batches for v in args.step_variants]
+    rows = [measure(v, b, classifier, device, args.quick) for b in batches for v in variants]
     add_speedups(rows)
     search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
     if search:
-        for variant in args.step_variants:
+        for variant in variants:
             fitting = [r["batch"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
             if fitting:
                 rows.append(largest_batch(variant, max(fitting), args.step_max_batch_limit, classifier, device))

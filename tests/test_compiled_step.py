@@ -138,15 +138,22 @@ def test_naive_reference_computes_the_engine_objective():
 # -- CUDA (skipped without a GPU) ----------------------------------------------------------------
 
 
+@pytest.fixture
+def full_precision_convs(monkeypatch):
+    # TF32 convolutions (the cuDNN default) may pick different algorithms eager and compiled.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @pytest.mark.cuda
 @pytest.mark.compile
-def test_cuda_graph_replay_equals_eager():
+def test_cuda_graph_replay_equals_eager(full_precision_convs):
     step, params = tiny_step("cuda")
     eager = run_steps(step, params, 4)
     compiled_step = CompiledStep(step)
     compiled = run_steps(compiled_step, params, 4)  # compile, capture + replay, replay, replay
     assert compiled_step._graph is not None
-    assert_same_trajectory(eager, compiled, lr=3e-3)
+    assert_same_trajectory(eager, compiled, lr=3e-3, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -12,13 +12,11 @@ doubles the batch from the timed size until ghost and vmap run out of memory.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from bench.common import is_oom, peak_memory_bytes, time_fn
+from bench.gate import cpu_seconds
 from tldr_fast.grad_norm import per_sample_grad_norm
 from tldr_fast.models import PaperCNN
 
@@ -66,24 +64,14 @@ def compiled_steps(model, x, y):
     return (lambda: base(x)), (lambda: ghost(x))
 
 
-def cpu_seconds(fn, repeats: int) -> float:
-    """Median process CPU time of fn() after one warm-up call (all threads of this process)."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        samples.append(time.process_time() - start)
-    return statistics.median(samples)
-
-
 def measure(name: str, step, baseline, batch: int, device, repeats: int) -> dict:
     base_t = time_fn(baseline, device=device, repeats=repeats)
     t = time_fn(step, device=device, repeats=repeats, max_seconds=60.0)
     row = {"backend": name, "batch": batch, "median_s": t.median_s, "baseline_s": base_t.median_s,
            "R": t.median_s / base_t.median_s, "repeats": t.repeats}
     if torch.device(device).type == "cpu":
-        base_cpu, cpu = cpu_seconds(baseline, repeats), cpu_seconds(step, min(repeats, t.repeats))
+        base_cpu = cpu_seconds(baseline, repeats=repeats)
+        cpu = cpu_seconds(step, repeats=min(repeats, t.repeats))
         row.update(cpu_s=cpu, baseline_cpu_s=base_cpu, cpu_R=cpu / base_cpu)
     base_mem, mem = peak_memory_bytes(baseline, device), peak_memory_bytes(step, device)
     row.update(peak_bytes=mem, baseline_peak_bytes=base_mem, mem_ratio=mem / max(base_mem, 1))

@@ -241,14 +241,16 @@ def _row_norms(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block_n = 64
     _row_norms_kernel[(triton.cdiv(n, block_n), nb)](
         feat, r, nrm2, n, d, *feat.stride(), EPS=EPS, BLOCK_N=block_n,
-        BLOCK_D=_next_pow2(d, hi=128))
+        BLOCK_D=_next_pow2(d, hi=64), num_warps=8)
     return r, nrm2
 
 
 def _gram(x: torch.Tensor, r: torch.Tensor, scale_k: bool, scale_m: bool, write_s: bool):
     """Sum over k of x[b, k, :]^T x[b, k, :] (optionally row-scaled), fp32, split along k."""
     nb, k, m = x.shape
-    block_m = _next_pow2(m, hi=128)
+    # Tile sizes checked for sm_90 by compiling ahead of time: 64 x 64 tiles with 8 warps keep the
+    # tf32x3 products free of register spills (128 x 128 spilled).
+    block_m = _next_pow2(m, hi=128 if INTERPRETED else 64)
     block_k = 128 if INTERPRETED else 32
     n_tiles = triton.cdiv(m, block_m)
     live_tiles = n_tiles * (n_tiles + 1) // 2
@@ -261,7 +263,7 @@ def _gram(x: torch.Tensor, r: torch.Tensor, scale_k: bool, scale_m: bool, write_
         x, r, part, s_part, k, m, k_per_prog, *x.stride(),
         SCALE_K=scale_k, SCALE_M=scale_m, WRITE_S=write_s, DOT_BF16=_bf16_dot(x),
         PRECISION=DOT_PRECISION, BLOCK_K=block_k, BLOCK_M=block_m,
-        num_warps=8 if block_m == 128 else 4)
+        num_warps=8)
     return part.sum(1), (s_part.sum(1) if write_s else None)
 
 
@@ -296,11 +298,14 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
     k = a.shape[-1]
     out = torch.empty(feat.shape, device=feat.device, dtype=feat.dtype)
     # The interpreter pays per operation, not per element: there, few big tiles are fastest.
-    # Every program streams the K x D matrix B (from L2, N / block_n times), so row blocks are tall;
-    # D <= 256 fits one column tile (no scratch sweep) with a shorter block to bound registers.
+    # Every program streams the K x D matrix B (from L2, N / block_n times), so row blocks should be
+    # tall, but registers bound them: D <= 256 is one column tile (no scratch sweep) of 32 rows;
+    # wider D takes 128-column tiles of 16 rows (the sizes that compile for sm_90 without spills).
     block_d = _next_pow2(d, hi=256)
-    block_n, block_k = (128, 128) if INTERPRETED else (32 if block_d == 256 else 64, 32)
     single = d <= block_d
+    if not single:
+        block_d = 128
+    block_n, block_k = (128, 128) if INTERPRETED else (32 if single else 16, 32)
     scratch = out if single or feat.dtype == torch.float32 else torch.empty(
         nb, n, d, device=feat.device, dtype=torch.float32)
     _grad_kernel[(triton.cdiv(n, block_n), nb)](
@@ -308,7 +313,7 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
         *a.stride(), *bmat.stride(), *feat.stride(),
         EPS=EPS, ALPHA_R=alpha_r, PROJECT_U=normalized, DOT_BF16=_bf16_dot(feat),
         PRECISION=DOT_PRECISION, SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_D=block_d, num_warps=8)
+        BLOCK_D=block_d, num_warps=8 if single else 4)
     return out
 
 

@@ -119,9 +119,10 @@ def test_omniglot_split_is_disjoint_by_alphabet_and_drawing(shared_data):
         assert len(a & b) <= 0.01 * min(len(a), len(b))
 
 
+@pytest.mark.slow
 def test_attack_on_nonprivate_target_beats_mean_image_baseline():
     torch.manual_seed(0)
-    data = split.split_data("mnist-bundled", n_target=1000, n_aux=1500, n_test=200, seed=0)
+    data = split.split_data("mnist-bundled", n_target=800, n_aux=1200, n_test=200, seed=0)
     target = split.MnistSplitNet()
     train_dp(target, data.target_images, data.target_labels,
              DPTrainingConfig(noise_multiplier=None, epochs=2, batch_size=64, lr=2e-3), progress=False)

@@ -75,6 +75,32 @@ def _fwd_bwd(fn, x):
     return run
 
 
+def _graphed(run):
+    """run() captured once as a CUDA graph (after a warm-up on a side stream); returns the replay.
+
+    Shows the kernels without launch overhead, as the engine's graph-replayed step runs them, and
+    checks that they can be captured at all (no host synchronisation inside)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def _graph_runs(device: str, runs):
+    """((variant, pass), run) pairs, plus a "triton_graph" variant of each Triton run on CUDA,
+    whose run is a factory that captures the graph (see _measure)."""
+    for (name, pass_name), run in runs:
+        yield (name, pass_name), run
+        if device == "cuda" and name == "triton":
+            yield (name + "_graph", pass_name), lambda run=run: _graphed(run)
+
+
 def measure_copy_bandwidth(device: str) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     numel = (1 << 28) if device == "cuda" else (1 << 24)
@@ -100,6 +126,12 @@ def measure_matmul_rate(device: str) -> float:
 def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops: int, rates,
              once: bool = False) -> dict:
     """Time and peak memory of run(); once=True (seconds-long CPU runs) times a single call."""
+    if row["variant"].endswith("_graph"):
+        try:
+            run = run()  # the factory captures the graph
+        except Exception as err:  # a failed capture is a result: something in the op syncs the host
+            row["skipped"] = f"CUDA graph capture failed: {type(err).__name__}: {str(err)[:120]}"
+            return row
     try:
         if once:  # one profiled call gives both numbers (profiler overhead is small next to seconds)
             start = time.perf_counter()
@@ -116,6 +148,8 @@ def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops
             raise
         row["skipped"] = "out of memory"
         return row
+    if row["variant"].endswith("_graph"):  # replays allocate nothing: memory lives in the graph pool
+        row["peak_mem_mb"] = None
     if device == "cpu" and "compiled" in row["variant"]:
         # torch.profiler does not see inductor's CPU buffers: the number would read as ~0.
         row["peak_mem_mb"] = None
@@ -147,26 +181,27 @@ def diversity_rows(args, rates) -> list[dict]:
             feat = (torch.randn(n, d, device=device).abs() + 0.1).to(dtype)
             feat_bytes = feat.numel() * feat.element_size()
             inner = min(n, d)
-            for name, fn in variants.items():
-                for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd)):
-                    row = {"loss": "diversity", "variant": name, "pass": pass_name, "N": n, "D": d,
-                           "dtype": args.kernels_dtype, "feature_mb": feat_bytes / 2**20}
-                    naive_bytes = (1 if pass_name == "fwd" else 3) * n * n * 4
-                    if name == "naive" and naive_bytes > NAIVE_BYTES_LIMIT[device]:
-                        row["skipped"] = f"N x N matrices need {naive_bytes / 2**30:.0f} GiB"
-                        rows.append(row)
-                        continue
-                    # On CPU the naive backward at large N takes minutes: quick mode leaves it out.
-                    if quick and device == "cpu" and name == "naive" and pass_name == "fwd_bwd" and n > 4096:
-                        row["skipped"] = "quick mode"
-                        rows.append(row)
-                        continue
-                    traffic = feat_bytes * (1 if pass_name == "fwd" else 3)
-                    flops = 2 * n * d * inner * (1 if pass_name == "fwd" else 2)
-                    once = device == "cpu" and name == "naive" and n > 4096
-                    rows.append(_measure(row, make(fn, feat), device, quick, traffic, flops, rates, once))
-                    if row.get("peak_mem_mb") is not None:
-                        row["peak_mem_x_features"] = row["peak_mem_mb"] / row["feature_mb"]
+            runs = [((name, pass_name), make(fn, feat)) for name, fn in variants.items()
+                    for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))]
+            for (name, pass_name), run in _graph_runs(device, runs):
+                row = {"loss": "diversity", "variant": name, "pass": pass_name, "N": n, "D": d,
+                       "dtype": args.kernels_dtype, "feature_mb": feat_bytes / 2**20}
+                naive_bytes = (1 if pass_name == "fwd" else 3) * n * n * 4
+                if name == "naive" and naive_bytes > NAIVE_BYTES_LIMIT[device]:
+                    row["skipped"] = f"N x N matrices need {naive_bytes / 2**30:.0f} GiB"
+                    rows.append(row)
+                    continue
+                # On CPU the naive backward at large N takes minutes: quick mode leaves it out.
+                if quick and device == "cpu" and name == "naive" and pass_name == "fwd_bwd" and n > 4096:
+                    row["skipped"] = "quick mode"
+                    rows.append(row)
+                    continue
+                traffic = feat_bytes * (1 if pass_name == "fwd" else 3)
+                flops = 2 * n * d * inner * (1 if pass_name == "fwd" else 2)
+                once = device == "cpu" and name == "naive" and n > 4096
+                rows.append(_measure(row, run, device, quick, traffic, flops, rates, once))
+                if row.get("peak_mem_mb") is not None:
+                    row["peak_mem_x_features"] = row["peak_mem_mb"] / row["feature_mb"]
     return rows
 
 
@@ -194,16 +229,16 @@ def tv_rows(args, rates) -> list[dict]:
                 continue
             x = (torch.rand(b, *chw, device=device) * 1.4 - 0.2).to(dtype)
             x_bytes = x.numel() * x.element_size()
-            passes = [(name, fn, p, make) for name, fn in variants.items()
-                      for p, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))]
+            runs = [((name, pass_name), make(fn, x)) for name, fn in variants.items()
+                    for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))]
             if device == "cuda":
-                passes.append(("triton", None, "fused", lambda _fn, x: _tv_fused(x)))
-            for name, fn, pass_name, make in passes:
+                runs.append((("triton", "fused"), _tv_fused(x)))
+            for (name, pass_name), run in _graph_runs(device, runs):
                 row = {"loss": "tv_pixel", "variant": name, "pass": pass_name, "N": b, "image": image,
                        "dtype": args.kernels_dtype, "feature_mb": x_bytes / 2**20}
                 # fwd reads x; fwd_bwd reads x twice and writes dL/dx; fused reads once, writes once.
                 traffic = x_bytes * {"fwd": 1, "fwd_bwd": 3, "fused": 2}[pass_name]
-                rows.append(_measure(row, make(fn, x), device, args.quick, traffic, 0, rates))
+                rows.append(_measure(row, run, device, args.quick, traffic, 0, rates))
     return rows
 
 
@@ -229,7 +264,7 @@ def speedups(rows: list[dict]) -> list[dict]:
              for r in rows if "median_s" in r}
     out = []
     for (loss, variant, pass_name, n, d, image), row in timed.items():
-        if variant not in ("identity", "triton", "triton_compiled"):
+        if variant not in ("identity", "triton", "triton_compiled", "triton_graph"):
             continue
         ratio = {"loss": loss, "variant": f"speedup:{variant}", "pass": pass_name, "N": n, "D": d,
                  "image": image}

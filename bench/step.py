@@ -86,8 +86,12 @@ def make_runner(variant: str, batch: int, classifier, device):
     return run
 
 
-def measure(variant: str, batch: int, classifier, device, quick: bool) -> dict:
-    """One row: median step time and images/s, or status 'oom'."""
+def measure(variant: str, batch: int, classifier, device, quick: bool, searching: bool = False) -> dict:
+    """One row: median step time and images/s, or status 'oom'.
+
+    searching: while looking for the largest batch, any failure counts as not fitting (status
+    'error: ...'): an allocation failing inside CUDA graph capture surfaces as a capture error.
+    """
     row = {"variant": variant, "device": str(device), "batch": batch}
     runner = None
     try:
@@ -98,9 +102,9 @@ def measure(variant: str, batch: int, classifier, device, quick: bool) -> dict:
         timing = time_fn(runner, device=device, warmup=1, repeats=3 if quick else 5,
                          max_seconds=10 if quick else 60)
     except Exception as err:
-        if not is_oom(err):
+        if not (is_oom(err) or searching):
             raise
-        row["status"] = "oom"
+        row["status"] = "oom" if is_oom(err) else f"error: {str(err).splitlines()[0][:200]}"
         return row
     finally:
         del runner
@@ -122,7 +126,7 @@ def add_speedups(rows: list[dict]) -> None:
 def largest_batch(variant: str, start: int, limit: int, classifier, device) -> dict:
     """Double the batch from `start` (which fits) until out of memory or past `limit`."""
     fits, batch = start, 2 * start
-    while batch <= limit and measure(variant, batch, classifier, device, quick=True)["status"] == "ok":
+    while batch <= limit and measure(variant, batch, classifier, device, quick=True, searching=True)["status"] == "ok":
         fits, batch = batch, 2 * batch
     return {"variant": variant, "device": str(device), "batch": fits, "status": "largest",
             "limit_reached": batch > limit}

@@ -92,7 +92,8 @@ def _normalize(feat: torch.Tensor) -> torch.Tensor:
 def _cosine_from_normalized(fn: torch.Tensor) -> torch.Tensor:
     # sum_{i != j} f^_i . f^_j = ||sum_i f^_i||^2 - sum_i ||f^_i||^2: O(N D), no N x N matrix.
     n = fn.shape[0]
-    pair_sum = fn.sum(0).square().sum() - fn.square().sum()
+    # vector_norm reduces in place: no N x D temporary of squares (peak memory <= 2x the features).
+    pair_sum = fn.sum(0).square().sum() - torch.linalg.vector_norm(fn).square()
     return pair_sum / (n * (n - 1))
 
 
@@ -101,7 +102,7 @@ def _ortho_from_rows(f: torch.Tensor) -> torch.Tensor:
     # when D < N; when N <= D the N x N route is cheaper and has no cancellation (D >> N).
     n, d = f.shape
     if d < n:
-        sq = (f.T @ f).square().sum() - 2 * f.square().sum() + n
+        sq = (f.T @ f).square().sum() - 2 * torch.linalg.vector_norm(f).square() + n
     else:
         eye = torch.eye(n, dtype=f.dtype, device=f.device)
         sq = (f @ f.T - eye).square().sum()

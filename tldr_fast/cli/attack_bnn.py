@@ -85,6 +85,7 @@ def run(args) -> int:
             rows = [list(cells[i : i + 10]) for i in range(0, len(cells), 10)]
             grid = tile(rows, scale=4)
             serialization.atomic_write(out / f"samples_label{label}.png", lambda tmp, g=grid: g.save(tmp, format="PNG"))
+        serialization.write_json_atomic(out / "bnn.json", report)  # a run stopped later keeps the labels done
     found = sum(e["samples"] for e in report["labels"])
     seconds = sum(e["seconds"] for e in report["labels"])
     report["total"] = {"samples": found, "seconds": seconds, "samples_per_second": found / seconds if seconds else None,

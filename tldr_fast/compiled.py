@@ -28,6 +28,10 @@ import torch
 
 # Eager random ops inside the compiled graph: the same draws from the same RNG as the eager step.
 INDUCTOR_OPTIONS = {"fallback_random": True}
+# Every problem shape (batch, image size, config constants) is a new specialisation of the same
+# step code; past Dynamo's default limit of 8 per process a fullgraph compile fails
+# (FailOnRecompileLimitHit), and benchmarks sweep batch sizes, tools call train() many times.
+RECOMPILE_LIMIT = 64
 
 
 class CompiledStep:
@@ -35,11 +39,15 @@ class CompiledStep:
 
     `compile_seconds` is None before the first call, then the wall time of that call (tracing,
     code generation, one step) plus, on CUDA, of the graph capture in the second call.
+    cuda_graph: None captures on CUDA only. backend: torch.compile's ("aot_eager" traces the same
+    single graph without generating code: the quick check that nothing breaks it).
+    The parameters and state returned on CUDA are the graph's static buffers, overwritten by the
+    next call: clone them to keep a step's values.
     """
 
-    def __init__(self, step, cuda_graph: bool | None = None):
-        self._step = step
-        self._compiled = torch.compile(step, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
+    def __init__(self, step, cuda_graph: bool | None = None, backend: str = "inductor"):
+        options = INDUCTOR_OPTIONS if backend == "inductor" else None
+        self._compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, options=options)
         self._cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[dict, object, dict] | None = None  # params, AdamState, report
@@ -53,7 +61,7 @@ class CompiledStep:
         if self.compile_seconds is None:
             return self._first_call(params, state, device, use_graph)
         if not use_graph:
-            return self._compiled(params, state)
+            return self._run_compiled(params, state)
         if self._graph is None:
             return self._capture(params, state, device)
         return self._replay(params, state)
@@ -67,13 +75,17 @@ class CompiledStep:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                out = self._compiled(params, state)
+                out = self._run_compiled(params, state)
             torch.cuda.current_stream(device).wait_stream(side)
         else:
-            out = self._compiled(params, state)
+            out = self._run_compiled(params, state)
         _synchronize(device)
         self.compile_seconds = time.perf_counter() - start
         return out
+
+    def _run_compiled(self, params, state):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self._compiled(params, state)
 
     def _capture(self, params, state, device):
         start = time.perf_counter()
@@ -81,7 +93,7 @@ class CompiledStep:
         static_state = _clone_state(state)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            new_params, new_state, report = self._compiled(static_params, static_state)
+            new_params, new_state, report = self._run_compiled(static_params, static_state)
             _copy_into(static_params, static_state, new_params, new_state)
         self._graph, self._static = graph, (static_params, static_state, report)
         _synchronize(device)

@@ -260,3 +260,23 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
 
     assert main(["attack", "bnn", "--out", str(tmp_path), "--samples", "0"]) == 2
     assert "--samples must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_garbage_class_experiment_reports_confidence_before_and_after():
+    from tldr_fast.attacks.bnn_ood import garbage_class_experiment
+
+    model = random_bnn(3, (6,), 3, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(60, 1, 3, 3, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    test = (torch.rand(20, 1, 3, 3, generator=gen), torch.randint(0, 3, (20,), generator=gen))
+    garbage = random_pixels(10, 9, 0)
+    report = garbage_class_experiment(model, images, labels, test, garbage, {"noise": torch.rand(15, 1, 3, 3)},
+                                      epochs=1, batch_size=16)
+    assert report["garbage_samples"] == 10
+    for name in ("original", "with_garbage_class"):
+        for key in ("in_distribution_test", "noise"):
+            assert 0 <= report[name][key]["mean_top_real_confidence"] <= 1
+            assert 0 <= report[name][key]["share_to_garbage"] <= 1
+    assert report["original"]["noise"]["share_to_garbage"] == 0.0
+    with pytest.raises(ValueError, match="garbage_pixels is empty"):
+        garbage_class_experiment(model, images, labels, test, garbage[:0], {})

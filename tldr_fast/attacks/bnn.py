@@ -95,7 +95,8 @@ def invert(
     """Up to num_samples distinct inputs (pixels in {-1, +1}) that `model` classifies as `label`.
 
     min_on / max_on bound the number of +1 pixels. time_limit (seconds) bounds the whole call; on
-    expiry the samples found so far are returned with status "timeout". Pass `formula` (from
+    expiry the samples found so far are returned with status "timeout" (CMSGen's own limit counts CPU
+    seconds, so on a busy machine its wall time can run over). Pass `formula` (from
     `encode(model)`) to reuse one encoding across labels.
     """
     formula = encode(model) if formula is None else formula

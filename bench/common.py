@@ -59,6 +59,18 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: in
     return Timing(statistics.median(times), min(times), len(times))
 
 
+def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:
+    """Median CPU time of fn() in this process (one thread: CPU time = compute time)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device="cpu") -> int:
     """Peak extra memory of one call: CUDA allocator peak on GPU, tracemalloc-free RSS estimate on CPU.
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import environment, write_json
+from bench.common import cpu_seconds, environment, write_json
 from bench.naive_step import naive_diversity, naive_grad_norms
 from bench.step import IMAGE_SHAPE, NUM_CLASSES, bench_classifier, make_runner
 from tldr_fast import losses
@@ -36,18 +35,6 @@ BASELINE = Path(__file__).with_name("baseline.json")
 STEP_BATCH = 64
 GRAD_NORM_BATCH = 64
 DIVERSITY_SHAPE = (4096, 256)
-
-
-def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:
-    """Median CPU time of fn() in this process (one thread: CPU time = compute time)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def _with_input_grad(loss_fn, x):

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import is_oom, peak_memory_bytes, time_fn
-from bench.gate import cpu_seconds
+from bench.common import cpu_seconds, is_oom, peak_memory_bytes, time_fn
 from tldr_fast.grad_norm import per_sample_grad_norm
 from tldr_fast.models import PaperCNN
 

@@ -65,7 +65,7 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     report = TrainReport(train_accuracy=0.0, test_accuracy=None)
     start = time.perf_counter()
-    bar = _progress(range(epochs), progress, desc=f"train {type(model).__name__}")
+    bar = progress_bar(range(epochs), progress, desc=f"train {type(model).__name__}")
     for _ in bar:
         model.train()
         total, count = torch.zeros((), device=device), 0
@@ -111,7 +111,7 @@ def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def _progress(iterable, enabled: bool, **kwargs):
+def progress_bar(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm

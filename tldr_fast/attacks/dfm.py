@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tldr_fast.attacks.pgd import check_epsilon, evaluating, l2_pgd, pgd_attack, robust_accuracy
-from tldr_fast.training import _progress
+from tldr_fast.training import progress_bar
 from tldr_fast.validation import check_finite, check_images, check_labels, check_positive_int
 
 TOP_MEAN, TOP_STD = 20.0, 2.0
@@ -149,7 +149,7 @@ def extract(
     targets, _ = virtual_logits(config.num_images, num_classes, generator=gen)
     images, logits = [], []
     with evaluating(model):
-        for start in _progress(range(0, config.num_images, config.batch_size), progress, desc="extract"):
+        for start in progress_bar(range(0, config.num_images, config.batch_size), progress, desc="extract"):
             x0 = backgrounds[picks[start : start + config.batch_size]]
             t = targets[start : start + config.batch_size].to(x0.device)
             x = l2_pgd(
@@ -181,7 +181,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    for _ in _progress(range(config.epochs), progress, desc=desc):
+    for _ in progress_bar(range(config.epochs), progress, desc=desc):
         order = torch.randperm(inputs.shape[0], generator=gen)
         for start in range(0, inputs.shape[0], config.batch_size):
             idx = order[start : start + config.batch_size]

@@ -27,16 +27,24 @@ class Normalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _default_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return (0.5,) * in_channels, (0.5,) * in_channels
-
-
 class ImageClassifier(nn.Module):
-    """Base class: records the input shape, validates inputs, splits features from the head."""
+    """Base class: input shape, validation, normalisation inside, features split from the head.
+
+    A subclass builds `self.body` (normalised images -> penultimate features) and
+    `self.classifier` (features -> logits), and lists its own constructor arguments in
+    `extra_config()`.
+    """
 
     arch: str = ""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int]):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int | tuple[int, int],
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ):
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -45,20 +53,35 @@ class ImageClassifier(nn.Module):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.image_size = _pair(image_size)
+        self.mean = tuple(float(m) for m in (mean or (0.5,) * in_channels))
+        self.std = tuple(float(s) for s in (std or (0.5,) * in_channels))
+        self.normalize = Normalize(self.mean, self.std)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, *self.image_size)
 
+    def extra_config(self) -> dict:
+        """The subclass's own constructor arguments."""
+        return {}
+
     def config(self) -> dict:
         """Constructor arguments, enough to rebuild the module from a model file."""
-        raise NotImplementedError
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "image_size": list(self.image_size),
+            **self.extra_config(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        self._check_input(x)
+        return self.body(self.normalize(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.classifier(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -102,13 +125,9 @@ class PaperCNN(ImageClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
     ):
-        super().__init__(in_channels, num_classes, image_size)
-        d_mean, d_std = _default_stats(in_channels)
-        self.mean = tuple(float(m) for m in (mean or d_mean))
-        self.std = tuple(float(s) for s in (std or d_std))
+        super().__init__(in_channels, num_classes, image_size, mean, std)
         self.channels = tuple(int(c) for c in channels)
         self.hidden = int(hidden)
-        self.normalize = Normalize(self.mean, self.std)
         blocks = []
         c_in, (h, w) = in_channels, self.image_size
         for c_out in self.channels:
@@ -129,23 +148,11 @@ class PaperCNN(ImageClassifier):
         )
         self.classifier = nn.Linear(self.hidden, num_classes)
 
-    def config(self) -> dict:
-        return {
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "image_size": list(self.image_size),
-            "channels": list(self.channels),
-            "hidden": self.hidden,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+    def extra_config(self) -> dict:
+        return {"channels": list(self.channels), "hidden": self.hidden}
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self.fc(self.conv(self.normalize(x)))
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x))
 
 
 class MLP(ImageClassifier):
@@ -163,13 +170,9 @@ class MLP(ImageClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
     ):
-        super().__init__(in_channels, num_classes, image_size)
-        d_mean, d_std = _default_stats(in_channels)
-        self.mean = tuple(float(m) for m in (mean or d_mean))
-        self.std = tuple(float(s) for s in (std or d_std))
+        super().__init__(in_channels, num_classes, image_size, mean, std)
         self.hidden = tuple(int(h) for h in hidden)
         self.dropout = float(dropout)
-        self.normalize = Normalize(self.mean, self.std)
         layers: list[nn.Module] = [nn.Flatten()]
         d_in = in_channels * math.prod(self.image_size)
         for d_out in self.hidden:
@@ -178,20 +181,5 @@ class MLP(ImageClassifier):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(d_in, num_classes)
 
-    def config(self) -> dict:
-        return {
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "image_size": list(self.image_size),
-            "hidden": list(self.hidden),
-            "dropout": self.dropout,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self.body(self.normalize(x))
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
+    def extra_config(self) -> dict:
+        return {"hidden": list(self.hidden), "dropout": self.dropout}

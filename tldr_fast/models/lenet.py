@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tldr_fast.models.classifiers import ImageClassifier, Normalize
+from tldr_fast.models.classifiers import ImageClassifier
 
 
 class LeNet(ImageClassifier):
@@ -26,13 +26,10 @@ class LeNet(ImageClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
     ):
-        super().__init__(in_channels, num_classes, image_size)
+        super().__init__(in_channels, num_classes, image_size, mean, std)
         h, w = self.image_size
         if min(h, w) < 12:
             raise ValueError(f"LeNet needs images of at least 12 x 12, got image_size {(h, w)}")
-        self.mean = tuple(float(m) for m in (mean or (0.5,) * in_channels))
-        self.std = tuple(float(s) for s in (std or (0.5,) * in_channels))
-        self.normalize = Normalize(self.mean, self.std)
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2),
             nn.ReLU(),
@@ -51,18 +48,5 @@ class LeNet(ImageClassifier):
         )
         self.classifier = nn.Linear(84, num_classes)
 
-    def config(self) -> dict:
-        return {
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "image_size": list(self.image_size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self.fc(self.conv(self.normalize(x)))
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x))

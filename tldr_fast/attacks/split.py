@@ -268,7 +268,8 @@ def split_data(dataset: str = "mnist", n_target: int | None = None, n_aux: int |
     the first half, the attacker's auxiliary images come from the second; test inputs come from the
     test split. omniglot: the target classifies the alphabet of background_small2 characters,
     training on the first 14 drawings of every character; the test inputs are the other 6
-    drawings; the attacker uses background_small1 (five other alphabets).
+    drawings; the attacker uses the alphabets of background_small1 that background_small2 lacks
+    (the two sets share Greek and Latin, which the attacker therefore does not get).
     """
     from tldr_fast import datasets
 
@@ -286,8 +287,13 @@ def split_data(dataset: str = "mnist", n_target: int | None = None, n_aux: int |
                          f"{len(a_idx)} of the other half, {len(test_idx)} test-split inputs")
     if dataset == "omniglot":
         target = datasets.load_dataset("omniglot", split="background_small2", root=root)
-        aux_images, _ = datasets.load("omniglot", split="background_small1", root=root)
         alphabets = sorted({name.split("/")[0] for name in target.class_names})
+        # The two small sets share Greek and Latin (1,000 identical files): the attacker keeps
+        # only the alphabets the target never saw.
+        aux = datasets.load_dataset("omniglot", split="background_small1", root=root)
+        aux_classes = [i for i, name in enumerate(aux.class_names) if name.split("/")[0] not in alphabets]
+        aux_images = aux.images[torch.isin(aux.labels, torch.tensor(aux_classes))]
+        aux_alphabets = sorted({aux.class_names[i].split("/")[0] for i in aux_classes})
         alphabet_of = torch.tensor([alphabets.index(name.split("/")[0]) for name in target.class_names])
         drawing = torch.zeros_like(target.labels)
         for c in range(target.num_classes):
@@ -303,7 +309,8 @@ def split_data(dataset: str = "mnist", n_target: int | None = None, n_aux: int |
                          len(alphabets),
                          f"omniglot: target classifies the {len(alphabets)} alphabets of background_small2 "
                          f"({', '.join(alphabets)}) from {len(t_idx)} images (drawings 1-14), test on {len(test_idx)} "
-                         f"drawings 15-20, attacker on {len(a_idx)} images of background_small1")
+                         f"drawings 15-20, attacker on {len(a_idx)} images of background_small1's other alphabets "
+                         f"({', '.join(aux_alphabets)})")
     raise ValueError(f"dataset must be 'mnist', 'mnist-bundled' or 'omniglot', got {dataset!r}")
 
 

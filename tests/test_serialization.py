@@ -119,3 +119,17 @@ def test_save_refuses_unknown_objects(tmp_path):
         tf.save(tmp_path / "x.safetensors", object())
     with pytest.raises(TypeError, match="arch"):
         tf.save(tmp_path / "x.safetensors", torch.nn.Linear(2, 2))
+
+
+def test_attack_architectures_load_in_a_fresh_process(tmp_path):
+    """Model files of the attacks' classifiers load without the caller importing their modules."""
+    import subprocess
+    import sys
+
+    from tldr_fast.attacks.dp import PaperCNNGroupNorm
+
+    path = tf.save(tmp_path / "dp.safetensors", PaperCNNGroupNorm(1, 10, 28).eval())
+    code = f"import tldr_fast as tf; print(type(tf.load({str(path)!r})).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "PaperCNNGroupNorm"

@@ -44,9 +44,17 @@ def architectures() -> dict[str, type[nn.Module]]:
     return dict(_ARCHITECTURES)
 
 
+# Modules whose classifiers are registered with @register_architecture when imported.
+_ARCHITECTURE_MODULES = ("tldr_fast.attacks.bnn_model", "tldr_fast.attacks.dp", "tldr_fast.attacks.split")
+
+
 def _register_builtin() -> None:
+    import importlib
+
     from tldr_fast import models
 
+    for module in _ARCHITECTURE_MODULES:
+        importlib.import_module(module)
     for name in models.__all__:
         cls = getattr(models, name)
         if isinstance(cls, type) and issubclass(cls, nn.Module) and getattr(cls, "arch", ""):

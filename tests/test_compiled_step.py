@@ -56,7 +56,8 @@ def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
             torch.testing.assert_close(b[term], a[term], rtol=rtol, atol=atol, msg=term)
     for name in s0.m:
         torch.testing.assert_close(s1.m[name], s0.m[name], rtol=rtol, atol=atol)
-        torch.testing.assert_close(s1.v[name], s0.v[name], rtol=rtol, atol=atol**2)
+        # v is a mean of squared gradients: a relative error r in g is 2r in v.
+        torch.testing.assert_close(s1.v[name], s0.v[name], rtol=2 * rtol, atol=atol**2)
     for name in p0:
         # Adam's update m/sqrt(v) is ill-conditioned where the gradient is ~0 (e.g. dropped units):
         # there float noise may flip it by up to one lr per step; elsewhere it must agree.

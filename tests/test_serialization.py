@@ -133,3 +133,12 @@ def test_attack_architectures_load_in_a_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "PaperCNNGroupNorm"
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = tf.save(tmp_path / "m.safetensors", _model())
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644

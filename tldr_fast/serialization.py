@@ -70,6 +70,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        # mkstemp creates 0600; give the file the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -190,6 +194,8 @@ def _load_directory(path: Path):
         raise FileNotFoundError(f"{path} is a directory but has no config.json; not a tldr-fast run directory")
     header = json.loads(header_file.read_text())
     fmt = header.get("format", "tldr-fast/run")
+    if fmt not in _FORMAT_LOADERS:
+        import tldr_fast.api  # noqa: F401  (registers the run-directory format)
     if fmt not in _FORMAT_LOADERS:
         raise ValueError(f"{path}: no loader registered for run format {fmt!r}")
     return _FORMAT_LOADERS[fmt](path)

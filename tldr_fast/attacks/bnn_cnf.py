@@ -129,14 +129,24 @@ def _literals(input_vars: list[int], weights: np.ndarray) -> list[int]:
     return [v if w > 0 else -v for v, w in zip(input_vars, weights.tolist())]
 
 
+def _constant_literal(lo: int, hi: int, n: int, true_lit: int) -> int | None:
+    """The literal of a neuron whose firing set [lo, hi] of agreement counts is empty or all of [0, n]."""
+    if lo > hi:
+        return -true_lit
+    if lo == 0 and hi == n:
+        return true_lit
+    return None
+
+
 def _encode_hidden_cardenc(layer: HiddenLayer, inputs: list[int], top: int, size: LayerSize, true_lit: int):
     """Each neuron a fresh variable h with h -> (c in [lo, hi]) and ~h -> (c not in [lo, hi]), half-reified CardEnc."""
     clauses: list[list[int]] = []
     outputs = []
     n = len(inputs)
     for weights, lo, hi in zip(layer.weights, layer.lo.tolist(), layer.hi.tolist()):
-        if lo > hi or (lo == 0 and hi == n):  # constant neuron
-            outputs.append(true_lit if lo <= hi else -true_lit)
+        constant = _constant_literal(lo, hi, n, true_lit)
+        if constant is not None:
+            outputs.append(constant)
             continue
         top += 1
         h = top
@@ -160,8 +170,9 @@ def _encode_hidden_totalizer(layer: HiddenLayer, inputs: list[int], top: int, si
     outputs = []
     n = len(inputs)
     for weights, lo, hi in zip(layer.weights, layer.lo.tolist(), layer.hi.tolist()):
-        if lo > hi or (lo == 0 and hi == n):  # constant neuron
-            outputs.append(true_lit if lo <= hi else -true_lit)
+        constant = _constant_literal(lo, hi, n, true_lit)
+        if constant is not None:
+            outputs.append(constant)
             continue
         t = lo if hi == n else hi + 1
         part, ge, top = _counter(_literals(inputs, weights), top, t, t)

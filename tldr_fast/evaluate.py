@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tldr_fast.ssim import ssim_matrix
+from tldr_fast.training import predict_logits
 from tldr_fast.validation import check_images, check_labels, check_positive_int, check_unit_range
 
 THRESHOLD = 0.4
@@ -121,10 +122,10 @@ def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=No
     out["within_class_diversity"] = float(np.mean(list(per_class.values()))) if per_class else None
     out["per_class_diversity"] = per_class
     if evaluator is not None:
-        logits = _logits(evaluator, recon)
+        logits = predict_logits(evaluator, recon)  # on the model's own device; device= is for SSIM
         out["evaluator_accuracy"] = float((logits.argmax(1) == recon_labels).double().mean())
     if target is not None:
-        logits = _logits(target, recon)
+        logits = predict_logits(target, recon)
         probs = torch.softmax(logits.double(), dim=1)
         out["target_mean_confidence"] = float(probs.gather(1, recon_labels.view(-1, 1)).mean())
         out["target_accuracy"] = float((logits.argmax(1) == recon_labels).double().mean())
@@ -304,13 +305,6 @@ def _check_inputs(recon, recon_labels, ref, ref_labels, num_classes, ref_name: s
                 f"present in {ref_name} needs reconstructions (drop the class from {ref_name} otherwise)"
             )
     return [c for c in range(k) if n_recon[c]]
-
-
-def _logits(model, images: torch.Tensor) -> torch.Tensor:
-    """Logits on the CPU, computed on the model's own device (device= applies to the SSIM work only)."""
-    from tldr_fast.training import predict_logits
-
-    return predict_logits(model, images)
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -183,6 +183,15 @@ def test_train_dp_rejects_batch_larger_than_dataset():
         dp.train_dp(TwoLayer(), x, y, dp.DPTrainingConfig(batch_size=9), progress=False)
 
 
+def test_train_dp_retrains_a_model_it_left_in_eval_mode():
+    x, y = torch.rand(16, 1, 4, 5), torch.randint(0, 3, (16,))
+    model = TwoLayer()
+    dp.train_dp(model, x, y, dp.DPTrainingConfig(noise_multiplier=None, epochs=1, batch_size=8), progress=False)
+    assert not model.training
+    result = dp.train_dp(model, x, y, dp.DPTrainingConfig(noise_multiplier=1.0, epochs=1, batch_size=8), progress=False)
+    assert result.privacy is not None and not model.training
+
+
 def test_papercnn_groupnorm_trains_privately_and_round_trips(tmp_path):
     from tldr_fast import serialization
 

@@ -146,22 +146,31 @@ def test_cli_attack_split_writes_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     code = main([
         "attack", "split", "--dataset", "mnist-bundled", "--noise", "1.0", "--n-target", "256", "--n-aux", "256",
-        "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--decoder-epochs", "1", "--decoder-width", "8",
-        "--out", str(out), "--no-progress",
+        "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--decoder-epochs", "2", "--decoder-width", "8",
+        "--decoder-batch-size", "64", "--untrained", "--seed", "3", "--out", str(out), "--no-progress",
     ])
     assert code == 0
     summary = json.loads((out / "results.json").read_text())
     rows = summary["rows"]
-    assert [r["noise_multiplier"] for r in rows] == [None, 1.0]
+    assert [r["noise_multiplier"] for r in rows] == [None, 1.0, "inf"]
     assert rows[0]["epsilon_classic"] == "inf" and 0 < rows[1]["epsilon_classic"] < 1e3
     assert rows[1]["epsilon_prv"] <= rows[1]["epsilon_classic"]
+    assert rows[2]["epsilon_classic"] == rows[2]["epsilon_prv"] == 0 and rows[2]["history"] == []
     for row in rows:
         assert (out / row["picture"]).is_file()
         assert 0 <= row["attack"]["ssim"] <= 1 and row["attack"]["mse"] >= 0
+        assert len(row["decoder_history"]) == 2 and summary["config"]["decoder_batch_size"] == 64
     from tldr_fast import serialization
 
     assert isinstance(serialization.load(out / "target-sigma1.safetensors"), split.MnistSplitNet)
-    assert "mean image" in capsys.readouterr().out
+    # The untrained row is the seeded initialisation every trained row started from.
+    torch.manual_seed(3)
+    initial = split.build_target("mnist-bundled", 10, private=True)
+    untrained = serialization.load(out / "target-untrained.safetensors")
+    for a, b in zip(initial.parameters(), untrained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    printed = capsys.readouterr().out
+    assert "mean image" in printed and "untrained" in printed
 
 
 def test_cli_attack_split_bad_input_exits_2(tmp_path, capsys):

@@ -269,6 +269,8 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
     from tldr_fast.training import evaluate_classifier
 
     _check_training_data(model, images, labels, config.batch_size)
+    # Opacus refuses a model in eval mode, and a model we trained before is left in eval mode.
+    model.train()
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     hooks = None

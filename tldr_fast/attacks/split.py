@@ -133,11 +133,15 @@ class OmniglotSplitNet(SplitClassifier):
 
 
 class InversionDecoder(nn.Module):
-    """Transposed-convolution decoder from a split target's on-device activations to its input images."""
+    """Transposed-convolution decoder from a split target's on-device activations to its input images.
+
+    `history` holds the mean training MSE of every epoch `train_decoder` ran (to see it converge).
+    """
 
     def __init__(self, target: SplitClassifier, width: int = 64):
         super().__init__()
         check_positive_int(width, "width")
+        self.history: list[float] = []
         self.output_shape = target.input_shape
         sizes = _block_sizes(target.image_size, target.blocks)
         layers: list[nn.Module] = [nn.BatchNorm2d(target.activation_shape[0])]
@@ -186,12 +190,15 @@ def train_decoder(target: SplitClassifier, aux_images: torch.Tensor, epochs: int
     decoder.train()
     for _ in tqdm(range(epochs), desc="train decoder", disable=not progress, leave=False):
         order = torch.randperm(codes.shape[0], generator=gen)
+        losses = []
         for start in range(0, codes.shape[0] - batch_size + 1, batch_size):
             idx = order[start:start + batch_size]
             loss = nn.functional.mse_loss(decoder(codes[idx]), aux_images[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(float(loss.detach()))
+        decoder.history.append(sum(losses) / len(losses))
     decoder.eval()
     return decoder
 
@@ -324,7 +331,11 @@ def build_target(dataset: str, num_classes: int, private: bool) -> SplitClassifi
 
 @dataclass
 class SplitAttackConfig:
-    """One table: a target per noise multiplier (None = non-private), each attacked by a fresh decoder."""
+    """One table: a target per noise multiplier (None = non-private), each attacked by a fresh decoder.
+
+    untrained_row adds a target left at its initialisation: the limit of infinite noise (epsilon 0),
+    the floor below which no noise multiplier can push the attack.
+    """
 
     dataset: str = "mnist"
     noise_multipliers: tuple[float | None, ...] = (None, 0.3, 0.5, 0.7)
@@ -343,6 +354,7 @@ class SplitAttackConfig:
     seed: int = 0
     pictures: int = 16
     same_architecture: bool = True
+    untrained_row: bool = False
 
     def __post_init__(self):
         if not self.noise_multipliers:
@@ -365,10 +377,9 @@ def run_split_attack(config: SplitAttackConfig, run_dir, progress: bool = True, 
     run_dir gets results.json (rewritten after every row, so an interrupted run keeps finished rows),
     target-<tag>.safetensors and recon-<tag>.png per row (originals above reconstructions).
     Same-architecture mode (default) trains the non-private row with the DP rows' architecture too.
+    Every target starts from the same seeded initialisation and every decoder gets the same budget and
+    seed, so rows differ only in how the target was trained; the untrained row (if asked for) comes last.
     """
-    from tldr_fast import serialization
-    from tldr_fast.training import evaluate_classifier
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = split_data(config.dataset, config.n_target, config.n_aux, config.n_test, config.seed, root=root)
@@ -380,35 +391,54 @@ def run_split_attack(config: SplitAttackConfig, run_dir, progress: bool = True, 
         "rows": [],
     }
     for noise in config.noise_multipliers:
-        tag = _row_tag(noise)
         private = noise is not None or (config.same_architecture and any_private)
+        torch.manual_seed(config.seed)
         target = build_target(config.dataset, data.num_classes, private=private)
         train_cfg = DPTrainingConfig(noise_multiplier=noise, max_grad_norm=config.max_grad_norm, epochs=config.target_epochs,
                                      batch_size=config.batch_size, lr=config.lr, delta=config.delta, seed=config.seed)
         trained = train_dp(target, data.target_images, data.target_labels, train_cfg, progress=progress)
-        accuracy = evaluate_classifier(target, data.test_images, data.test_labels)
-        serialization.save(run_dir / f"target-{tag}.safetensors", target,
-                           metadata={"dataset": config.dataset, "noise_multiplier": noise, "test_accuracy": accuracy})
-        decoder = train_decoder(target, data.aux_images, epochs=config.decoder_epochs, batch_size=config.decoder_batch_size,
-                                lr=config.decoder_lr, width=config.decoder_width, seed=config.seed, progress=progress)
-        guesses = reconstruct_inputs(target, decoder, data.test_images)
-        picture = save_comparison_png(run_dir / f"recon-{tag}.png", data.test_images, guesses, count=config.pictures)
         privacy = trained.privacy.to_dict() if trained.privacy is not None else None
         row = {
             "noise_multiplier": noise,
-            "architecture": target.arch,
-            "norm": target.norm,
             "epsilon_classic": privacy["epsilon_classic"] if privacy else math.inf,
             "epsilon_prv": privacy["epsilon_prv"] if privacy else math.inf,
             "privacy": privacy,
-            "target_test_accuracy": accuracy,
-            "attack": image_scores(data.test_images, guesses),
             "history": trained.history,
-            "picture": picture.name,
         }
-        summary["rows"].append(row)
+        summary["rows"].append(_attack_row(target, row, _row_tag(noise), data, config, run_dir, progress))
+        write_json_atomic(run_dir / "results.json", _json_safe(summary))
+    if config.untrained_row:
+        torch.manual_seed(config.seed)
+        target = build_target(config.dataset, data.num_classes, private=True).eval()
+        row = {"noise_multiplier": math.inf, "epsilon_classic": 0.0, "epsilon_prv": 0.0, "privacy": None, "history": []}
+        summary["rows"].append(_attack_row(target, row, "untrained", data, config, run_dir, progress))
         write_json_atomic(run_dir / "results.json", _json_safe(summary))
     return summary
+
+
+def _attack_row(target: SplitClassifier, row: dict, tag: str, data: SplitData, config: SplitAttackConfig,
+                run_dir: Path, progress: bool) -> dict:
+    """Score, save and attack one target; returns `row` completed with the accuracy and attack scores."""
+    from tldr_fast import serialization
+    from tldr_fast.training import evaluate_classifier
+
+    accuracy = evaluate_classifier(target, data.test_images, data.test_labels)
+    serialization.save(run_dir / f"target-{tag}.safetensors", target,
+                       metadata={"dataset": config.dataset, "noise_multiplier": _json_safe(row["noise_multiplier"]),
+                                 "test_accuracy": accuracy})
+    decoder = train_decoder(target, data.aux_images, epochs=config.decoder_epochs, batch_size=config.decoder_batch_size,
+                            lr=config.decoder_lr, width=config.decoder_width, seed=config.seed, progress=progress)
+    guesses = reconstruct_inputs(target, decoder, data.test_images)
+    picture = save_comparison_png(run_dir / f"recon-{tag}.png", data.test_images, guesses, count=config.pictures)
+    return {
+        **row,
+        "architecture": target.arch,
+        "norm": target.norm,
+        "target_test_accuracy": accuracy,
+        "attack": image_scores(data.test_images, guesses),
+        "decoder_history": decoder.history,
+        "picture": picture.name,
+    }
 
 
 def _json_safe(value):

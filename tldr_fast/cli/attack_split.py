@@ -18,6 +18,8 @@ def register(commands, attacks) -> None:
     p.add_argument("--dataset", choices=("mnist", "mnist-bundled", "omniglot"), default="mnist")
     p.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="DP-SGD noise multipliers")
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private target row")
+    p.add_argument("--untrained", action="store_true",
+                   help="add a row for the untrained target (the infinite-noise limit, epsilon 0)")
     p.add_argument("--n-target", type=int, default=10000, help="target training images (0: all available)")
     p.add_argument("--n-aux", type=int, default=10000, help="attacker's auxiliary images (0: all available)")
     p.add_argument("--n-test", type=int, default=1000, help="test inputs to reconstruct (0: all available)")
@@ -28,6 +30,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--decoder-epochs", type=int, default=10)
     p.add_argument("--decoder-width", type=int, default=64)
+    p.add_argument("--decoder-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
     p.add_argument("--out", default="runs/split", help="run directory")
@@ -94,7 +97,9 @@ def run_split(args) -> int:
         dataset=args.dataset, noise_multipliers=tuple(noises), n_target=_optional_count(args.n_target),
         n_aux=_optional_count(args.n_aux), n_test=_optional_count(args.n_test), target_epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, delta=args.delta,
-        decoder_epochs=args.decoder_epochs, decoder_width=args.decoder_width, seed=args.seed,
+        decoder_epochs=args.decoder_epochs, decoder_width=args.decoder_width,
+        decoder_batch_size=args.decoder_batch_size, seed=args.seed,
+        untrained_row=args.untrained,
     )
     summary = run_split_attack(config, args.out, progress=not args.no_progress, root=args.data_root)
     print(summary["data"])
@@ -102,6 +107,7 @@ def run_split(args) -> int:
     print(f"{'noise':>11} {'eps classic':>11} {'eps PRV':>8} {'accuracy':>8} {'MSE':>7} {'SSIM':>6}")
     for row in summary["rows"]:
         noise = "non-private" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:g}"
+        noise = "untrained" if math.isinf(row["noise_multiplier"] or 0) else noise
         print(f"{noise:>11} {_format_epsilon(row['epsilon_classic']):>11} {_format_epsilon(row['epsilon_prv']):>8} "
               f"{row['target_test_accuracy']:8.4f} {row['attack']['mse']:7.4f} {row['attack']['ssim']:6.3f}")
     print(f"{'mean image':>11} {'':>11} {'':>8} {'':>8} {base['mse']:7.4f} {base['ssim']:6.3f}")

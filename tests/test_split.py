@@ -178,3 +178,6 @@ def test_cli_attack_split_bad_input_exits_2(tmp_path, capsys):
                  "--n-test", "8", "--batch-size", "32", "--out", str(tmp_path / "r"), "--no-progress"])
     assert code == 2
     assert "noise_multiplier" in capsys.readouterr().err
+    code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "--no-nonprivate", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "no rows" in capsys.readouterr().err

@@ -357,8 +357,9 @@ class SplitAttackConfig:
     untrained_row: bool = False
 
     def __post_init__(self):
-        if not self.noise_multipliers:
-            raise ValueError("noise_multipliers must name at least one setting (None for non-private)")
+        if not self.noise_multipliers and not self.untrained_row:
+            raise ValueError("no rows: noise_multipliers must name at least one setting (None for non-private) "
+                             "or untrained_row must be set")
         for epochs, name in ((self.target_epochs, "target_epochs"), (self.decoder_epochs, "decoder_epochs")):
             check_positive_int(epochs, name)
         # Fail before any training: every row's DP settings are checked up front.

@@ -16,7 +16,8 @@ def register(commands, attacks) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", choices=("mnist", "mnist-bundled", "omniglot"), default="mnist")
-    p.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="DP-SGD noise multipliers")
+    p.add_argument("--noise", type=float, nargs="*", default=[0.3, 0.5, 0.7],
+                   help="DP-SGD noise multipliers (none: only the non-private and/or untrained rows)")
     p.add_argument("--no-nonprivate", action="store_true", help="skip the non-private target row")
     p.add_argument("--untrained", action="store_true",
                    help="add a row for the untrained target (the infinite-noise limit, epsilon 0)")

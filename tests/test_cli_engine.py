@@ -45,6 +45,7 @@ def test_reconstruct_writes_the_run_directory(model_file, tmp_path, capsys):
     assert config["image_shape"] == [1, 14, 14] and config["seed"] == 0
     assert config["model"] == str(model_file.resolve()) and config["dataset"] == "mnist-bundled"
     assert config["subset"] is None and config["config"]["steps"] == 2 and config["config"]["latent_dim"] == 8
+    assert config["train_seconds"] > 0 and config["compile_seconds"] is None  # eager: no compile time
 
     history = json.loads((out / "history.json").read_text())
     assert history["steps"] == 2 and set(history["terms"]) >= {"kl", "ce", "grad", "total"}
@@ -57,6 +58,7 @@ def test_reconstruct_writes_the_run_directory(model_file, tmp_path, capsys):
 
     result = tf.load(out)
     assert torch.equal(result.images, images) and len(result.generators) == 2
+    assert result.train_seconds == config["train_seconds"] and result.compile_seconds is None
 
 
 def test_invert_and_resume(model_file, tmp_path):

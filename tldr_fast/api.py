@@ -16,6 +16,7 @@ directory, the format the evaluation reads:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class Result:
     model: str | None = None
     dataset: str | None = None
     subset: int | None = None
+    # Wall seconds of the training loop, and of the first compiled call within it (tracing, code
+    # generation, one step; None when the step was not compiled): compile time apart from step time.
+    train_seconds: float | None = None
+    compile_seconds: float | None = None
     extra: dict = field(default_factory=dict)
 
     def grid(self, padding: int = 2) -> np.ndarray:
@@ -89,6 +94,8 @@ class Result:
             "dataset": self.dataset,
             "subset": self.subset,
             "seed": self.config.seed,
+            "train_seconds": self.train_seconds,
+            "compile_seconds": self.compile_seconds,
             **self.extra,
         })
         _write_png(run_dir / "grid.png", self.grid())
@@ -106,7 +113,8 @@ class Result:
             module.load_state_dict({name: w[k] for name, w in weights.items()})
             generators.append(module)
         history = json.loads((run_dir / "history.json").read_text())["terms"]
-        known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed"}
+        known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
+                 "train_seconds", "compile_seconds"}
         return cls(
             kind=header["kind"],
             images=images["images"],
@@ -120,6 +128,8 @@ class Result:
             model=header.get("model"),
             dataset=header.get("dataset"),
             subset=header.get("subset"),
+            train_seconds=header.get("train_seconds"),
+            compile_seconds=header.get("compile_seconds"),
             extra={k: v for k, v in header.items() if k not in known},
         )
 
@@ -186,7 +196,9 @@ def _run(
         raise TypeError(f"config must be a {kind_cls.__name__}, got {type(config).__name__}")
     if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
         raise ValueError(f"samples_per_class must be an integer >= 1, got {samples_per_class!r}")
+    start = time.perf_counter()
     trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume, progress=progress)
+    train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
     result = Result(
@@ -199,6 +211,8 @@ def _run(
         config=config,
         num_classes=num_classes,
         image_shape=tuple(int(s) for s in image_shape),
+        train_seconds=train_seconds,
+        compile_seconds=trained.compile_seconds,
         **meta,
     )
     if run_dir is not None:

@@ -108,7 +108,8 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
         return None
     seconds = time.perf_counter() - start
     scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes)
-    print(f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s; "
+    compiled = "" if result.compile_seconds is None else f" (first compiled call {result.compile_seconds:.1f} s)"
+    print(f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s{compiled}; "
           f"the target labels {scores['target_accuracy']:.1%} of {len(result.images)} images as intended, "
           f"mean confidence {scores['target_mean_confidence']:.3f}")
     print(f"run directory: {Path(args.out).resolve()}")

@@ -83,6 +83,11 @@ def test_diversity_needs_features():
         engine.train(_NoFeatures(), 10, SHAPE, InversionConfig(**TINY), progress=False)
 
 
+def test_feature_statistics_prior_needs_batch_norm():
+    with pytest.raises(ValueError, match="eta_bn = 0.5 needs BatchNorm layers with running statistics.*_NoFeatures has none"):
+        engine.train(_NoFeatures(), 10, SHAPE, ReconstructionConfig(**TINY, gamma=0, delta=0, eta_bn=0.5), progress=False)
+
+
 def test_plain_classifier_without_diversity_trains():
     torch.manual_seed(0)
     trained = engine.train(_NoFeatures(), 10, SHAPE, InversionConfig(**TINY, gamma=0, delta=0), progress=False)
@@ -101,6 +106,8 @@ def test_plain_classifier_without_diversity_trains():
         ({"grad_norm_mode": "mean"}, "grad_norm_mode must be one of"),
         ({"output_activation": "relu"}, "output_activation must be one of"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"eta_bn": -1.0}, "weight eta_bn"),
+        ({"batch_size": 1, "gamma": 0, "delta": 0, "eta_bn": 0.5}, "too small for the feature-statistics prior"),
     ],
 )
 def test_bad_config_values(overrides, match):

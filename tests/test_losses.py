@@ -265,3 +265,62 @@ def test_losses_compose_with_vmap():
     for k in range(3):
         assert rel_rms(cos[k], naive_cos(feat[k])) < 1e-12
         assert rel_rms(ortho[k], naive_ortho(feat[k])) < 1e-12
+
+
+# --- feature-statistics prior (beyond the paper) ----------------------------------------------
+
+
+def naive_feature_statistics(a, running_mean, running_var):
+    """Loops over channels and values: mean, unbiased variance, two Euclidean distances."""
+    mean_sq, var_sq = 0.0, 0.0
+    for c in range(a.shape[1]):
+        values = a[:, c].reshape(-1)
+        m = values.sum() / len(values)
+        v = ((values - m) ** 2).sum() / (len(values) - 1)
+        mean_sq = mean_sq + (m - running_mean[c]) ** 2
+        var_sq = var_sq + (v - running_var[c]) ** 2
+    return torch.sqrt(mean_sq) + torch.sqrt(var_sq)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (5, 3), (2, 3, 4, 5), (3, 4, 1, 1), (1, 2, 3, 3), (4, 2, 7)])
+def test_feature_statistics_matches_loops(shape):
+    a = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    running_mean = torch.randn(shape[1], dtype=torch.float64)
+    running_var = torch.rand(shape[1], dtype=torch.float64) + 0.1
+    check_value_and_grad(losses.feature_statistics, naive_feature_statistics, a, running_mean, running_var)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), c=st.integers(1, 5), p=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_feature_statistics_property(n, c, p, seed):
+    """Zero exactly when the batch has the running statistics; invariant to the order of the samples."""
+    if n * p < 2:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, c, p, generator=gen, dtype=torch.float64)
+    channels = a.transpose(0, 1).reshape(c, -1)
+    own = losses.feature_statistics(a, channels.mean(1), channels.var(1))
+    assert float(own) < 1e-12
+    shifted = losses.feature_statistics(a, channels.mean(1) + 1, channels.var(1))
+    assert abs(float(shifted) - c**0.5) < 1e-9
+    perm = torch.randperm(n, generator=gen)
+    rm, rv = torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(c, generator=gen, dtype=torch.float64)
+    assert rel_rms(losses.feature_statistics(a[perm], rm, rv), losses.feature_statistics(a, rm, rv)) < 1e-12
+
+
+def test_feature_statistics_low_precision_accumulates_in_float32_and_nan_propagates():
+    a = torch.randn(4, 3, 2, 2, dtype=torch.bfloat16)
+    out = losses.feature_statistics(a, torch.zeros(3), torch.ones(3))
+    assert out.dtype == torch.float32
+    expected = naive_feature_statistics(a.double(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert rel_rms(out, expected) < 1e-5
+    a = torch.randn(4, 3)
+    a[1, 2] = float("nan")
+    assert torch.isnan(losses.feature_statistics(a, torch.zeros(3), torch.ones(3)))
+
+
+def test_feature_statistics_bad_input():
+    with pytest.raises(ValueError, match=r"\(N, C, \.\.\.\) input and \(C,\) statistics, got \(4, 3\), \(2,\)"):
+        losses.feature_statistics(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match=r"at least 2 values per channel, got input \(1, 3\)"):
+        losses.feature_statistics(torch.randn(1, 3), torch.zeros(3), torch.ones(3))

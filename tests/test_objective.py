@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.func import grad, grad_and_value
@@ -55,6 +57,40 @@ def test_every_term_equals_its_loss_on_the_generated_images(classifier):
         assert torch.allclose(report["total"][k], total, rtol=1e-4)
         expected_total += total
     assert torch.allclose(loss, expected_total, rtol=1e-4)
+
+
+def test_feature_statistics_term_equals_the_prior_on_each_batch_norm_input(classifier):
+    model = copy.deepcopy(classifier)
+    gen = torch.Generator().manual_seed(7)
+    bn_layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in bn_layers:  # statistics unlike those of the generated images
+        layer.running_mean.copy_(torch.randn(layer.running_mean.shape, generator=gen))
+        layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=gen) + 0.5)
+    cfg = ReconstructionConfig(num_generators=2, eta_bn=0.5, **TINY)
+    problem, params, buffers = problem_for(cfg, model)
+    noise = objective.draw_noise(problem)
+    loss, report = objective.objective(params, buffers, noise, problem)
+
+    x = objective.generate(problem.template, params, buffers, noise["z"], problem.labels,
+                           objective.condition(problem, noise))
+    inputs = []
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for m in bn_layers]
+    for k in range(2):
+        inputs.clear()
+        model(x[k])
+        assert len(inputs) == len(bn_layers) == 3  # two conv blocks and the hidden layer
+        expected = sum(losses.feature_statistics(a, m.running_mean, m.running_var) for m, a in inputs)
+        assert torch.allclose(report["bn"][k], expected, rtol=1e-4), k
+    for h in handles:
+        h.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in bn_layers)
+    # the term reaches the generators: its gradient alone is non-zero
+    only_bn = ReconstructionConfig(num_generators=2, **{**TINY, **{w: 0 for w in ReconstructionConfig.WEIGHTS},
+                                                        "eta_bn": 1.0})
+    problem_bn, _, _ = problem_for(only_bn, model)
+    grads = grad(lambda p: objective.objective(p, buffers, noise, problem_bn)[0])(params)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.norm()) for g in grads.values()) > 0
 
 
 def test_generators_are_independent(classifier):

@@ -5,7 +5,10 @@
                     + eta_tv TV + eta_pix Pix + eta_grad GradNorm                 (hot vectors)
 
 (paper names: alpha' = alpha_pert, beta' = beta_pert, eta1 = eta_tv, eta2 = eta_pix, eta3 = eta_grad;
-' marks the term evaluated on the perturbed image.)
+' marks the term evaluated on the perturbed image.) Beyond the paper, eta_bn weighs a tenth term, the
+feature-statistics prior of DeepInversion (Yin et al. 2020): the distance of the generated batch's
+per-channel mean and variance at every BatchNorm layer of the classifier from that layer's running
+statistics, which summarise the training data. 0 in both presets.
 
 `paper` is the default: the paper's method with the open choices of DESIGN.md section 5 (L2-normalised
 Gram, per-sample gradient norms, images in [0, 1]). The paper gives no weights, so `paper` uses the
@@ -180,6 +183,9 @@ class ReconstructionConfig(_EngineConfig):
     eta_tv: float = 0.02
     eta_pix: float = 0.0
     eta_grad: float = 2.0
+    # Beyond the paper and 0 in both presets: the feature-statistics prior (see losses.feature_statistics)
+    # summed over the classifier's BatchNorm layers.
+    eta_bn: float = 0.0
     eps: float = 0.1
     vector_kind: str = "hot"
     grad_norm_mode: str = "per_sample"
@@ -187,11 +193,17 @@ class ReconstructionConfig(_EngineConfig):
     grad_norm_chunk_size: int | None = None
 
     kind: ClassVar[str] = "reconstruction"
-    WEIGHTS: ClassVar[tuple[str, ...]] = ("alpha", "alpha_pert", "beta", "beta_pert", "gamma", "delta", "eta_tv", "eta_pix", "eta_grad")
+    WEIGHTS: ClassVar[tuple[str, ...]] = ("alpha", "alpha_pert", "beta", "beta_pert", "gamma", "delta", "eta_tv", "eta_pix",
+                                          "eta_grad", "eta_bn")
 
     def __post_init__(self):
         super().__post_init__()
         _check_weight("eps", self.eps)
+        if self.batch_size < 2 and self.eta_bn > 0:
+            raise ValueError(
+                f"batch_size {self.batch_size} is too small for the feature-statistics prior (eta_bn={self.eta_bn}): "
+                "it compares a batch's statistics with the classifier's and needs batch_size >= 2"
+            )
         _check_choice("grad_norm_mode", self.grad_norm_mode, GRAD_NORM_MODES)
         if self.grad_norm_chunk_size is not None:
             _check_int("grad_norm_chunk_size", self.grad_norm_chunk_size, 1)

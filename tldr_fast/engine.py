@@ -27,7 +27,15 @@ from tldr_fast import conditioning
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import RESUMABLE_FIELDS, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
-from tldr_fast.objective import Problem, build_generators, draw_noise, needs_features, objective
+from tldr_fast.objective import (
+    Problem,
+    active_terms,
+    batch_norm_layers,
+    build_generators,
+    draw_noise,
+    needs_features,
+    objective,
+)
 from tldr_fast.serialization import read_safetensors, write_safetensors_atomic
 
 CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
@@ -275,6 +283,11 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else None
 
     validate_classifier(classifier, num_classes, image_shape, needs_features(config))
+    if "bn" in active_terms(config) and not batch_norm_layers(classifier):
+        raise ValueError(
+            f"eta_bn = {config.eta_bn} needs BatchNorm layers with running statistics in the classifier, "
+            f"and {type(classifier).__name__} has none; set eta_bn = 0"
+        )
     device = _device_of(classifier)
     template, params, buffers = build_generators(config, num_classes, image_shape, device)
     labels = conditioning.balanced_labels(config.batch_size, num_classes, device)

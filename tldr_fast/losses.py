@@ -12,6 +12,9 @@ Notation: N samples in the batch, D feature dimensions, f^_i = f_i / ||f_i||.
 - ortho: (1/N^2) sum_{i,j} (G_ij - delta_ij)^2, G = F^ F^^T (or F F^T for the authors' variant)
 - tv:    (1/N) sum_i sum_{c,h,w} (x_{h+1,w} - x_{h,w})^2 + (x_{h,w+1} - x_{h,w})^2
 - pix:   (1/N) sum_i sum_{c,h,w} relu(-x) + relu(x - 1)
+- bn:    ||mu(a) - running_mean||_2 + ||var(a) - running_var||_2 for the input a of one BatchNorm
+         layer, mean and (unbiased) variance per channel over the batch and positions (beyond the
+         paper: the feature-statistics prior of DeepInversion, Yin et al. 2020)
 """
 
 from __future__ import annotations
@@ -159,6 +162,25 @@ def tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.T
 
         return fused(x, impl=impl)
     return total_variation(x), pixel_range(x)
+
+
+def feature_statistics(a: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """Distance of a batch's per-channel statistics from a BatchNorm layer's running statistics.
+
+    a: (N, C, ...) the layer's input; running_mean, running_var: (C,), what the layer accumulated
+    over its training data. ||mean(a) - running_mean||_2 + ||var(a) - running_var||_2, per channel
+    over every dimension but 1, variance unbiased (as BatchNorm accumulates it).
+    """
+    if a.dim() < 2 or a.shape[1] != running_mean.shape[0] or running_var.shape != running_mean.shape:
+        raise ValueError(
+            f"feature_statistics needs a (N, C, ...) input and (C,) statistics, got {tuple(a.shape)}, "
+            f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}"
+        )
+    if a.numel() // a.shape[1] < 2:
+        raise ValueError(f"feature_statistics needs at least 2 values per channel, got input {tuple(a.shape)}")
+    channels = _acc(a).transpose(0, 1).flatten(1)  # (C, N * positions)
+    mean, var = channels.mean(1), channels.var(1, correction=1)
+    return (mean - _acc(running_mean)).norm() + (var - _acc(running_var)).norm()
 
 
 def perturb(x: torch.Tensor, eps: float, noise: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,11 @@ For K generators with parameters theta_k, each with its own batch of B images x_
 
     L(theta) = sum_k [ alpha KL(c_k || f(x_k)) + alpha' KL(c_k || f(x'_k)) + beta CE(f(x_k), y_k)
                        + beta' CE(f(x'_k), y_k) + gamma Cos(phi(x_k)) + delta Ortho(phi(x_k))
-                       + eta1 TV(x_k) + eta2 Pix(x_k) + eta3 mean_i ||grad_w CE(f(x_ki), y_ki)|| ]
+                       + eta1 TV(x_k) + eta2 Pix(x_k) + eta3 mean_i ||grad_w CE(f(x_ki), y_ki)||
+                       + eta_bn sum_l BN_l(x_k) ]
 
-with f the frozen classifier's logits, phi its penultimate features and x' = perturb(x). Summing
+with f the frozen classifier's logits, phi its penultimate features, x' = perturb(x) and BN_l the
+feature-statistics prior at the classifier's BatchNorm layer l (beyond the paper; off by default). Summing
 over k keeps the generators independent: each theta_k receives exactly the gradient of its own
 objective. Terms whose weight is zero are not computed (a static decision from the config).
 
@@ -28,6 +30,7 @@ from tldr_fast import conditioning, losses
 from tldr_fast.config import _EngineConfig
 from tldr_fast.grad_norm import per_sample_grad_norm
 from tldr_fast.models.generator import Generator
+from tldr_fast.module_hooks import temporary_forward_hooks
 
 # Loss terms in the order of the paper's equation, with the config field holding each weight.
 TERM_WEIGHTS = {
@@ -40,6 +43,7 @@ TERM_WEIGHTS = {
     "tv": "eta_tv",
     "pix": "eta_pix",
     "grad": "eta_grad",
+    "bn": "eta_bn",
 }
 
 
@@ -47,6 +51,12 @@ def active_terms(config: _EngineConfig) -> dict[str, float]:
     """term -> weight for the terms of this config with a non-zero weight, in equation order."""
     weights = config.weights()
     return {term: weights[field] for term, field in TERM_WEIGHTS.items() if weights.get(field, 0.0) > 0}
+
+
+def batch_norm_layers(classifier: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The classifier's BatchNorm layers that hold running statistics, in module order."""
+    return [m for m in classifier.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None]
 
 
 def needs_features(config: _EngineConfig) -> bool:
@@ -142,10 +152,32 @@ def generate(template: Generator, params, buffers, z, labels, vectors) -> torch.
     return vmap(one, randomness="different")(params, buffers, z, labels, vectors)
 
 
-def _classify(classifier: nn.Module, x: torch.Tensor, needs_features: bool):
-    if needs_features:
-        return classifier.forward_with_features(x)
-    return classifier(x), None
+def _classify(classifier: nn.Module, x: torch.Tensor, needs_features: bool, bn_layers):
+    """(logits, penultimate features or None, the input of every layer in bn_layers)."""
+    bn_inputs: list[torch.Tensor] = [None] * len(bn_layers)
+
+    def hook_for(i):
+        def keep_input(module, args, kwargs, output):
+            bn_inputs[i] = args[0]
+        return keep_input
+
+    with temporary_forward_hooks(bn_layers, hook_for):
+        if needs_features:
+            logits, feat = classifier.forward_with_features(x)
+        else:
+            logits, feat = classifier(x), None
+    return logits, feat, bn_inputs
+
+
+def _feature_statistics_term(problem: Problem, bn_layers, bn_inputs) -> torch.Tensor:
+    """(K,) sum over BatchNorm layers of each generator's feature-statistics distance, clean images only."""
+    k, b = problem.labels.shape
+    total = 0
+    for layer, a in zip(bn_layers, bn_inputs, strict=True):
+        per_generator = a[: k * b].unflatten(0, (k, b))
+        total = total + vmap(losses.feature_statistics, in_dims=(0, None, None))(
+            per_generator, layer.running_mean, layer.running_var)
+    return total
 
 
 def objective(params, buffers, noise, problem: Problem):
@@ -160,7 +192,8 @@ def objective(params, buffers, noise, problem: Problem):
     if problem.needs_perturbation:
         # Clean and perturbed images share one classifier pass (eval-mode BN: samples independent).
         batch = torch.cat([flat_x, losses.perturb(flat_x, cfg.eps, noise["perturb"].flatten(0, 1))])
-    logits, feat = _classify(problem.classifier, batch, problem.needs_features)
+    bn_layers = batch_norm_layers(problem.classifier) if "bn" in terms else []
+    logits, feat, bn_inputs = _classify(problem.classifier, batch, problem.needs_features, bn_layers)
     logits = logits.view(-1, k, b, logits.shape[-1])  # (1 or 2, K, B, N): clean, then perturbed
     values: dict[str, torch.Tensor] = {}
     if "kl" in terms:
@@ -179,6 +212,8 @@ def objective(params, buffers, noise, problem: Problem):
         values["tv"], values["pix"] = vmap(partial(losses.tv_pixel, impl=cfg.impl))(x)
     if "grad" in terms:
         values["grad"] = _grad_norm_term(problem, flat_x, flat_y, x)
+    if "bn" in terms:
+        values["bn"] = _feature_statistics_term(problem, bn_layers, bn_inputs)
 
     per_generator = sum(weight * values[term] for term, weight in terms.items())
     report = {term: values[term].detach() for term in values}

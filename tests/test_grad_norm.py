@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm
+from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
 from tldr_fast.grad_norm.ghost import fully_closed_form
-from tldr_fast.grad_norm.layers import summed_outer_squared_norm
+from tldr_fast.grad_norm.layers import summed_outer_squared_norm, unfolded_patches
 from tldr_fast.models import MLP, PaperCNN
 
 FAST_BACKENDS = [b for b in BACKENDS if b != "loop"]
@@ -219,6 +221,61 @@ def test_summed_outer_squared_norm_both_routes(positions, m, n):
     a = torch.randn(4, n, positions, dtype=torch.float64)
     expected = torch.einsum("bmp,bnp->bmn", g, a).pow(2).sum((1, 2))
     assert rel_rms(summed_outer_squared_norm(g, a), expected) < 1e-12
+
+
+@pytest.mark.parametrize("kernel, dilation, padding, stride",
+                         [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (2, 0), (1, 2)),
+                          ((3, 2), (2, 2), (1, 2), (2, 3)), ((1, 1), (1, 1), (0, 0), (1, 1))])
+def test_unfolded_patches_equal_f_unfold(kernel, dilation, padding, stride):
+    a = torch.randn(3, 4, 9, 10, dtype=torch.float64)
+    expected = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert torch.equal(unfolded_patches(a, kernel, dilation, padding, stride), expected)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=1),  # 9 -> 5 rounds down
+                                  nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=(0, 2), dilation=2, groups=2),
+                                  nn.Conv1d(4, 6, 3, stride=2, padding=1)])
+def test_conv_input_gradient_is_autograds(conv):
+    conv = conv.double()
+    a = torch.randn(2, conv.in_channels, *(9, 10)[: len(conv.kernel_size)], dtype=torch.float64,
+                    requires_grad=True)
+    y = conv(a)
+    grad = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, a, grad)
+    assert rel_rms(conv_input_gradient(conv, grad, a.shape), expected) < 1e-12
+
+
+def test_eval_batch_norm_is_the_module():
+    model, x, _ = make("sequence_layers", 5)
+    for bn, a in ((model.bn, torch.randn(5, 16, 3, 3, dtype=torch.float64)),
+                  (model.bn1d, torch.randn(5, 6, 2, dtype=torch.float64))):
+        assert rel_rms(eval_batch_norm(bn, a), bn(a)) < 1e-14
+
+
+def test_cheaper_routes_only_for_frozen_conv_and_eval_batch_norm():
+    model, _, _ = make("sequence_layers", 1)
+    assert all(probed_output(m) is not None for m in (model.conv, model.conv1d, model.bn, model.bn1d))
+    assert probed_output(model.seq) is None
+    model.conv.weight.requires_grad_(True)  # d/dtheta must stay autograd's
+    assert probed_output(model.conv) is None
+    assert probed_output(model.bn.train()) is None
+
+
+@pytest.mark.parametrize("name", ["paper_cnn", "conv_variety", "sequence_layers"])
+def test_cheaper_routes_under_torch_func_grad_and_vmap_match_loop(name):
+    """The frozen-conv autograd Function differentiated by torch.func.grad, vmapped over scales."""
+    model, x, y = make(name, 3)
+    x = x.detach()
+
+    def objective(scale):
+        return per_sample_grad_norm(model, x * scale, y, backend="ghost").pow(2).sum()
+
+    scales = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    got = torch.func.vmap(torch.func.grad(objective))(scales)
+    for scale, g in zip(scales, got, strict=True):
+        s = scale.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(per_sample_grad_norm(model, x * s, y, backend="loop").pow(2).sum(), s)
+        assert rel_rms(g, expected) < 1e-9
 
 
 def test_auto_uses_ghost_only_for_closed_form_layers():

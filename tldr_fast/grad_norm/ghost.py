@@ -8,7 +8,9 @@ composes with outer torch.func transforms and torch.compile, and keeps the graph
 layer's squared norm then comes from `layers.closed_form_rule`, or, for other parameterised
 modules (GroupNorm, custom ones), from torch.func.vmap(grad) of <module(a_i), g_i> over that
 module's own parameters. The per-sample squared norm is the sum over layers, which holds because
-each chosen parameter belongs to exactly one module that runs exactly once per forward.
+each chosen parameter belongs to exactly one module that runs exactly once per forward. Frozen
+convolutions and eval BatchNorm add their probe through `frozen.probed_output`, the same value by
+a route with a cheaper double backward.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from tldr_fast.grad_norm.frozen import ProbedOutput, probed_output
 from tldr_fast.grad_norm.layers import Rule, closed_form_rule
 from tldr_fast.grad_norm.selection import PerSampleLoss, sum_of_squares
 
@@ -39,6 +42,7 @@ class Layer:
     module: nn.Module
     names: tuple[str, ...]
     rule: Rule | None
+    probed_output: ProbedOutput | None
 
 
 def plan_layers(model: nn.Module, names: tuple[str, ...]) -> list[Layer]:
@@ -54,7 +58,9 @@ def plan_layers(model: nn.Module, names: tuple[str, ...]) -> list[Layer]:
             raise GhostUnsupported(f"parameter {full_name} is shared as {', '.join(shared)}")
         path, _, attr = full_name.rpartition(".")
         local.setdefault(path, []).append(attr)
-    return [Layer(path, model.get_submodule(path), tuple(attrs), closed_form_rule(model.get_submodule(path)))
+    modules = {path: model.get_submodule(path) for path in local}
+    return [Layer(path, modules[path], tuple(attrs), closed_form_rule(modules[path]),
+                  probed_output(modules[path]))
             for path, attrs in local.items()]
 
 
@@ -130,6 +136,8 @@ def _probed_forward(model, layers, specs, x, y, loss_fn):
                 leaves, spec = tree_flatten((args, kwargs))
                 inputs[i] = [v for v in leaves if isinstance(v, torch.Tensor)]
                 structure[i] = (leaves, spec)
+                if layers[i].probed_output is not None:
+                    return layers[i].probed_output(module, inputs[i][0], output, probes[i])
                 return output + probes[i]
             return add_probe
 

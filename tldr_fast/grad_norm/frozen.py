@@ -64,7 +64,9 @@ class _FrozenConvOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return conv_input_gradient(ctx.module, grad, ctx.input_shape), None, grad, None
+        # The inner derivative (to the probes) never needs the first layer's input gradient.
+        grad_a = conv_input_gradient(ctx.module, grad, ctx.input_shape) if ctx.needs_input_grad[0] else None
+        return grad_a, None, grad, None
 
 
 def conv_input_gradient(module: nn.Conv1d | nn.Conv2d, grad: torch.Tensor, input_shape) -> torch.Tensor:

@@ -227,3 +227,22 @@ def test_cli_dp_epsilon_bad_input_exits_2(capsys):
     assert "batch_size" in capsys.readouterr().err
     assert main(["dp-epsilon", "--n", "100", "--batch-size", "10", "--epochs", "1", "--noise", "-1"]) == 2
     assert main(["dp-epsilon", "--n", "100", "--batch-size", "10", "--epochs", "1", "--noise", "1", "--delta", "1"]) == 2
+
+
+def test_cli_dp_train_records_what_evaluate_needs_to_rebuild_the_training_subset(tmp_path, capsys):
+    from tldr_fast import datasets, serialization
+
+    out = tmp_path / "m.safetensors"
+    args = ["dp-train", "--dataset", "mnist-bundled", "--subset", "100", "--seed", "2", "--epochs", "1",
+            "--batch-size", "25", "--noise", "1.0", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "epsilon" in capsys.readouterr().out
+    model = serialization.load(out)
+    assert isinstance(model, dp.PaperCNNGroupNorm)
+    meta = model.metadata
+    assert (meta["dataset"], meta["subset"], meta["seed"]) == ("mnist-bundled", 100, 2)
+    assert meta["dp"]["noise_multiplier"] == 1.0 and meta["dp"]["privacy"]["steps"] == 4
+    # `evaluate` rebuilds the training set from exactly these fields; the same call gives the same images.
+    first = datasets.load_dataset("mnist-bundled", "train", subset=100, seed=2)
+    again = datasets.load_dataset(meta["dataset"], "train", subset=meta["subset"], seed=meta["seed"])
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)

@@ -72,9 +72,10 @@ def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
 
 @pytest.mark.compile
 @pytest.mark.slow
-def test_step_compiles_as_one_graph_and_equals_eager():
+@pytest.mark.parametrize("overrides", [{}, {"eta_bn": 0.5}], ids=["nine-terms", "with-feature-statistics"])
+def test_step_compiles_as_one_graph_and_equals_eager(overrides):
     # fullgraph=True raises on any graph break; aot_eager traces exactly what inductor would get.
-    step, params = tiny_step()
+    step, params = tiny_step(**overrides)
     eager = run_steps(step, params, 2)
     compiled_step = CompiledStep(step, backend="aot_eager")
     compiled = run_steps(compiled_step, params, 2)

@@ -103,5 +103,6 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     code = main(["demo", "--out", str(out), "--epochs", "1", "--no-evaluate", *TINY])
     assert code == 0
     assert (out / "grid.png").is_file() and (out / "model.safetensors").is_file()
-    assert json.loads((out / "config.json").read_text())["subset"] == 1000
+    config = json.loads((out / "config.json").read_text())
+    assert config["subset"] == 1000 and config["config"]["eta_bn"] == 3.0  # the demo's prior is on
     assert "pictures:" in capsys.readouterr().out

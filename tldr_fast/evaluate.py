@@ -423,7 +423,7 @@ def _evaluator(evaluator, train, name: str, subset, data_root, seed: int, device
     if evaluator is not None:
         return evaluator, {"source": "given", "arch": getattr(evaluator, "arch", type(evaluator).__name__)}
     from tldr_fast import datasets, models
-    from tldr_fast.training import evaluate_classifier, train_classifier
+    from tldr_fast.training import build_seeded, evaluate_classifier, train_classifier
 
     if subset is not None:
         full = datasets.load_dataset(name, "train", root=data_root)
@@ -439,7 +439,7 @@ def _evaluator(evaluator, train, name: str, subset, data_root, seed: int, device
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:EVALUATOR_MAX_IMAGES]
         images, labels = images[pick], labels[pick]
     c, h, w = images.shape[1:]
-    model = models.MLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w))
+    model = build_seeded(lambda: models.MLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed + 1)
     train_classifier(model, images, labels, epochs=5, batch_size=128, seed=seed + 1, device=device, progress=progress)
     return model, {
         "source": source, "arch": "MLP", "num_images": len(images), "seed": seed + 1,

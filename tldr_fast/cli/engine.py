@@ -149,6 +149,7 @@ def _run_demo(args) -> int:
     import tldr_fast as tf
     from tldr_fast.config import ReconstructionConfig
     from tldr_fast.models import PaperCNN
+    from tldr_fast.training import build_seeded
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -156,7 +157,8 @@ def _run_demo(args) -> int:
     heldout = tf.datasets.load(DEMO_DATASET, split="test")
     print(f"training PaperCNN on {len(images)} bundled MNIST digits ...")
     classifier = tf.train_classifier(
-        PaperCNN(1, 10, 28), images, labels, epochs=args.epochs, seed=0, test=heldout, progress=not args.no_progress
+        build_seeded(lambda: PaperCNN(1, 10, 28), seed=0), images, labels, epochs=args.epochs, seed=0, test=heldout,
+        progress=not args.no_progress,
     )
     report = classifier.train_report
     print(f"classifier: train accuracy {report.train_accuracy:.1%}, held-out accuracy {report.test_accuracy:.1%} "

@@ -46,7 +46,9 @@ def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out
     train = datasets.load_dataset(dataset, "train", root=data_root, subset=subset, seed=seed)
     test = datasets.load_dataset(dataset, "test", root=data_root)
     c, h, w = train.images.shape[1:]
-    model = getattr(models, ARCHS.get(arch, arch))(in_channels=c, num_classes=train.num_classes, image_size=(h, w))
+    architecture = getattr(models, ARCHS.get(arch, arch))
+    model = training.build_seeded(
+        lambda: architecture(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed)
     training.train_classifier(
         model, train.images, train.labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
         test=(test.images, test.labels), device=device, progress=progress,

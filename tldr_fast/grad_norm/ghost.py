@@ -15,8 +15,6 @@ a route with a cheaper double backward.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tldr_fast.grad_norm.frozen import ProbedOutput, probed_output
 from tldr_fast.grad_norm.layers import Rule, closed_form_rule
 from tldr_fast.grad_norm.selection import PerSampleLoss, sum_of_squares
+from tldr_fast.module_hooks import temporary_forward_hooks
 
 
 class GhostUnsupported(ValueError):
@@ -72,30 +71,6 @@ def fully_closed_form(model: nn.Module, names: tuple[str, ...]) -> bool:
         return False
 
 
-# Key of our hook in a module's hook dicts; negative so it never collides with torch's handle ids.
-_HOOK_KEY = -1
-
-
-@contextmanager
-def _forward_hooks(layers: list[Layer], hook_for):
-    """Temporarily add hook_for(i) (with kwargs) as the last forward hook of layer i.
-
-    The hook dicts are swapped for extended copies and restored afterwards instead of calling
-    register_forward_hook: its RemovableHandle bumps a class counter, which torch.compile cannot
-    trace (a graph break inside the compiled training step), while attribute swaps trace fine.
-    """
-    saved = [(layer.module, layer.module._forward_hooks, layer.module._forward_hooks_with_kwargs)
-             for layer in layers]
-    for i, (module, hooks, with_kwargs) in enumerate(saved):
-        module._forward_hooks = OrderedDict([*hooks.items(), (_HOOK_KEY, hook_for(i))])
-        module._forward_hooks_with_kwargs = OrderedDict([*with_kwargs.items(), (_HOOK_KEY, True)])
-    try:
-        yield
-    finally:
-        for module, hooks, with_kwargs in saved:
-            module._forward_hooks, module._forward_hooks_with_kwargs = hooks, with_kwargs
-
-
 def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> list:
     """(shape, dtype) of each layer's output, from a forward on the meta device (no compute; a
     dead-code forward under torch.compile), or None for a layer the forward does not reach."""
@@ -110,7 +85,7 @@ def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> lis
             specs[i] = (output.shape, output.dtype)
         return record
 
-    with _forward_hooks(layers, hook_for):
+    with temporary_forward_hooks([layer.module for layer in layers], hook_for):
         if torch.compiler.is_compiling():
             # Fake tensors under torch.func cannot run BatchNorm on meta ("ambiguous autogradother
             # kernel"); a real no-grad forward traces, and its unused values are dead code.
@@ -141,7 +116,7 @@ def _probed_forward(model, layers, specs, x, y, loss_fn):
                 return output + probes[i]
             return add_probe
 
-        with _forward_hooks(layers, hook_for):
+        with temporary_forward_hooks([layer.module for layer in layers], hook_for):
             logits = model(x)
         return loss_fn(logits, y).sum(), inputs
 

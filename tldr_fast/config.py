@@ -118,10 +118,15 @@ class _EngineConfig:
         _check_choice("impl", self.impl, losses.IMPLS)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        if self.batch_size < 2 and (self.gamma > 0 or self.delta > 0):
+        self._check_batch_compares("the diversity losses", ("gamma", "delta"))
+
+    def _check_batch_compares(self, terms: str, weights: tuple[str, ...]) -> None:
+        """Terms that compare samples within a batch need batch_size >= 2 when any of their weights is on."""
+        if self.batch_size < 2 and any(getattr(self, w) > 0 for w in weights):
+            values = ", ".join(f"{w}={getattr(self, w)}" for w in weights)
             raise ValueError(
-                f"batch_size {self.batch_size} is too small for the diversity losses (gamma={self.gamma}, "
-                f"delta={self.delta}): they compare samples within a batch and need batch_size >= 2"
+                f"batch_size {self.batch_size} is too small for {terms} ({values}): they compare samples "
+                "within a batch and need batch_size >= 2"
             )
 
     # -- presets and serialisation --------------------------------------------------------------
@@ -199,11 +204,7 @@ class ReconstructionConfig(_EngineConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_weight("eps", self.eps)
-        if self.batch_size < 2 and self.eta_bn > 0:
-            raise ValueError(
-                f"batch_size {self.batch_size} is too small for the feature-statistics prior (eta_bn={self.eta_bn}): "
-                "it compares a batch's statistics with the classifier's and needs batch_size >= 2"
-            )
+        self._check_batch_compares("the feature-statistics prior", ("eta_bn",))
         _check_choice("grad_norm_mode", self.grad_norm_mode, GRAD_NORM_MODES)
         if self.grad_norm_chunk_size is not None:
             _check_int("grad_norm_chunk_size", self.grad_norm_chunk_size, 1)

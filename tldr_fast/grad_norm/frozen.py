@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tldr_fast.grad_norm.layers import explicit_zero_padding
+
 # probed_output(module, input a, module output y, probe) -> y + probe
 ProbedOutput = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,7 +97,7 @@ def probed_output(module: nn.Module) -> ProbedOutput | None:
     frozen = not any(p.requires_grad for p in module.parameters())
     # Under torch.compile the Function's backward is traced as a leaf of the outer derivative,
     # which then loses the path through g (measured: d/dx wrong); compiled code keeps autograd's.
-    if kind in (nn.Conv1d, nn.Conv2d) and frozen and module.padding_mode == "zeros" \
-            and not isinstance(module.padding, str) and not torch.compiler.is_compiling():
+    if kind in (nn.Conv1d, nn.Conv2d) and frozen and explicit_zero_padding(module) \
+            and not torch.compiler.is_compiling():
         return _probed_frozen_conv
     return None

@@ -114,6 +114,12 @@ def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names, a, g) -> tor
     return total + weight.pow(2).sum(1)
 
 
+def explicit_zero_padding(conv: nn.Conv1d | nn.Conv2d) -> bool:
+    """Zero padding given as numbers (not "same"/"valid" or another padding mode): what the
+    unfold and transposed-convolution formulas assume."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def closed_form_rule(module: nn.Module) -> Rule | None:
     """The closed-form rule for this exact module type, or None (the caller then vmaps the module).
 
@@ -123,7 +129,7 @@ def closed_form_rule(module: nn.Module) -> Rule | None:
     if kind is nn.Linear:
         return linear_rule
     if kind in (nn.Conv1d, nn.Conv2d):
-        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        if explicit_zero_padding(module):
             return conv_rule
         return None
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):

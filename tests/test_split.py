@@ -181,3 +181,92 @@ def test_cli_attack_split_bad_input_exits_2(tmp_path, capsys):
     code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "--no-nonprivate", "--out", str(tmp_path / "r")])
     assert code == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_t_interval_is_student_t_over_values():
+    from scipy import stats
+
+    one = split.t_interval([0.25])
+    assert one["mean"] == 0.25 and one["half_width"] is one["low"] is one["high"] is None
+    three = split.t_interval([1.0, 2.0, 3.0])  # sample sd 1
+    half = stats.t.ppf(0.975, 2) / 3 ** 0.5
+    assert three["mean"] == pytest.approx(2.0) and three["half_width"] == pytest.approx(half)
+    assert (three["low"], three["high"]) == pytest.approx((2.0 - half, 2.0 + half))
+    with pytest.raises(ValueError, match="at least one"):
+        split.t_interval([])
+
+
+def _tiny_table(tmp_path, name: str, seeds) -> dict:
+    config = split.SplitAttackConfig(
+        dataset="mnist-bundled", noise_multipliers=(None, 1.0), n_target=128, n_aux=128, n_test=16, target_epochs=1,
+        batch_size=32, decoder_epochs=1, decoder_batch_size=64, decoder_width=8, pictures=2, seeds=seeds,
+    )
+    return split.run_split_attack(config, tmp_path / name, progress=False)
+
+
+def test_seeds_repeat_every_row_with_means_intervals_and_paired_differences(tmp_path):
+    from scipy import stats
+
+    summary = _tiny_table(tmp_path, "two", (0, 1))
+    assert summary["seeds"] == [0, 1] and "Student t" in summary["interval"]
+    nonprivate, private = summary["rows"]
+    t = stats.t.ppf(0.975, 1)
+    for row in summary["rows"]:
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]
+        for score in ("mse", "ssim"):
+            values = [r["attack"][score] for r in row["per_seed"]]
+            stat = row["seed_statistics"][score]
+            assert stat["values"] == values and values[0] != values[1]
+            assert stat["mean"] == pytest.approx(sum(values) / 2) == row["attack"][score]
+            assert stat["half_width"] == pytest.approx(t * abs(values[0] - values[1]) / 2)  # s / sqrt(2) = |a-b| / 2
+        assert "picture" not in row and all((tmp_path / "two" / r["picture"]).is_file() for r in row["per_seed"])
+    assert "paired_vs_nonprivate" not in nonprivate
+    paired = private["paired_vs_nonprivate"]
+    assert paired["seeds"] == [0, 1]
+    for score in ("mse", "ssim"):
+        diffs = [p["attack"][score] - n["attack"][score] for p, n in zip(private["per_seed"], nonprivate["per_seed"])]
+        assert paired[score]["values"] == pytest.approx(diffs)
+        assert paired[score]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["per_seed"][1]["seed"] == 1
+
+    # A seed reproduces its rows on its own, in the single-seed layout (row-level keys, plain file names).
+    alone = _tiny_table(tmp_path, "one", (1,))
+    for row, twin in zip(alone["rows"], summary["rows"], strict=True):
+        assert row["per_seed"][0]["attack"] == twin["per_seed"][1]["attack"] == row["attack"]
+        assert row["decoder_history"] == twin["per_seed"][1]["decoder_history"]
+        assert row["seed_statistics"]["mse"]["half_width"] is None
+    assert alone["rows"][1]["paired_vs_nonprivate"]["mse"]["half_width"] is None
+    assert (tmp_path / "one" / alone["rows"][1]["picture"]).name == "recon-sigma1.png"
+
+
+@pytest.mark.parametrize("seeds, match", [((), "at least one"), ((0, -1), "seeds"), ((2, 0, 2), "must not repeat"),
+                                          ((0, 1.5), "seeds")])
+def test_bad_seeds_are_named(seeds, match):
+    with pytest.raises(ValueError, match=match) as err:
+        split.SplitAttackConfig(seeds=seeds)
+    assert "seeds" in str(err.value)
+
+
+def test_cli_bad_seeds_exit_2(tmp_path, capsys):
+    args = ["attack", "split", "--dataset", "mnist-bundled", "--out", str(tmp_path / "r"), "--no-progress", "--seeds"]
+    assert main([*args, "1", "1"]) == 2
+    assert "seeds" in capsys.readouterr().err
+    assert main([*args, "-2"]) == 2
+    assert "seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_cli_seeds_print_per_seed_scores_and_paired_differences(tmp_path, capsys):
+    code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "1.0", "--n-target", "128", "--n-aux", "128",
+                 "--n-test", "16", "--epochs", "1", "--batch-size", "32", "--decoder-epochs", "1", "--decoder-width", "8",
+                 "--seeds", "0", "1", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "seeds 0, 1; 95% Student t" in printed and "difference from the non-private row" in printed
+    summary = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert summary["config"]["seeds"] == [0, 1] and summary["config"]["seed"] == 0
+    private = summary["rows"][1]
+    assert f"{private['paired_vs_nonprivate']['mse']['mean']:+.4f}" in printed
+    assert (tmp_path / "r" / "recon-sigma1-seed1.png").is_file()

@@ -335,6 +335,11 @@ class SplitAttackConfig:
 
     untrained_row adds a target left at its initialisation: the limit of infinite noise (epsilon 0),
     the floor below which no noise multiplier can push the attack.
+
+    `seed` fixes the data split. `seeds` (default: `seed` alone) repeats every row once per training
+    seed, which sets the target's initialisation, DP-SGD's sampling and noise, and the decoder's
+    initialisation and batch order; every row of one seed starts from the same initialisation, so
+    rows can be compared seed by seed (paired).
     """
 
     dataset: str = "mnist"
@@ -355,6 +360,7 @@ class SplitAttackConfig:
     pictures: int = 16
     same_architecture: bool = True
     untrained_row: bool = False
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.noise_multipliers and not self.untrained_row:
@@ -362,84 +368,166 @@ class SplitAttackConfig:
                              "or untrained_row must be set")
         for epochs, name in ((self.target_epochs, "target_epochs"), (self.decoder_epochs, "decoder_epochs")):
             check_positive_int(epochs, name)
+        check_positive_int(self.seed, "seed", minimum=0)
+        if self.seeds is not None:
+            self.seeds = tuple(self.seeds)
+            if not self.seeds:
+                raise ValueError("seeds must name at least one training seed (or be None: the data seed alone)")
+            for seed in self.seeds:
+                check_positive_int(seed, "seeds", minimum=0)
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must not repeat (a repeated seed reruns the same row), got {self.seeds}")
         # Fail before any training: every row's DP settings are checked up front.
         for noise in self.noise_multipliers:
             DPTrainingConfig(noise_multiplier=noise, max_grad_norm=self.max_grad_norm, epochs=self.target_epochs,
                              batch_size=self.batch_size, lr=self.lr, delta=self.delta)
 
+    @property
+    def training_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds is not None else (self.seed,)
+
+
+INTERVAL = "95% Student t over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the sample standard deviation"
+
+
+def t_interval(values, confidence: float = 0.95) -> dict:
+    """Mean and two-sided Student t interval mean +- t((1+confidence)/2, n-1) s / sqrt(n) (none for n = 1)."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = sum(values) / n
+    half = None
+    if n > 1:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return {"values": values, "mean": mean, "half_width": half,
+            "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+
 
 def _row_tag(noise: float | None) -> str:
-    return "nonprivate" if noise is None else f"sigma{noise:g}"
+    if noise is None:
+        return "nonprivate"
+    return "untrained" if math.isinf(noise) else f"sigma{noise:g}"
 
 
 def run_split_attack(config: SplitAttackConfig, run_dir, progress: bool = True, root=None) -> dict:
-    """Train one target per noise multiplier, attack each, write the table.
+    """Train one target per noise multiplier and training seed, attack each, write the table.
 
-    run_dir gets results.json (rewritten after every row, so an interrupted run keeps finished rows),
-    target-<tag>.safetensors and recon-<tag>.png per row (originals above reconstructions).
-    Same-architecture mode (default) trains the non-private row with the DP rows' architecture too.
-    Every target starts from the same seeded initialisation and every decoder gets the same budget and
-    seed, so rows differ only in how the target was trained; the untrained row (if asked for) comes last.
+    run_dir gets results.json (rewritten after every target, so an interrupted run keeps finished
+    ones), target-<tag>.safetensors and recon-<tag>.png per row and seed (originals above
+    reconstructions; "-seed<k>" is appended to the tag when there are several seeds). Seeds run one
+    after the other, each through every row. Same-architecture mode (default) trains the
+    non-private row with the DP rows' architecture too. Within a seed every target starts from the
+    same initialisation and every decoder from the same seed with the same budget, so rows differ
+    only in how the target was trained; the untrained row (noise multiplier inf) comes last.
+
+    Each row of results.json holds the per-seed results (`per_seed`), their means (`attack`,
+    `target_test_accuracy`), `seed_statistics` (t_interval of accuracy, MSE and SSIM) and, for rows
+    other than the non-private one, `paired_vs_nonprivate`: t_interval of (row - non-private) per seed.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = split_data(config.dataset, config.n_target, config.n_aux, config.n_test, config.seed, root=root)
-    any_private = any(n is not None for n in config.noise_multipliers)
+    settings = list(config.noise_multipliers) + ([math.inf] if config.untrained_row else [])
     summary = {
         "config": asdict(config),
         "data": data.description,
+        "seeds": list(config.training_seeds),
+        "interval": INTERVAL,
         "baseline_mean_image": mean_image_baseline(data.aux_images, data.test_images),
         "rows": [],
     }
-    for noise in config.noise_multipliers:
-        private = noise is not None or (config.same_architecture and any_private)
-        torch.manual_seed(config.seed)
-        target = build_target(config.dataset, data.num_classes, private=private)
+    heads: dict[int, dict] = {}
+    per_seed: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
+    for seed in config.training_seeds:
+        for i, noise in enumerate(settings):
+            heads[i], result = _run_row(noise, seed, data, config, run_dir, progress)
+            per_seed[i].append(result)
+            summary["rows"] = _summarise_rows([(heads[j], per_seed[j]) for j in sorted(heads)])
+            write_json_atomic(run_dir / "results.json", _json_safe(summary))
+    return summary
+
+
+def _run_row(noise: float | None, seed: int, data: SplitData, config: SplitAttackConfig, run_dir: Path,
+             progress: bool) -> tuple[dict, dict]:
+    """Train (or, for noise inf, leave untrained), save and attack one target.
+
+    Returns the row's seed-independent part (noise, privacy, architecture) and this seed's results.
+    """
+    untrained = noise is not None and math.isinf(noise)
+    any_private = any(n is not None for n in config.noise_multipliers)
+    private = noise is not None or (config.same_architecture and any_private)
+    torch.manual_seed(seed)
+    target = build_target(config.dataset, data.num_classes, private=private)
+    if untrained:
+        head = {"noise_multiplier": math.inf, "epsilon_classic": 0.0, "epsilon_prv": 0.0, "privacy": None}
+        history = []
+        target.eval()
+    else:
         train_cfg = DPTrainingConfig(noise_multiplier=noise, max_grad_norm=config.max_grad_norm, epochs=config.target_epochs,
-                                     batch_size=config.batch_size, lr=config.lr, delta=config.delta, seed=config.seed)
+                                     batch_size=config.batch_size, lr=config.lr, delta=config.delta, seed=seed)
         trained = train_dp(target, data.target_images, data.target_labels, train_cfg, progress=progress)
         privacy = trained.privacy.to_dict() if trained.privacy is not None else None
-        row = {
+        head = {
             "noise_multiplier": noise,
             "epsilon_classic": privacy["epsilon_classic"] if privacy else math.inf,
             "epsilon_prv": privacy["epsilon_prv"] if privacy else math.inf,
             "privacy": privacy,
-            "history": trained.history,
         }
-        summary["rows"].append(_attack_row(target, row, _row_tag(noise), data, config, run_dir, progress))
-        write_json_atomic(run_dir / "results.json", _json_safe(summary))
-    if config.untrained_row:
-        torch.manual_seed(config.seed)
-        target = build_target(config.dataset, data.num_classes, private=True).eval()
-        row = {"noise_multiplier": math.inf, "epsilon_classic": 0.0, "epsilon_prv": 0.0, "privacy": None, "history": []}
-        summary["rows"].append(_attack_row(target, row, "untrained", data, config, run_dir, progress))
-        write_json_atomic(run_dir / "results.json", _json_safe(summary))
-    return summary
+        history = trained.history
+    tag = _row_tag(noise) + (f"-seed{seed}" if len(config.training_seeds) > 1 else "")
+    head |= {"architecture": target.arch, "norm": target.norm}
+    result = _attack(target, noise, tag, seed, data, config, run_dir, progress)
+    return head, {"seed": seed, "history": history, **result}
 
 
-def _attack_row(target: SplitClassifier, row: dict, tag: str, data: SplitData, config: SplitAttackConfig,
-                run_dir: Path, progress: bool) -> dict:
-    """Score, save and attack one target; returns `row` completed with the accuracy and attack scores."""
+def _attack(target: SplitClassifier, noise: float | None, tag: str, seed: int, data: SplitData,
+            config: SplitAttackConfig, run_dir: Path, progress: bool) -> dict:
+    """Score, save and attack one target: its test accuracy, attack scores, decoder history and picture."""
     from tldr_fast import serialization
     from tldr_fast.training import evaluate_classifier
 
     accuracy = evaluate_classifier(target, data.test_images, data.test_labels)
     serialization.save(run_dir / f"target-{tag}.safetensors", target,
-                       metadata={"dataset": config.dataset, "noise_multiplier": _json_safe(row["noise_multiplier"]),
+                       metadata={"dataset": config.dataset, "noise_multiplier": _json_safe(noise), "seed": seed,
                                  "test_accuracy": accuracy})
     decoder = train_decoder(target, data.aux_images, epochs=config.decoder_epochs, batch_size=config.decoder_batch_size,
-                            lr=config.decoder_lr, width=config.decoder_width, seed=config.seed, progress=progress)
+                            lr=config.decoder_lr, width=config.decoder_width, seed=seed, progress=progress)
     guesses = reconstruct_inputs(target, decoder, data.test_images)
     picture = save_comparison_png(run_dir / f"recon-{tag}.png", data.test_images, guesses, count=config.pictures)
     return {
-        **row,
-        "architecture": target.arch,
-        "norm": target.norm,
         "target_test_accuracy": accuracy,
         "attack": image_scores(data.test_images, guesses),
         "decoder_history": decoder.history,
         "picture": picture.name,
     }
+
+
+def _summarise_rows(rows: list[tuple[dict, list[dict]]]) -> list[dict]:
+    """Per row: means and t intervals over seeds, and differences from the non-private row seed by seed."""
+    reference = next(({r["seed"]: r for r in results} for head, results in rows if head["noise_multiplier"] is None), None)
+    out = []
+    for head, results in rows:
+        stats = {"target_test_accuracy": t_interval([r["target_test_accuracy"] for r in results]),
+                 "mse": t_interval([r["attack"]["mse"] for r in results]),
+                 "ssim": t_interval([r["attack"]["ssim"] for r in results])}
+        row = {**head, "target_test_accuracy": stats["target_test_accuracy"]["mean"],
+               "attack": {"mse": stats["mse"]["mean"], "ssim": stats["ssim"]["mean"]},
+               "seed_statistics": stats, "per_seed": results}
+        if len(results) == 1:  # one seed: the keys of a single-seed table
+            row |= {key: results[0][key] for key in ("history", "decoder_history", "picture")}
+        paired = [r for r in results if r["seed"] in (reference or {})]
+        if head["noise_multiplier"] is not None and paired:
+            row["paired_vs_nonprivate"] = {
+                "seeds": [r["seed"] for r in paired],
+                **{score: t_interval([r["attack"][score] - reference[r["seed"]]["attack"][score] for r in paired])
+                   for score in ("mse", "ssim")},
+            }
+        out.append(row)
+    return out
 
 
 def _json_safe(value):

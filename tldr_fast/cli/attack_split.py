@@ -32,7 +32,12 @@ def register(commands, attacks) -> None:
     p.add_argument("--decoder-epochs", type=int, default=10)
     p.add_argument("--decoder-width", type=int, default=64)
     p.add_argument("--decoder-batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split (and of training when --seeds is not given)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds: every row is repeated once per seed (target initialisation, DP-SGD sampling "
+                   "and noise, decoder initialisation and batch order), the data split stays fixed by --seed; the "
+                   "table gives per-seed scores, their means with 95%% Student t intervals, and each row's difference "
+                   "from the non-private row of the same seed")
     p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
     p.add_argument("--out", default="runs/split", help="run directory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -100,20 +105,62 @@ def run_split(args) -> int:
         batch_size=args.batch_size, lr=args.lr, max_grad_norm=args.max_grad_norm, delta=args.delta,
         decoder_epochs=args.decoder_epochs, decoder_width=args.decoder_width,
         decoder_batch_size=args.decoder_batch_size, seed=args.seed,
-        untrained_row=args.untrained,
+        untrained_row=args.untrained, seeds=None if args.seeds is None else tuple(args.seeds),
     )
     summary = run_split_attack(config, args.out, progress=not args.no_progress, root=args.data_root)
     print(summary["data"])
-    base = summary["baseline_mean_image"]
-    print(f"{'noise':>11} {'eps classic':>11} {'eps PRV':>8} {'accuracy':>8} {'MSE':>7} {'SSIM':>6}")
-    for row in summary["rows"]:
-        noise = "non-private" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:g}"
-        noise = "untrained" if math.isinf(row["noise_multiplier"] or 0) else noise
-        print(f"{noise:>11} {_format_epsilon(row['epsilon_classic']):>11} {_format_epsilon(row['epsilon_prv']):>8} "
-              f"{row['target_test_accuracy']:8.4f} {row['attack']['mse']:7.4f} {row['attack']['ssim']:6.3f}")
-    print(f"{'mean image':>11} {'':>11} {'':>8} {'':>8} {base['mse']:7.4f} {base['ssim']:6.3f}")
+    print_split_table(summary)
     print(f"wrote {args.out}/results.json")
     return 0
+
+
+def _row_name(noise) -> str:
+    if noise is None:
+        return "non-private"
+    return "untrained" if math.isinf(noise) else f"{noise:g}"
+
+
+def _mean_interval(stat: dict, digits: int) -> str:
+    """"mean" for one seed, "mean +- half-width" otherwise."""
+    mean = f"{stat['mean']:.{digits}f}"
+    return mean if stat["half_width"] is None else f"{mean} +- {stat['half_width']:.{digits}f}"
+
+
+def _signed_interval(stat: dict, digits: int) -> str:
+    """"+mean" for one seed, "+mean [low, high]" otherwise."""
+    mean = f"{stat['mean']:+.{digits}f}"
+    return mean if stat["half_width"] is None else f"{mean} [{stat['low']:+.{digits}f}, {stat['high']:+.{digits}f}]"
+
+
+def _per_seed(stat: dict, digits: int, signed: bool = False) -> str:
+    return " ".join(f"{v:{'+' if signed else ''}.{digits}f}" for v in stat["values"])
+
+
+def print_split_table(summary: dict) -> None:
+    """The table (per-seed scores, mean +- 95% t half-width) and the paired differences from the non-private row."""
+    seeds = summary["seeds"]
+    print(f"seeds {', '.join(map(str, seeds))}" + (f"; {summary['interval']}" if len(seeds) > 1 else ""))
+    print(f"{'noise':>11} {'eps classic':>11} {'eps PRV':>8} {'accuracy':>8} {'MSE per seed':>{7 * len(seeds)}} "
+          f"{'MSE':>16} {'SSIM per seed':>{6 * len(seeds)}} {'SSIM':>14}")
+    for row in summary["rows"]:
+        stats = row["seed_statistics"]
+        print(f"{_row_name(row['noise_multiplier']):>11} {_format_epsilon(row['epsilon_classic']):>11} "
+              f"{_format_epsilon(row['epsilon_prv']):>8} {row['target_test_accuracy']:8.4f} "
+              f"{_per_seed(stats['mse'], 4):>{7 * len(seeds)}} {_mean_interval(stats['mse'], 4):>16} "
+              f"{_per_seed(stats['ssim'], 3):>{6 * len(seeds)}} {_mean_interval(stats['ssim'], 3):>14}")
+    base = summary["baseline_mean_image"]
+    print(f"{'mean image':>11} {'':>11} {'':>8} {'':>8} {'':>{7 * len(seeds)}} {base['mse']:16.4f} "
+          f"{'':>{6 * len(seeds)}} {base['ssim']:14.3f}")
+    paired = [row for row in summary["rows"] if "paired_vs_nonprivate" in row]
+    if paired:
+        print("difference from the non-private row of the same seed (row - non-private):")
+        print(f"{'noise':>11} {'dMSE per seed':>{8 * len(seeds)}} {'dMSE':>26} {'dSSIM per seed':>{7 * len(seeds)}} "
+              f"{'dSSIM':>23}")
+        for row in paired:
+            diff = row["paired_vs_nonprivate"]
+            print(f"{_row_name(row['noise_multiplier']):>11} {_per_seed(diff['mse'], 4, signed=True):>{8 * len(seeds)}} "
+                  f"{_signed_interval(diff['mse'], 4):>26} {_per_seed(diff['ssim'], 3, signed=True):>{7 * len(seeds)}} "
+                  f"{_signed_interval(diff['ssim'], 3):>23}")
 
 
 def run_dp_train(args) -> int:

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm
+from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm, per_sample_grad_norm_and_forward
 from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
 from tldr_fast.grad_norm.ghost import fully_closed_form
 from tldr_fast.grad_norm.layers import summed_outer_squared_norm, unfolded_patches
 from tldr_fast.models import MLP, PaperCNN
+from tldr_fast.module_hooks import temporary_forward_hooks
 
 FAST_BACKENDS = [b for b in BACKENDS if b != "loop"]
 
@@ -416,3 +417,55 @@ def test_refuses_unknown_options(kwargs, message):
     model, x, y = make("mlp", 2)
     with pytest.raises(ValueError, match=message):
         per_sample_grad_norm(model, x, y, **kwargs)
+
+
+def _forward_with_hooked_input(model, module):
+    """forward(x) -> (logits, {"hooked": module's input}) reading the activation through a hook."""
+    def forward(x):
+        seen = {}
+
+        def keep(mod, args, kwargs, output):
+            seen["hooked"] = args[0]
+
+        with temporary_forward_hooks([module], lambda i: keep):
+            logits = model(x)
+        return logits, seen
+    return forward
+
+
+@pytest.mark.parametrize("backend,chunk_size", [("auto", None), ("ghost", None), ("ghost", 2), ("vmap", None),
+                                                ("loop", None)])
+@pytest.mark.parametrize("name", ["paper_cnn", "residual_groupnorm"])
+def test_norm_and_forward_equal_separate_calls(name, backend, chunk_size):
+    """The shared pass gives the same norms, logits and hooked activations, and the same d/dx of
+    any function of them, as per_sample_grad_norm and a plain forward (float64)."""
+    model, x, y = make(name, 5, seed=11)
+    inner = next(m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)))
+    forward = _forward_with_hooked_input(model, inner)
+    weights = torch.randn(5, dtype=torch.float64)
+
+    def combined(norms, logits, hooked):
+        return (weights * norms).sum() + logits.logsumexp(1).sum() + hooked.pow(2).mean()
+
+    norms, (logits, extras) = per_sample_grad_norm_and_forward(model, x, y, forward, backend=backend,
+                                                               chunk_size=chunk_size)
+    (dx,) = torch.autograd.grad(combined(norms, logits, extras["hooked"]), x)
+    ref_norms = per_sample_grad_norm(model, x, y, backend="loop")
+    ref_logits, ref_extras = forward(x)
+    (ref_dx,) = torch.autograd.grad(combined(ref_norms, ref_logits, ref_extras["hooked"]), x)
+    assert rel_rms(norms, ref_norms) < 1e-10
+    assert rel_rms(logits, ref_logits) < 1e-12 and rel_rms(extras["hooked"], ref_extras["hooked"]) < 1e-12
+    assert rel_rms(dx, ref_dx) < 1e-9
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_norm_and_forward_module_called_twice():
+    model = frozen_eval(CalledTwice())
+    x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (3,))
+    forward = lambda v: (model(v), ())  # noqa: E731
+    with pytest.raises(ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"):
+        per_sample_grad_norm_and_forward(model, x, y, forward, backend="ghost")
+    norms, (logits, _) = per_sample_grad_norm_and_forward(model, x, y, forward, backend="auto")
+    assert rel_rms(norms, per_sample_grad_norm(model, x, y, backend="loop")) < 1e-10
+    assert rel_rms(logits, model(x)) < 1e-12

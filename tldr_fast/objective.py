@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tldr_fast import conditioning, losses
 from tldr_fast.config import _EngineConfig
-from tldr_fast.grad_norm import per_sample_grad_norm
+from tldr_fast.grad_norm import per_sample_grad_norm, per_sample_grad_norm_and_forward
 from tldr_fast.models.generator import Generator
 from tldr_fast.module_hooks import temporary_forward_hooks
 
@@ -152,8 +152,9 @@ def generate(template: Generator, params, buffers, z, labels, vectors) -> torch.
     return vmap(one, randomness="different")(params, buffers, z, labels, vectors)
 
 
-def _classify(classifier: nn.Module, x: torch.Tensor, needs_features: bool, bn_layers):
-    """(logits, penultimate features or None, the input of every layer in bn_layers)."""
+def _classify(classifier: nn.Module, needs_features: bool, bn_layers, x: torch.Tensor):
+    """(logits, extras): extras["feat"] the penultimate features when needed, extras["bn"] the input
+    of every layer in bn_layers (a dict of tensors only, so it can be torch.func aux output)."""
     bn_inputs: list[torch.Tensor] = [None] * len(bn_layers)
 
     def hook_for(i):
@@ -166,7 +167,10 @@ def _classify(classifier: nn.Module, x: torch.Tensor, needs_features: bool, bn_l
             logits, feat = classifier.forward_with_features(x)
         else:
             logits, feat = classifier(x), None
-    return logits, feat, bn_inputs
+    extras = {"bn": bn_inputs}
+    if feat is not None:
+        extras["feat"] = feat
+    return logits, extras
 
 
 def _feature_statistics_term(problem: Problem, bn_layers, bn_inputs) -> torch.Tensor:
@@ -188,14 +192,24 @@ def objective(params, buffers, noise, problem: Problem):
     x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
     flat_x, flat_y = x.flatten(0, 1), problem.labels.flatten()
 
-    batch = flat_x
-    if problem.needs_perturbation:
-        # Clean and perturbed images share one classifier pass (eval-mode BN: samples independent).
-        batch = torch.cat([flat_x, losses.perturb(flat_x, cfg.eps, noise["perturb"].flatten(0, 1))])
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in terms else []
-    logits, feat, bn_inputs = _classify(problem.classifier, batch, problem.needs_features, bn_layers)
-    logits = logits.view(-1, k, b, logits.shape[-1])  # (1 or 2, K, B, N): clean, then perturbed
+    classify = partial(_classify, problem.classifier, problem.needs_features, bn_layers)
+    perturbed = losses.perturb(flat_x, cfg.eps, noise["perturb"].flatten(0, 1)) if problem.needs_perturbation else None
     values: dict[str, torch.Tensor] = {}
+    if "grad" in terms and cfg.grad_norm_mode == "per_sample":
+        # The norms' own forward pass on the clean images also gives their logits and features.
+        norms, (logits, extras) = per_sample_grad_norm_and_forward(
+            problem.classifier, flat_x, flat_y, classify, backend=cfg.grad_norm_backend,
+            chunk_size=cfg.grad_norm_chunk_size)
+        values["grad"] = norms.view(k, b).mean(1)
+        if perturbed is not None:
+            logits = torch.cat([logits, problem.classifier(perturbed)])
+    else:
+        # Clean and perturbed images share one classifier pass (eval-mode BN: samples independent).
+        logits, extras = classify(flat_x if perturbed is None else torch.cat([flat_x, perturbed]))
+        if "grad" in terms:
+            values["grad"] = _batch_grad_norm_term(problem, x)
+    logits = logits.view(-1, k, b, logits.shape[-1])  # (1 or 2, K, B, N): clean, then perturbed
     if "kl" in terms:
         values["kl"] = vmap(losses.kl)(logits[0], vectors)
     if "kl_pert" in terms:
@@ -205,15 +219,13 @@ def objective(params, buffers, noise, problem: Problem):
     if "ce_pert" in terms:
         values["ce_pert"] = vmap(losses.ce)(logits[1], problem.labels)
     if problem.needs_features:
-        clean_feat = feat[: k * b].view(k, b, -1)
+        clean_feat = extras["feat"][: k * b].view(k, b, -1)
         diversity = partial(losses.diversity_losses, normalized=cfg.ortho_normalized, impl=cfg.impl)
         values["cos"], values["ortho"] = vmap(diversity)(clean_feat)
     if "tv" in terms or "pix" in terms:
         values["tv"], values["pix"] = vmap(partial(losses.tv_pixel, impl=cfg.impl))(x)
-    if "grad" in terms:
-        values["grad"] = _grad_norm_term(problem, flat_x, flat_y, x)
     if "bn" in terms:
-        values["bn"] = _feature_statistics_term(problem, bn_layers, bn_inputs)
+        values["bn"] = _feature_statistics_term(problem, bn_layers, extras["bn"])
 
     per_generator = sum(weight * values[term] for term, weight in terms.items())
     report = {term: values[term].detach() for term in values}
@@ -221,17 +233,10 @@ def objective(params, buffers, noise, problem: Problem):
     return per_generator.sum(), report
 
 
-def _grad_norm_term(problem: Problem, flat_x, flat_y, x) -> torch.Tensor:
+def _batch_grad_norm_term(problem: Problem, x) -> torch.Tensor:
+    """(K,) the authors' norm of the batch-mean gradient, per generator to keep them independent."""
     cfg = problem.config
-    k, b = problem.labels.shape
-    norm = partial(
-        per_sample_grad_norm,
-        problem.classifier,
-        backend=cfg.grad_norm_backend,
-        mode=cfg.grad_norm_mode,
-        chunk_size=cfg.grad_norm_chunk_size,
-    )
-    if cfg.grad_norm_mode == "batch":
-        # The authors' norm of the batch-mean gradient, taken per generator to keep them independent.
-        return torch.stack([norm(x[i], problem.labels[i]) for i in range(k)])
-    return norm(flat_x, flat_y).view(k, b).mean(1)
+    return torch.stack([
+        per_sample_grad_norm(problem.classifier, x[i], problem.labels[i], backend=cfg.grad_norm_backend,
+                             mode="batch", chunk_size=cfg.grad_norm_chunk_size)
+        for i in range(problem.labels.shape[0])])

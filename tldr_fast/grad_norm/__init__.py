@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tldr_fast.grad_norm.ghost import GhostUnsupported, fully_closed_form, ghost_squared_norms
+from tldr_fast.grad_norm.ghost import (
+    ForwardWithExtras,
+    GhostUnsupported,
+    fully_closed_form,
+    ghost_squared_norms,
+    ghost_squared_norms_and_outputs,
+)
 from tldr_fast.grad_norm.loop import loop_batch_gradient, loop_squared_norms
 from tldr_fast.grad_norm.selection import (
     LOSSES,
@@ -32,7 +38,7 @@ from tldr_fast.validation import check_positive_int
 BACKENDS = ("auto", "ghost", "vmap", "loop")
 MODES = ("per_sample", "batch")
 
-__all__ = ["BACKENDS", "LOSSES", "MODES", "per_sample_grad_norm", "safe_sqrt"]
+__all__ = ["BACKENDS", "LOSSES", "MODES", "per_sample_grad_norm", "per_sample_grad_norm_and_forward", "safe_sqrt"]
 
 
 def safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
@@ -67,17 +73,49 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
         return safe_sqrt(sum(g.pow(2).sum() for g in grads))
     if backend == "loop":
         squared = loop_squared_norms(model, x, y, loss_fn, names)
-    elif backend == "ghost" or (backend == "auto" and fully_closed_form(model, names)):
+    elif _uses_ghost(model, names, backend):
         try:
             squared = ghost_squared_norms(model, x, y, loss_fn, names, chunk_size)
         except GhostUnsupported as err:
             if backend == "ghost":
-                raise ValueError(f"backend='ghost' cannot handle this model: {err}; use backend='vmap'") from err
+                raise _ghost_refusal(err) from err
             # auto: only running the model reveals a layer called twice per forward
             squared = vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
     else:
         squared = vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
     return safe_sqrt(squared)
+
+
+def per_sample_grad_norm_and_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardWithExtras,
+                                     loss="ce", params=None, backend: str = "auto",
+                                     chunk_size: int | None = None):
+    """(per_sample_grad_norm(model, x, y, ...), forward(x)) where forward(x) -> (logits of model, extras).
+
+    For a caller that needs the model's outputs on x as well as the norms (the engine: logits and
+    features of the generated images). The ghost backend's own forward pass serves both, which
+    saves a forward and a backward of the model on x; other backends (and chunked ghost) call
+    forward separately. forward must compute model(x)'s logits, may read any activations on the
+    way (through hooks) and returns them in extras, a pytree of tensors.
+    """
+    names = _validate(model, x, y, loss, params, backend, "per_sample", chunk_size)
+    loss_fn = resolve_loss(loss)
+    if _uses_ghost(model, names, backend) and (chunk_size is None or chunk_size >= x.shape[0]):
+        try:
+            squared, outputs = ghost_squared_norms_and_outputs(model, x, y, loss_fn, names, forward)
+            return safe_sqrt(squared), outputs
+        except GhostUnsupported as err:
+            if backend == "ghost":
+                raise _ghost_refusal(err) from err
+            backend = "vmap"
+    return per_sample_grad_norm(model, x, y, loss, names, backend, "per_sample", chunk_size), forward(x)
+
+
+def _uses_ghost(model, names, backend) -> bool:
+    return backend == "ghost" or (backend == "auto" and fully_closed_form(model, names))
+
+
+def _ghost_refusal(err: GhostUnsupported) -> ValueError:
+    return ValueError(f"backend='ghost' cannot handle this model: {err}; use backend='vmap'")
 
 
 def _validate(model, x, y, loss, params, backend, mode, chunk_size) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ a route with a cheaper double backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ from tldr_fast.grad_norm.frozen import ProbedOutput, probed_output
 from tldr_fast.grad_norm.layers import Rule, closed_form_rule
 from tldr_fast.grad_norm.selection import PerSampleLoss, sum_of_squares
 from tldr_fast.module_hooks import temporary_forward_hooks
+
+# forward(x) -> (logits, extras): the model's forward, plus any tensors (a pytree) to hand back.
+ForwardWithExtras = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
 
 
 class GhostUnsupported(ValueError):
@@ -98,9 +102,10 @@ def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> lis
     return specs
 
 
-def _probed_forward(model, layers, specs, x, y, loss_fn):
-    """Output gradients g_l and the flattened inputs of every reached layer; non-tensor input
-    leaves and their structure come back separately (torch.func aux must be tensors only)."""
+def _probed_forward(model, layers, specs, x, y, loss_fn, forward):
+    """Output gradients g_l, the flattened inputs of every reached layer and forward's outputs;
+    non-tensor input leaves and their structure come back separately (torch.func aux must be
+    tensors only)."""
     structure: dict[int, tuple] = {}
 
     def summed_loss(probes):
@@ -117,14 +122,14 @@ def _probed_forward(model, layers, specs, x, y, loss_fn):
             return add_probe
 
         with temporary_forward_hooks([layer.module for layer in layers], hook_for):
-            logits = model(x)
-        return loss_fn(logits, y).sum(), inputs
+            logits, extras = forward(x)
+        return loss_fn(logits, y).sum(), (inputs, (logits, extras))
 
     reached = {i: spec for i, spec in enumerate(specs) if spec is not None}
     # Zero probes as broadcast views of one scalar: no memory and no fill pass over the activations.
     probes = {i: torch.zeros((), dtype=dtype, device=x.device).expand(shape) for i, (shape, dtype) in reached.items()}
-    output_grads, inputs = grad(summed_loss, has_aux=True)(probes)
-    return output_grads, inputs, structure
+    output_grads, (inputs, outputs) = grad(summed_loss, has_aux=True)(probes)
+    return output_grads, inputs, structure, outputs
 
 
 def _module_vmap_squared_norms(layer: Layer, tensors, structure, g, chunk_size) -> torch.Tensor:
@@ -147,17 +152,25 @@ def _module_vmap_squared_norms(layer: Layer, tensors, structure, g, chunk_size) 
 def ghost_squared_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
                         names: tuple[str, ...], chunk_size: int | None = None) -> torch.Tensor:
     """(B,) squared per-sample gradient norms of the chosen parameters; raises GhostUnsupported."""
-    layers = plan_layers(model, names)
     if chunk_size is not None and chunk_size < x.shape[0]:
         return torch.cat([ghost_squared_norms(model, x[s : s + chunk_size], y[s : s + chunk_size], loss_fn,
                                               names) for s in range(0, x.shape[0], chunk_size)])
+    return ghost_squared_norms_and_outputs(model, x, y, loss_fn, names, lambda v: (model(v), ()))[0]
+
+
+def ghost_squared_norms_and_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
+                                    names: tuple[str, ...], forward: ForwardWithExtras):
+    """((B,) squared norms, forward(x)) from one pass: the logits whose loss is differentiated, and
+    any extra tensors forward captured on the way (features, hooked activations), all keeping their
+    graph to x, so a caller that needs them too does not run the model a second time."""
+    layers = plan_layers(model, names)
     specs = _output_specs(model, layers, x)
-    output_grads, inputs, structure = _probed_forward(model, layers, specs, x, y, loss_fn)
+    output_grads, inputs, structure, outputs = _probed_forward(model, layers, specs, x, y, loss_fn, forward)
     total = x.new_zeros(x.shape[0])
     for i, g in output_grads.items():
         layer = layers[i]
         if layer.rule is not None:
             total = total + layer.rule(layer.module, layer.names, inputs[i][0], g)
         else:
-            total = total + _module_vmap_squared_norms(layer, inputs[i], structure[i], g, chunk_size)
-    return total
+            total = total + _module_vmap_squared_norms(layer, inputs[i], structure[i], g, None)
+    return total, outputs

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
                         help="smaller batch for the loop backend (default 32 on CPU, 256 on CUDA, 8 with --quick)")
     parser.add_argument("--gn-backends", default=",".join(BACKENDS), help="comma-separated backends")
     parser.add_argument("--gn-threads", type=int, default=None, help="torch CPU threads (default: unchanged)")
-    parser.add_argument("--gn-compile", action="store_true", help="also time torch.compile'd baseline and ghost")
+    parser.add_argument("--gn-compile", action="store_true", help="also time the torch.compile'd baseline, ghost and vmap")
     parser.add_argument("--gn-max-batch", action="store_true",
                         help="double the batch until each backend runs out of memory (CUDA)")
 
@@ -56,11 +56,16 @@ def grad_norm_step(model, x, y, backend):
     return lambda: torch.autograd.grad(per_sample_grad_norm(model, x, y, backend=backend).mean(), x)
 
 
-def compiled_steps(model, x, y):
+def compiled_steps(model, x, y, backends):
+    """The compiled baseline and, per backend, the compiled value-and-d/dx call."""
     base = torch.compile(lambda x: torch.autograd.grad(F.cross_entropy(model(x), y), x))
-    ghost = torch.compile(lambda x: torch.autograd.grad(
-        per_sample_grad_norm(model, x, y, backend="ghost").mean(), x))
-    return (lambda: base(x)), (lambda: ghost(x))
+
+    def compiled(backend):
+        step = torch.compile(lambda x: torch.autograd.grad(
+            per_sample_grad_norm(model, x, y, backend=backend).mean(), x))
+        return lambda: step(x)
+
+    return (lambda: base(x)), {backend: compiled(backend) for backend in backends}
 
 
 def measure(name: str, step, baseline, batch: int, device, repeats: int) -> dict:
@@ -113,13 +118,15 @@ def run(args) -> list[dict]:
                             device, repeats))
     if args.gn_compile:
         x, y = batch_for(model, batch, device)
-        base, ghost = compiled_steps(model, x, y)
-        rows.append(measure("ghost+compile", ghost, base, batch, device, repeats))
+        base, steps = compiled_steps(model, x, y, [b for b in args.gn_backends.split(",") if b != "loop"])
+        rows += [measure(f"{backend}+compile", step, base, batch, device, repeats) for backend, step in steps.items()]
     by_backend = {r["backend"]: r for r in rows}
-    if "ghost" in by_backend and "vmap" in by_backend:
-        for clock in ("R", "cpu_R"):
-            if clock in by_backend["ghost"]:
-                by_backend["ghost"][f"vmap_over_ghost_{clock}"] = by_backend["vmap"][clock] / by_backend["ghost"][clock]
+    for suffix in ("", "+compile"):
+        ghost, vmap = by_backend.get("ghost" + suffix), by_backend.get("vmap" + suffix)
+        if ghost and vmap:
+            for clock in ("R", "cpu_R"):
+                if clock in ghost:
+                    ghost[f"vmap_over_ghost_{clock}"] = vmap[clock] / ghost[clock]
     for r in rows:
         r.update(suite="gradnorm", model="PaperCNN", image="1x28x28", device=device,
                  threads=torch.get_num_threads())

@@ -469,3 +469,9 @@ def test_norm_and_forward_module_called_twice():
     norms, (logits, _) = per_sample_grad_norm_and_forward(model, x, y, forward, backend="auto")
     assert rel_rms(norms, per_sample_grad_norm(model, x, y, backend="loop")) < 1e-10
     assert rel_rms(logits, model(x)) < 1e-12
+
+
+def test_norm_and_forward_refuses_a_forward_that_is_not_callable():
+    model, x, y = make("mlp", 2)
+    with pytest.raises(TypeError, match="forward must be a callable x -> \\(logits, extras\\), got Tensor"):
+        per_sample_grad_norm_and_forward(model, x, y, x)

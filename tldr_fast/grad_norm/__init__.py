@@ -97,6 +97,8 @@ def per_sample_grad_norm_and_forward(model: nn.Module, x: torch.Tensor, y: torch
     forward separately. forward must compute model(x)'s logits, may read any activations on the
     way (through hooks) and returns them in extras, a pytree of tensors.
     """
+    if not callable(forward):
+        raise TypeError(f"forward must be a callable x -> (logits, extras), got {type(forward).__name__}")
     names = _validate(model, x, y, loss, params, backend, "per_sample", chunk_size)
     loss_fn = resolve_loss(loss)
     if _uses_ghost(model, names, backend) and (chunk_size is None or chunk_size >= x.shape[0]):

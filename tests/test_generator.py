@@ -10,7 +10,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tldr_fast import conditioning
 from tldr_fast.models import Generator
-from tldr_fast.models.generator import OUTPUT_ACTIVATIONS
+from tldr_fast.models.generator import OUTPUT_ACTIVATIONS, _project_to_matrix
 
 SMALL = {"width": 4, "latent_dim": 8}
 
@@ -101,3 +101,18 @@ def test_config_rebuilds_the_module():
     clone = Generator(**g.config())
     clone.load_state_dict(g.state_dict())
     assert clone.config() == g.config()
+
+
+@pytest.mark.parametrize("mode", conditioning.MODES)
+def test_first_layer_as_a_matrix_product_equals_the_transposed_convolution(mode):
+    # The generator computes its 1 x 1 -> N x N transposed convolution as a GEMM: same values,
+    # same gradients with respect to the input and the layer's parameters.
+    torch.manual_seed(0)
+    conv = Generator(7, (1, 16, 16), conditioning=mode).double().to_matrix_size[0]
+    v = torch.randn(5, conv.in_channels, dtype=torch.float64, requires_grad=True)
+    ours, reference = _project_to_matrix(conv, v), conv(v[:, :, None, None])
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(ours)
+    inputs = (v, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(ours, inputs, probe), torch.autograd.grad(reference, inputs, probe), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -42,6 +42,17 @@ def _fit_kernel(size: int, target: int) -> tuple[int, int]:
     return target - size + 1 + 2 * padding, padding
 
 
+def _project_to_matrix(conv: nn.ConvTranspose2d, v: torch.Tensor) -> torch.Tensor:
+    """conv applied to v (B, C_in) seen as 1 x 1 images, computed as the matrix product it is:
+    out[b, o, i, j] = sum_c v[b, c] W[c, o, i, j] + bias[o].
+
+    cuDNN runs this transposed convolution of a 1 x 1 input as an implicit GEMM that is 16x slower
+    than the plain GEMM on an H100 at B = 8192 (15.4 vs 0.97 ms forward)."""
+    weight = conv.weight
+    out = (v @ weight.flatten(1)).view(v.shape[0], *weight.shape[1:])
+    return out + conv.bias[:, None, None]
+
+
 def _block(c_in: int, c_out: int, conv: nn.Module, dropout: float) -> list[nn.Module]:
     layers = [conv, nn.BatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.2)]
     if dropout > 0:
@@ -132,7 +143,7 @@ class Generator(nn.Module):
                     f"conditioning {self.conditioning!r} needs vectors of shape ({z.shape[0]}, {self.num_classes}), got {got}"
                 )
             parts.append(vectors.to(z.dtype))
-        h = self.to_matrix_size(torch.cat(parts, 1)[:, :, None, None])
+        h = self.to_matrix_size[1:](_project_to_matrix(self.to_matrix_size[0], torch.cat(parts, 1)))
         if cond.uses_matrix(self.conditioning):
             h = torch.cat([h, cond.hot_matrix(labels, self.num_classes, h.dtype)], 1)
         return _output_activation(self.output_activation, self.to_image(h))

@@ -10,8 +10,11 @@ Variants, each on the same classifier (PaperCNN, MNIST 28x28, 10 classes) and th
   on CUDA replayed as a CUDA graph); its first call is reported as `compile_s`, apart from the
   step time.
 Each row: variant, batch, median step seconds, images/s and the speedup over `naive` at the same
-batch (same run). On CUDA the default batches are 1024, 8192 and 65536, then each variant's batch
-is doubled until it runs out of memory (`--step-max-batch`) to find the largest it fits.
+batch (same run). On CUDA the fast variants run the classifier on chunks of the batch beyond
+4096 (eager) / 16384 (compiled) images (`classifier_chunk_size`, `--step-chunk`; the row says so),
+which is what lets the compiled one fit 65536 images; the naive reference never chunks. On CUDA the
+default batches are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out
+of memory (`--step-max-batch`) to find the largest it fits.
 `--step-cache-check` compiles the step in two fresh processes sharing an empty TorchInductor cache
 and reports both compile times (the second reuses the first one's cache).
 """
@@ -40,6 +43,9 @@ IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 CPU_BATCHES, CPU_QUICK_BATCHES = (256,), (64,)
 GPU_BATCHES, GPU_QUICK_BATCHES = (1024, 8192, 65536), (1024,)
+# The fast variants' classifier_chunk_size on CUDA for larger batches: the compiled step's chunk loop
+# is unrolled into its graph (fewer chunks: shorter compile) and needs less memory per image.
+GPU_CHUNKS = {"fast-eager": 4096, "fast-compiled": 16384}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step-max-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="double each variant's batch until out of memory (default: on CUDA without --quick)")
     g.add_argument("--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here")
+    g.add_argument("--step-chunk", type=int, default=None,
+                   help="classifier_chunk_size of the fast variants when the batch is larger (default on CUDA: "
+                        "4096 eager, 16384 compiled; none on CPU); the naive reference never chunks")
     g.add_argument("--step-cache-check", action="store_true",
                    help="compile time in two fresh processes sharing an empty compile cache")
 
 
-def step_config(batch: int) -> ReconstructionConfig:
+def step_config(batch: int, chunk: int | None = None) -> ReconstructionConfig:
     """The paper preset with all nine terms on (eta_pix is 0 in the preset) and one generator."""
-    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0)
+    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0, classifier_chunk_size=chunk)
 
 
 def bench_classifier(device) -> torch.nn.Module:
@@ -66,11 +75,11 @@ def bench_classifier(device) -> torch.nn.Module:
     return PaperCNN(1, NUM_CLASSES, IMAGE_SHAPE[1:]).to(device).eval().requires_grad_(False)
 
 
-def make_runner(variant: str, batch: int, classifier, device):
+def make_runner(variant: str, batch: int, classifier, device, chunk: int | None = None):
     """A zero-argument callable taking one training step of `variant` (state kept inside)."""
-    cfg = step_config(batch)
     if variant == "naive":
-        return NaiveStep(classifier, cfg, IMAGE_SHAPE, device)
+        return NaiveStep(classifier, step_config(batch), IMAGE_SHAPE, device)
+    cfg = step_config(batch, chunk if chunk is not None and chunk < batch else None)
     template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
     labels = conditioning.balanced_labels(batch, NUM_CLASSES, device)[None]
     step = make_step(objective.Problem(template, classifier, cfg, labels), buffers)
@@ -86,16 +95,19 @@ def make_runner(variant: str, batch: int, classifier, device):
     return run
 
 
-def measure(variant: str, batch: int, classifier, device, quick: bool, searching: bool = False) -> dict:
+def measure(variant: str, batch: int, classifier, device, quick: bool, searching: bool = False,
+            chunk: int | None = None) -> dict:
     """One row: median step time and images/s, or status 'oom'.
 
     searching: while looking for the largest batch, any failure counts as not fitting (status
     'error: ...'): an allocation failing inside CUDA graph capture surfaces as a capture error.
     """
     row = {"variant": variant, "device": str(device), "batch": batch}
+    if variant != "naive" and chunk is not None and chunk < batch:
+        row["classifier_chunk_size"] = chunk
     runner = None
     try:
-        runner = make_runner(variant, batch, classifier, device)
+        runner = make_runner(variant, batch, classifier, device, chunk)
         if variant == "fast-compiled":
             runner()  # compiles; a CUDA graph is captured on the next call, inside the warm-up
             row["compile_s"] = runner.step.compile_seconds
@@ -123,10 +135,10 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup_vs_naive"] = r["images_per_s"] / naive[r["batch"]]
 
 
-def largest_batch(variant: str, start: int, limit: int, classifier, device) -> dict:
+def largest_batch(variant: str, start: int, limit: int, classifier, device, chunk: int | None = None) -> dict:
     """Double the batch from `start` (which fits) until out of memory or past `limit`."""
     fits, batch = start, 2 * start
-    while batch <= limit and measure(variant, batch, classifier, device, quick=True, searching=True)["status"] == "ok":
+    while batch <= limit and measure(variant, batch, classifier, device, quick=True, searching=True, chunk=chunk)["status"] == "ok":
         fits, batch = batch, 2 * batch
     return {"variant": variant, "device": str(device), "batch": fits, "status": "largest",
             "limit_reached": batch > limit}
@@ -159,14 +171,17 @@ def run(args) -> list[dict]:
         (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if on_gpu else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES))
     variants = args.step_variants or (VARIANTS[:2] if args.quick and not on_gpu else VARIANTS)
     classifier = bench_classifier(device)
-    rows = [measure(v, b, classifier, device, args.quick) for b in batches for v in variants]
+    def chunk(variant):
+        return args.step_chunk if args.step_chunk is not None else (GPU_CHUNKS.get(variant) if on_gpu else None)
+
+    rows = [measure(v, b, classifier, device, args.quick, chunk=chunk(v)) for b in batches for v in variants]
     add_speedups(rows)
     search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
     if search:
         for variant in variants:
             fitting = [r["batch"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
             if fitting:
-                rows.append(largest_batch(variant, max(fitting), args.step_max_batch_limit, classifier, device))
+                rows.append(largest_batch(variant, max(fitting), args.step_max_batch_limit, classifier, device, chunk(variant)))
     if args.step_cache_check:
         rows += cache_check(min(batches), str(device))
     return rows

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tldr_fast.grad_norm import BACKENDS, per_sample_grad_norm, per_sample_grad_norm_and_forward
+from tldr_fast.grad_norm import BACKENDS, batch_mean_gradient, per_sample_grad_norm, per_sample_grad_norm_and_forward
 from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
 from tldr_fast.grad_norm.ghost import fully_closed_form
 from tldr_fast.grad_norm.layers import summed_outer_squared_norm, unfolded_patches
@@ -173,6 +173,24 @@ def test_batch_mode_is_norm_of_mean_gradient(backend):
     (dx,) = torch.autograd.grad(value, x)
     (ref_dx,) = torch.autograd.grad(expected, x)
     assert rel_rms(dx, ref_dx) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_mean_gradient_is_the_mean_loss_gradient_with_its_graph(backend):
+    model, x, y = make("paper_cnn", 5)
+    got = batch_mean_gradient(model, x, y, backend=backend)
+    params = [p.detach().requires_grad_() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(
+        torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)), y)
+    expected = torch.autograd.grad(loss, params, create_graph=True)
+    assert len(got) == len(expected)
+    assert all(rel_rms(g, e) < 1e-12 for g, e in zip(got, expected, strict=True))
+    probe = [torch.randn_like(e) for e in expected]
+    (dx,) = torch.autograd.grad(sum((p * g).sum() for p, g in zip(probe, got, strict=True)), x)
+    (ref_dx,) = torch.autograd.grad(sum((p * e).sum() for p, e in zip(probe, expected, strict=True)), x)
+    assert rel_rms(dx, ref_dx) < 1e-10
+    with pytest.raises(ValueError, match="y must be a tensor with one entry per sample of x"):
+        batch_mean_gradient(model, x, y[:3])
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -189,3 +189,102 @@ def test_shared_classifier_pass_equals_separate_passes(classifier, features):
     diff = sum(float((grads[0][n] - grads[1][n]).pow(2).sum()) for n in grads[1])
     scale = sum(float(g.pow(2).sum()) for g in grads[1].values())
     assert scale > 0 and (diff / scale) ** 0.5 < 1e-9
+
+
+def _float64_problem(cfg, classifier, seed=5):
+    problem, params, buffers = problem_for(cfg, copy.deepcopy(classifier).double())
+    torch.manual_seed(seed)
+    params = {k: torch.randn_like(v, dtype=torch.float64) * 0.3 for k, v in params.items()}
+    buffers = {k: v.double() if v.is_floating_point() else v for k, v in buffers.items()}
+    noise = {k: v.double() for k, v in objective.draw_noise(problem).items()}
+    return problem, params, buffers, noise
+
+
+def _relative_rms(grads, reference) -> float:
+    # One relative error over all parameters (biases ahead of BatchNorm have a rounding-only gradient).
+    diff = sum(float((grads[n] - reference[n]).pow(2).sum()) for n in reference)
+    scale = sum(float(g.pow(2).sum()) for g in reference.values())
+    assert scale > 0 and set(grads) == set(reference)
+    return (diff / scale) ** 0.5
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "overrides", "chunk"),
+    [
+        (ReconstructionConfig, {"num_generators": 2, "eta_pix": 1.0}, 4),  # 4 + 2: a remainder chunk
+        (ReconstructionConfig, {"num_generators": 1, "dropout": 0.5}, 1),  # one image per chunk, dropout on
+        (ReconstructionConfig, {"num_generators": 2, "grad_norm_backend": "vmap", "gamma": 0.0}, 3),
+        (ReconstructionConfig, {"num_generators": 1, "eta_grad": 0.0, "alpha_pert": 0.0, "beta_pert": 0.0}, 5),
+        (InversionConfig, {"num_generators": 2}, 2),
+        (ReconstructionConfig, {"num_generators": 2, "grad_norm_mode": "batch"}, 4),
+        (ReconstructionConfig, {"num_generators": 1, "grad_norm_mode": "batch", "grad_norm_backend": "vmap"}, 5),
+    ],
+    ids=["nine-terms-remainder", "chunk-of-one-dropout", "vmap-no-cosine", "no-grad-no-perturbation", "inversion",
+         "authors-batch-norm", "authors-batch-norm-vmap"],
+)
+def test_chunked_gradient_equals_the_whole_batch_gradient(classifier, config_cls, overrides, chunk):
+    """chunked_grad_and_value = grad_and_value(objective) in float64: same loss, report and
+    gradient, for chunks that do and do not divide the batch."""
+    cfg = config_cls(**{**TINY, **overrides})
+    problem, params, buffers, noise = _float64_problem(cfg, classifier)
+    torch.manual_seed(7)  # generator dropout draws inside both: the same masks
+    whole, (loss, report) = grad_and_value(objective.objective, has_aux=True)(params, buffers, noise, problem)
+    torch.manual_seed(7)
+    chunked, (chunked_loss, chunked_report) = objective.chunked_grad_and_value(params, buffers, noise, problem, chunk)
+    assert torch.isfinite(chunked_loss) and torch.allclose(chunked_loss, loss, rtol=1e-12, atol=0)
+    assert set(chunked_report) == set(report)
+    for term in report:
+        torch.testing.assert_close(chunked_report[term], report[term], rtol=1e-10, atol=1e-12, msg=term)
+    assert _relative_rms(chunked, whole) < 1e-10
+
+
+def test_chunked_step_is_chosen_by_the_config_and_equals_the_whole_batch_step(classifier):
+    from tldr_fast.engine import AdamState, make_step
+
+    results = []
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the step draws its noise in the default dtype
+    try:
+        for chunk in (None, 6, 4):  # 6 = the batch: the whole-batch path
+            cfg = ReconstructionConfig(**{**TINY, "num_generators": 2, "classifier_chunk_size": chunk})
+            problem, params, buffers, _ = _float64_problem(cfg, classifier)
+            torch.manual_seed(9)
+            results.append(make_step(problem, buffers)(params, AdamState.zeros_like(params)))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    (_, state0, report0), (_, state1, _), (_, state2, report2) = results
+    for term in report0:
+        torch.testing.assert_close(report2[term], report0[term], rtol=1e-10, atol=1e-12, msg=term)
+    # Adam's first moment after one step is (1 - beta1) * gradient: compare the gradients.
+    assert _relative_rms(state1.m, state0.m) == 0
+    assert _relative_rms(state2.m, state0.m) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"classifier_chunk_size": 0}, "classifier_chunk_size must be an integer >= 1, got 0"),
+        ({"classifier_chunk_size": 2, "eta_bn": 0.5}, "classifier_chunk_size 2 < batch_size 6 needs eta_bn = 0"),
+        ({"grad_norm_backend": "loop"}, r"grad_norm_backend must be one of \('auto', 'ghost', 'vmap'\), got 'loop'"),
+    ],
+)
+def test_config_refuses_what_the_engine_cannot_run(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ReconstructionConfig(**{**TINY, **overrides})
+
+
+def test_a_chunk_as_large_as_the_batch_is_the_whole_batch_path():
+    cfg = ReconstructionConfig(**{**TINY, "classifier_chunk_size": 6, "eta_bn": 0.5})
+    assert cfg.classifier_chunk_size == 6
+
+
+def test_cli_classifier_chunk_size_flag():
+    import argparse
+
+    from tldr_fast.cli.engine import _add_engine_arguments, _config
+
+    parser = argparse.ArgumentParser()
+    _add_engine_arguments(parser, "reconstruct")
+    assert _config(parser.parse_args([]), ReconstructionConfig).classifier_chunk_size is None
+    args = parser.parse_args(["--batch-size", "4096", "--classifier-chunk-size", "1024"])
+    assert _config(args, ReconstructionConfig).classifier_chunk_size == 1024

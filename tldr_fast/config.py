@@ -37,12 +37,16 @@ from tldr_fast import conditioning, losses
 from tldr_fast.models.generator import OUTPUT_ACTIVATIONS
 
 GRAD_NORM_MODES = ("per_sample", "batch")
+# The engine's step runs inside torch.func transforms; the `loop` backend (plain autograd, one
+# sample at a time) cannot, and is the tests' oracle rather than an engine backend.
+ENGINE_GRAD_NORM_BACKENDS = ("auto", "ghost", "vmap")
 PRESETS = ("paper", "authors")
 
 # Fields that may change when a run is resumed: they do not alter the trajectory of the steps
 # already taken (more steps extend the run; checkpoint and log cadence are bookkeeping; the compiled
-# step draws the same noise and computes the same update as the eager one, to float tolerance).
-RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every", "compile"})
+# step draws the same noise and computes the same update as the eager one, to float tolerance, and
+# so does the chunked one).
+RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every", "compile", "classifier_chunk_size"})
 
 
 def _check_weight(name: str, value) -> None:
@@ -87,6 +91,10 @@ class _EngineConfig:
     # the first compilation of the double-backward step takes minutes on a CPU, longer than short
     # runs; turn it on for long or large-batch runs (a second process reuses the compile cache).
     compile: bool = False
+    # Run the classifier on chunks of at most this many images per generator (None: the whole batch
+    # at once): its passes and the gradient norm's double backward then need memory for one chunk;
+    # the diversity losses still compare the whole batch. Same gradient up to float rounding.
+    classifier_chunk_size: int | None = None
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -116,6 +124,8 @@ class _EngineConfig:
         _check_choice("vector_kind", self.vector_kind, conditioning.VECTOR_KINDS)
         _check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
         _check_choice("impl", self.impl, losses.IMPLS)
+        if self.classifier_chunk_size is not None:
+            _check_int("classifier_chunk_size", self.classifier_chunk_size, 1)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         self._check_batch_compares("the diversity losses", ("gamma", "delta"))
@@ -206,8 +216,15 @@ class ReconstructionConfig(_EngineConfig):
         _check_weight("eps", self.eps)
         self._check_batch_compares("the feature-statistics prior", ("eta_bn",))
         _check_choice("grad_norm_mode", self.grad_norm_mode, GRAD_NORM_MODES)
+        _check_choice("grad_norm_backend", self.grad_norm_backend, ENGINE_GRAD_NORM_BACKENDS)
         if self.grad_norm_chunk_size is not None:
             _check_int("grad_norm_chunk_size", self.grad_norm_chunk_size, 1)
+        if self.classifier_chunk_size is not None and self.classifier_chunk_size < self.batch_size:
+            # It compares the whole batch's statistics inside the classifier: not separable by chunk.
+            if self.eta_bn > 0:
+                raise ValueError(f"classifier_chunk_size {self.classifier_chunk_size} < batch_size {self.batch_size} "
+                                 f"needs eta_bn = 0 (the feature-statistics prior uses whole-batch statistics), "
+                                 f"got eta_bn={self.eta_bn}")
 
     @classmethod
     def _authors_fields(cls) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from tldr_fast.objective import (
     active_terms,
     batch_norm_layers,
     build_generators,
+    chunked_grad_and_value,
     draw_noise,
     needs_features,
     objective,
@@ -88,7 +90,11 @@ def adam_update(params, grads, state: AdamState, lr: float, beta1: float, beta2:
 def make_step(problem: Problem, buffers: dict[str, torch.Tensor]):
     """The training step: (params, AdamState) -> (params, AdamState, {term: (K,)})."""
     cfg = problem.config
-    value_and_grad = grad_and_value(objective, has_aux=True)
+    chunk = cfg.classifier_chunk_size
+    if chunk is not None and chunk < cfg.batch_size:
+        value_and_grad = partial(chunked_grad_and_value, chunk_size=chunk)
+    else:
+        value_and_grad = grad_and_value(objective, has_aux=True)
 
     def step(params, state: AdamState):
         noise = draw_noise(problem)

@@ -24,11 +24,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, grad, stack_module_state, vjp, vmap
 
 from tldr_fast import conditioning, losses
 from tldr_fast.config import _EngineConfig
-from tldr_fast.grad_norm import per_sample_grad_norm, per_sample_grad_norm_and_forward
+from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm, per_sample_grad_norm_and_forward, safe_sqrt
 from tldr_fast.models.generator import Generator
 from tldr_fast.module_hooks import temporary_forward_hooks
 
@@ -184,53 +184,167 @@ def _feature_statistics_term(problem: Problem, bn_layers, bn_inputs) -> torch.Te
     return total
 
 
-def objective(params, buffers, noise, problem: Problem):
-    """(scalar loss summed over generators, {term: (K,) detached values, 'total': (K,)})."""
+def _classifier_terms(problem: Problem, x, labels, vectors, perturb_noise, bn_layers):
+    """({term: (K,)}, extras) for the terms that are means of per-image values over the given images
+    x (K, n, C, H, W): KL, CE, both on the perturbed images, and the per-sample gradient norm; extras
+    of the clean images' classifier pass (`_classify`)."""
     cfg, terms = problem.config, problem.terms
-    k, b = problem.labels.shape
-    vectors = condition(problem, noise)
-    x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
-    flat_x, flat_y = x.flatten(0, 1), problem.labels.flatten()
-
-    bn_layers = batch_norm_layers(problem.classifier) if "bn" in terms else []
+    k, n = labels.shape
+    flat_x, flat_y = x.flatten(0, 1), labels.flatten()
     classify = partial(_classify, problem.classifier, problem.needs_features, bn_layers)
-    perturbed = losses.perturb(flat_x, cfg.eps, noise["perturb"].flatten(0, 1)) if problem.needs_perturbation else None
+    perturbed = losses.perturb(flat_x, cfg.eps, perturb_noise.flatten(0, 1)) if problem.needs_perturbation else None
     values: dict[str, torch.Tensor] = {}
     if "grad" in terms and cfg.grad_norm_mode == "per_sample":
         # The norms' own forward pass on the clean images also gives their logits and features.
         norms, (logits, extras) = per_sample_grad_norm_and_forward(
             problem.classifier, flat_x, flat_y, classify, backend=cfg.grad_norm_backend,
             chunk_size=cfg.grad_norm_chunk_size)
-        values["grad"] = norms.view(k, b).mean(1)
+        values["grad"] = norms.view(k, n).mean(1)
         if perturbed is not None:
             logits = torch.cat([logits, problem.classifier(perturbed)])
     else:
         # Clean and perturbed images share one classifier pass (eval-mode BN: samples independent).
         logits, extras = classify(flat_x if perturbed is None else torch.cat([flat_x, perturbed]))
-        if "grad" in terms:
-            values["grad"] = _batch_grad_norm_term(problem, x)
-    logits = logits.view(-1, k, b, logits.shape[-1])  # (1 or 2, K, B, N): clean, then perturbed
+    logits = logits.view(-1, k, n, logits.shape[-1])  # (1 or 2, K, n, N): clean, then perturbed
     if "kl" in terms:
         values["kl"] = vmap(losses.kl)(logits[0], vectors)
     if "kl_pert" in terms:
         values["kl_pert"] = vmap(losses.kl)(logits[1], vectors)
     if "ce" in terms:
-        values["ce"] = vmap(losses.ce)(logits[0], problem.labels)
+        values["ce"] = vmap(losses.ce)(logits[0], labels)
     if "ce_pert" in terms:
-        values["ce_pert"] = vmap(losses.ce)(logits[1], problem.labels)
+        values["ce_pert"] = vmap(losses.ce)(logits[1], labels)
+    return values, extras
+
+
+def _diversity_terms(problem: Problem, feat) -> dict[str, torch.Tensor]:
+    """{cos, ortho}: (K,) each, from the clean images' features (K, B, D)."""
+    diversity = partial(losses.diversity_losses, normalized=problem.config.ortho_normalized, impl=problem.config.impl)
+    cos, ortho = vmap(diversity)(feat)
+    return {"cos": cos, "ortho": ortho}
+
+
+def _image_terms(problem: Problem, x) -> dict[str, torch.Tensor]:
+    """{tv, pix}: (K,) each, from the images (K, B, C, H, W)."""
+    tv, pix = vmap(partial(losses.tv_pixel, impl=problem.config.impl))(x)
+    return {"tv": tv, "pix": pix}
+
+
+def _weighted_sum(problem: Problem, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(K,) sum over the active terms present in `values` of weight * value."""
+    return sum(weight * values[term] for term, weight in problem.terms.items() if term in values)
+
+
+def _weighted_grad(problem: Problem, term_values, inputs):
+    """(d/d inputs of the summed weighted terms, the terms): term_values(inputs) -> {term: (K,)}."""
+
+    def loss(v):
+        values = term_values(v)
+        return _weighted_sum(problem, values).sum(), values
+
+    return grad(loss, has_aux=True)(inputs)
+
+
+def _mean_gradients(problem: Problem, x, labels, share: float):
+    """Per generator k: share * grad_theta of the mean CE of the classifier over x[k] (graph to x kept)."""
+    cfg = problem.config
+    return [tuple(share * g for g in batch_mean_gradient(problem.classifier, x_k, y_k, backend=cfg.grad_norm_backend,
+                                                         chunk_size=cfg.grad_norm_chunk_size))
+            for x_k, y_k in zip(x, labels, strict=True)]
+
+
+def _report(problem: Problem, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    report = {term: values[term].detach() for term in values}
+    report["total"] = _weighted_sum(problem, values).detach()
+    return report
+
+
+def objective(params, buffers, noise, problem: Problem):
+    """(scalar loss summed over generators, {term: (K,) detached values, 'total': (K,)})."""
+    terms = problem.terms
+    vectors = condition(problem, noise)
+    x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
+    bn_layers = batch_norm_layers(problem.classifier) if "bn" in terms else []
+    values, extras = _classifier_terms(problem, x, problem.labels, vectors, noise.get("perturb"), bn_layers)
+    if "grad" in terms and problem.config.grad_norm_mode == "batch":
+        values["grad"] = _batch_grad_norm_term(problem, x)
     if problem.needs_features:
-        clean_feat = extras["feat"][: k * b].view(k, b, -1)
-        diversity = partial(losses.diversity_losses, normalized=cfg.ortho_normalized, impl=cfg.impl)
-        values["cos"], values["ortho"] = vmap(diversity)(clean_feat)
+        k, b = problem.labels.shape
+        values.update(_diversity_terms(problem, extras["feat"][: k * b].view(k, b, -1)))
     if "tv" in terms or "pix" in terms:
-        values["tv"], values["pix"] = vmap(partial(losses.tv_pixel, impl=cfg.impl))(x)
+        values.update(_image_terms(problem, x))
     if "bn" in terms:
         values["bn"] = _feature_statistics_term(problem, bn_layers, extras["bn"])
+    return _weighted_sum(problem, values).sum(), _report(problem, values)
 
-    per_generator = sum(weight * values[term] for term, weight in terms.items())
-    report = {term: values[term].detach() for term in values}
-    report["total"] = per_generator.detach()
-    return per_generator.sum(), report
+
+def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size: int):
+    """`grad_and_value(objective, has_aux=True)`, with the classifier run on chunks of at most
+    chunk_size images per generator, so the memory of its passes and of the gradient norm's double
+    backward is bounded by the chunk, not the batch.
+
+    L = sum_c S_c(x_c) + D(phi(x)) + I(x), with S_c the per-image terms of chunk c (their batch
+    means, weighted by the chunk's share of the batch), D the diversity losses of all B features
+    and I the image priors. dL/dx is assembled chunk by chunk: the features phi(x) of the whole
+    batch first (a forward pass, no graph kept), g = dD/dphi over the whole batch, then for each
+    chunk the gradient of S_c(x_c) + <g_c, phi(x_c)>, whose graph is freed before the next chunk.
+    The generator runs once over the whole batch (its BatchNorm couples the images) and dL/dx is
+    pulled back through it in one vector-Jacobian product.
+    """
+    k, b = problem.labels.shape
+    vectors = condition(problem, noise)
+    x, pull_back = vjp(lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors), params)
+    chunks = [(s, min(s + chunk_size, b)) for s in range(0, b, chunk_size)]
+    values: dict[str, torch.Tensor] = {}
+    x_grad = torch.zeros_like(x)
+    if "tv" in problem.terms or "pix" in problem.terms:
+        x_grad, image_values = _weighted_grad(problem, partial(_image_terms, problem), x)
+        values.update(image_values)
+    feat_grad = None
+    if problem.needs_features:
+        feat = torch.cat([problem.classifier.forward_with_features(x[:, s:e].flatten(0, 1))[1].view(k, e - s, -1)
+                          for s, e in chunks], dim=1)
+        feat_grad, diversity = _weighted_grad(problem, partial(_diversity_terms, problem), feat)
+        values.update(diversity)
+    batch_grad_direction = None
+    if "grad" in problem.terms and problem.config.grad_norm_mode == "batch":
+        # n_k = ||G_k||, G_k = sum_c share_c G_kc (G_kc the mean gradient over chunk c), so
+        # dn_k/dx_c = share_c <G_k / n_k, dG_kc/dx_c>: the norms first, then one term per chunk.
+        gradients = [_mean_gradients(problem, x[:, s:e], problem.labels[:, s:e], (e - s) / b) for s, e in chunks]
+        batch_grads = [tuple(sum(parts) for parts in zip(*per_chunk, strict=True))
+                       for per_chunk in zip(*gradients, strict=True)]
+        norms = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in batch_grads])
+        values["grad"] = norms
+        batch_grad_direction = [tuple(g / torch.where(n > 0, n, 1) for g in grads)
+                                for grads, n in zip(batch_grads, norms, strict=True)]
+    perturb_noise = noise.get("perturb")
+    per_image: dict[str, torch.Tensor] = {}
+    x_chunk_grads = []
+    for s, e in chunks:
+        share = (e - s) / b
+
+        def chunk_loss(x_c, s=s, e=e, share=share):
+            chunk_values, extras = _classifier_terms(
+                problem, x_c, problem.labels[:, s:e], vectors[:, s:e],
+                None if perturb_noise is None else perturb_noise[:, s:e], [])
+            loss = share * _weighted_sum(problem, chunk_values).sum()
+            if feat_grad is not None:
+                clean_feat = extras["feat"][: k * (e - s)].view(k, e - s, -1)  # perturbed rows may follow
+                loss = loss + (feat_grad[:, s:e] * clean_feat).sum()
+            if batch_grad_direction is not None:
+                chunk_grads = _mean_gradients(problem, x_c, problem.labels[:, s:e], share)
+                loss = loss + problem.terms["grad"] * sum(
+                    (u * g).sum() for direction, grads in zip(batch_grad_direction, chunk_grads, strict=True)
+                    for u, g in zip(direction, grads, strict=True))
+            return loss, chunk_values
+
+        g, chunk_values = grad(chunk_loss, has_aux=True)(x[:, s:e])
+        x_chunk_grads.append(g)
+        for term, value in chunk_values.items():
+            per_image[term] = per_image.get(term, 0) + share * value
+    values.update(per_image)
+    (param_grads,) = pull_back(x_grad + torch.cat(x_chunk_grads, dim=1))
+    return param_grads, (_weighted_sum(problem, values).sum().detach(), _report(problem, values))
 
 
 def _batch_grad_norm_term(problem: Problem, x) -> torch.Tensor:

@@ -55,6 +55,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument("--checkpoint-every", type=int, help="checkpoint every n steps (0: never)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--classifier-chunk-size", type=int,
+                   help="run the classifier on chunks of this many images per generator: bounds the memory "
+                        "of large batches (the diversity losses still compare the whole batch)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the step (CUDA: replayed as a CUDA graph); the first compile takes "
                         "minutes on a CPU, later processes reuse the on-disk cache (default: off)")
@@ -69,7 +72,8 @@ def _config(args, config_cls, base: dict | None = None):
         if not sep or name not in fields:
             raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
         overrides[name] = _parse_value(raw, fields[name].default)
-    for name in ("steps", "batch_size", "num_generators", "lr", "seed", "eps", "checkpoint_every", "compile"):
+    for name in ("steps", "batch_size", "num_generators", "lr", "seed", "eps", "checkpoint_every",
+                 "classifier_chunk_size", "compile"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -38,7 +38,8 @@ from tldr_fast.validation import check_positive_int
 BACKENDS = ("auto", "ghost", "vmap", "loop")
 MODES = ("per_sample", "batch")
 
-__all__ = ["BACKENDS", "LOSSES", "MODES", "per_sample_grad_norm", "per_sample_grad_norm_and_forward", "safe_sqrt"]
+__all__ = ["BACKENDS", "LOSSES", "MODES", "batch_mean_gradient", "per_sample_grad_norm",
+           "per_sample_grad_norm_and_forward", "safe_sqrt"]
 
 
 def safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
@@ -66,11 +67,8 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
     names = _validate(model, x, y, loss, params, backend, mode, chunk_size)
     loss_fn = resolve_loss(loss)
     if mode == "batch":
-        if backend == "loop":
-            grads = loop_batch_gradient(model, x, y, loss_fn, names)
-        else:
-            grads = batch_gradient(model, x, y, loss_fn, names, chunk_size)
-        return safe_sqrt(sum(g.pow(2).sum() for g in grads))
+        return safe_sqrt(sum(g.pow(2).sum() for g in _batch_mean_gradient(model, x, y, loss_fn, names, backend,
+                                                                          chunk_size)))
     if backend == "loop":
         squared = loop_squared_norms(model, x, y, loss_fn, names)
     elif _uses_ghost(model, names, backend):
@@ -110,6 +108,20 @@ def per_sample_grad_norm_and_forward(model: nn.Module, x: torch.Tensor, y: torch
                 raise _ghost_refusal(err) from err
             backend = "vmap"
     return per_sample_grad_norm(model, x, y, loss, names, backend, "per_sample", chunk_size), forward(x)
+
+
+def batch_mean_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss="ce", params=None,
+                        backend: str = "auto", chunk_size: int | None = None) -> tuple[torch.Tensor, ...]:
+    """grad_theta (1/B) sum_i l(f_theta(x_i), y_i), one tensor per chosen parameter, keeping the graph
+    to x (what mode="batch" takes the norm of). Arguments as for per_sample_grad_norm."""
+    names = _validate(model, x, y, loss, params, backend, "batch", chunk_size)
+    return _batch_mean_gradient(model, x, y, resolve_loss(loss), names, backend, chunk_size)
+
+
+def _batch_mean_gradient(model, x, y, loss_fn, names, backend, chunk_size) -> tuple[torch.Tensor, ...]:
+    if backend == "loop":
+        return loop_batch_gradient(model, x, y, loss_fn, names)
+    return batch_gradient(model, x, y, loss_fn, names, chunk_size)
 
 
 def _uses_ghost(model, names, backend) -> bool:

@@ -116,3 +116,24 @@ def test_first_layer_as_a_matrix_product_equals_the_transposed_convolution(mode)
     inputs = (v, conv.weight, conv.bias)
     for a, b in zip(torch.autograd.grad(ours, inputs, probe), torch.autograd.grad(reference, inputs, probe), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_uniform_mask_dropout_is_inverted_dropout():
+    from tldr_fast.models.generator import UniformMaskDropout
+
+    torch.manual_seed(0)
+    p, n = 0.3, 200_000
+    layer = UniformMaskDropout(p)
+    x = torch.rand(n, dtype=torch.float64) + 0.5
+    x.requires_grad_()
+    y = layer(x)
+    kept = y != 0
+    # Binomial(n, 1 - p): 6 standard deviations either side.
+    assert abs(float(kept.double().mean()) - (1 - p)) < 6 * ((p * (1 - p)) / n) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-15, atol=0)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(dx, kept.double() / (1 - p), rtol=1e-15, atol=0)
+    assert torch.equal(layer.eval()(x), x) and torch.equal(UniformMaskDropout(0.0)(x), x)
+    # Under vmap with randomness="different" (the engine's stacked generators) each member draws its own mask.
+    masks = vmap(lambda v: UniformMaskDropout(0.5)(v), randomness="different")(torch.ones(2, 1000)) != 0
+    assert not torch.equal(masks[0], masks[1])

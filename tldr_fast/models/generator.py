@@ -55,13 +55,15 @@ def _project_to_matrix(conv: nn.ConvTranspose2d, v: torch.Tensor) -> torch.Tenso
 
 class UniformMaskDropout(nn.Dropout):
     """Inverted dropout, x * m with m = [u >= p] / (1 - p), u ~ U[0, 1) per element: nn.Dropout's
-    distribution, the mask drawn by uniform_ instead of bernoulli_. Forward and backward on the
-    generator's 256 x 128 x 10 x 10 activations under the engine's vmap, on a CPU: 39 ms against
-    nn.Dropout's 87 ms (the CPU step spent 11% of its time in bernoulli_)."""
+    distribution, on a CPU with the mask drawn by uniform_ instead of bernoulli_.
+
+    Forward and backward under the engine's vmap, measured: CPU, 256 x 128 x 10 x 10 activations,
+    39 ms against nn.Dropout's 87 ms (the CPU step spent 11% of its time in bernoulli_); H100,
+    8192 x 128 x 10 x 10, 1.77 ms against 0.69 ms for nn.Dropout's fused kernel, which GPUs keep."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
         return x * ((torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 

@@ -283,13 +283,14 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     chunk_size images per generator, so the memory of its passes and of the gradient norm's double
     backward is bounded by the chunk, not the batch.
 
-    L = sum_c S_c(x_c) + D(phi(x)) + I(x), with S_c the per-image terms of chunk c (their batch
-    means, weighted by the chunk's share of the batch), D the diversity losses of all B features
-    and I the image priors. dL/dx is assembled chunk by chunk: the features phi(x) of the whole
-    batch first (a forward pass, no graph kept), g = dD/dphi over the whole batch, then for each
-    chunk the gradient of S_c(x_c) + <g_c, phi(x_c)>, whose graph is freed before the next chunk.
-    The generator runs once over the whole batch (its BatchNorm couples the images) and dL/dx is
-    pulled back through it in one vector-Jacobian product.
+    L = sum_c S_c(x_c) + D(phi(x)) + I(x) + eta n(x), with S_c the per-image terms of chunk c (their
+    batch means, weighted by the chunk's share of the batch), D the diversity losses of all B
+    features, I the image priors and n the authors' batch-mean gradient norm (mode "batch"). dL/dx
+    is assembled chunk by chunk: the features phi(x) of the whole batch first (a forward pass, no
+    graph kept) and g = dD/dphi over the whole batch, then for each chunk the gradient of
+    S_c(x_c) + <g_c, phi(x_c)> (+ eta share_c <G / n, G_c(x_c)>), whose graph is freed before the
+    next chunk. The generator runs once over the whole batch (its BatchNorm couples the images) and
+    dL/dx is pulled back through it in one vector-Jacobian product.
     """
     k, b = problem.labels.shape
     vectors = condition(problem, noise)
@@ -306,45 +307,46 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
                           for s, e in chunks], dim=1)
         feat_grad, diversity = _weighted_grad(problem, partial(_diversity_terms, problem), feat)
         values.update(diversity)
-    batch_grad_direction = None
+    directions = None
     if "grad" in problem.terms and problem.config.grad_norm_mode == "batch":
-        # n_k = ||G_k||, G_k = sum_c share_c G_kc (G_kc the mean gradient over chunk c), so
-        # dn_k/dx_c = share_c <G_k / n_k, dG_kc/dx_c>: the norms first, then one term per chunk.
-        gradients = [_mean_gradients(problem, x[:, s:e], problem.labels[:, s:e], (e - s) / b) for s, e in chunks]
-        batch_grads = [tuple(sum(parts) for parts in zip(*per_chunk, strict=True))
-                       for per_chunk in zip(*gradients, strict=True)]
-        norms = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in batch_grads])
-        values["grad"] = norms
-        batch_grad_direction = [tuple(g / torch.where(n > 0, n, 1) for g in grads)
-                                for grads, n in zip(batch_grads, norms, strict=True)]
+        values["grad"], directions = _batch_gradient_norms_and_directions(problem, x, chunks)
     perturb_noise = noise.get("perturb")
-    per_image: dict[str, torch.Tensor] = {}
+
+    def chunk_loss(x_c, s, e):
+        share = (e - s) / b
+        chunk_values, extras = _classifier_terms(problem, x_c, problem.labels[:, s:e], vectors[:, s:e],
+                                                 None if perturb_noise is None else perturb_noise[:, s:e], [])
+        loss = share * _weighted_sum(problem, chunk_values).sum()
+        if feat_grad is not None:
+            clean_feat = extras["feat"][: k * (e - s)].view(k, e - s, -1)  # perturbed rows may follow
+            loss = loss + (feat_grad[:, s:e] * clean_feat).sum()
+        if directions is not None:
+            chunk_grads = _mean_gradients(problem, x_c, problem.labels[:, s:e], share)
+            loss = loss + problem.terms["grad"] * sum(
+                (u * g).sum() for direction, grads in zip(directions, chunk_grads, strict=True)
+                for u, g in zip(direction, grads, strict=True))
+        return loss, {term: share * value for term, value in chunk_values.items()}
+
     x_chunk_grads = []
     for s, e in chunks:
-        share = (e - s) / b
-
-        def chunk_loss(x_c, s=s, e=e, share=share):
-            chunk_values, extras = _classifier_terms(
-                problem, x_c, problem.labels[:, s:e], vectors[:, s:e],
-                None if perturb_noise is None else perturb_noise[:, s:e], [])
-            loss = share * _weighted_sum(problem, chunk_values).sum()
-            if feat_grad is not None:
-                clean_feat = extras["feat"][: k * (e - s)].view(k, e - s, -1)  # perturbed rows may follow
-                loss = loss + (feat_grad[:, s:e] * clean_feat).sum()
-            if batch_grad_direction is not None:
-                chunk_grads = _mean_gradients(problem, x_c, problem.labels[:, s:e], share)
-                loss = loss + problem.terms["grad"] * sum(
-                    (u * g).sum() for direction, grads in zip(batch_grad_direction, chunk_grads, strict=True)
-                    for u, g in zip(direction, grads, strict=True))
-            return loss, chunk_values
-
-        g, chunk_values = grad(chunk_loss, has_aux=True)(x[:, s:e])
+        g, chunk_values = grad(chunk_loss, has_aux=True)(x[:, s:e], s, e)
         x_chunk_grads.append(g)
         for term, value in chunk_values.items():
-            per_image[term] = per_image.get(term, 0) + share * value
-    values.update(per_image)
+            values[term] = values[term] + value if term in values else value
     (param_grads,) = pull_back(x_grad + torch.cat(x_chunk_grads, dim=1))
     return param_grads, (_weighted_sum(problem, values).sum().detach(), _report(problem, values))
+
+
+def _batch_gradient_norms_and_directions(problem: Problem, x, chunks):
+    """((K,) n_k = ||G_k||, per generator G_k / n_k) with G_k = sum_c share_c G_kc, G_kc the mean
+    gradient over chunk c; dn_k/dx_c = share_c <G_k / n_k, dG_kc/dx_c> (0 where n_k = 0)."""
+    b = x.shape[1]
+    per_chunk = [_mean_gradients(problem, x[:, s:e], problem.labels[:, s:e], (e - s) / b) for s, e in chunks]
+    batch_grads = [tuple(sum(parts) for parts in zip(*chunk_grads, strict=True))
+                   for chunk_grads in zip(*per_chunk, strict=True)]
+    norms = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in batch_grads])
+    directions = [tuple(g / torch.where(n > 0, n, 1) for g in grads) for grads, n in zip(batch_grads, norms, strict=True)]
+    return norms, directions
 
 
 def _batch_grad_norm_term(problem: Problem, x) -> torch.Tensor:

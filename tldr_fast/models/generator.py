@@ -64,7 +64,9 @@ class UniformMaskDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return x * ((torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p)))
+        # empty_like().uniform_() gives rand_like's numbers in eager; with rand_like itself the
+        # Inductor-compiled CPU step drew other numbers than eager despite fallback_random.
+        return x * ((torch.empty_like(x).uniform_() >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 
 def _block(c_in: int, c_out: int, conv: nn.Module, dropout: float) -> list[nn.Module]:

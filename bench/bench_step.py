@@ -19,9 +19,10 @@ def classifier():
     return bench_classifier("cpu")
 
 
-@pytest.mark.parametrize("variant", ["naive", "fast-eager"])
-def test_step(benchmark, classifier, variant):
-    runner = make_runner(variant, 8, classifier, "cpu")
+@pytest.mark.parametrize(("variant", "chunk"), [("naive", None), ("fast-eager", None), ("fast-eager", 3)],
+                         ids=["naive", "fast-eager", "fast-eager-chunks-of-3"])
+def test_step(benchmark, classifier, variant, chunk):
+    runner = make_runner(variant, 8, classifier, "cpu", chunk)
     benchmark.pedantic(runner, rounds=3, warmup_rounds=1)
 
 

@@ -78,6 +78,18 @@ def test_resume_with_other_settings_is_refused(model_file, tmp_path, capsys):
     assert "config differs in lr: 0.003 -> 0.01" in capsys.readouterr().err
 
 
+def test_chunked_run_equals_the_whole_batch_run_and_resumes_with_another_chunk(model_file, tmp_path):
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    assert main(["reconstruct", "--model", str(model_file), "--out", str(whole), *TINY]) == 0
+    args = ["reconstruct", "--model", str(model_file), "--out", str(chunked), *TINY]
+    assert main([*args, "--checkpoint-every", "1", "--classifier-chunk-size", "4"]) == 0
+    assert json.loads((chunked / "config.json").read_text())["config"]["classifier_chunk_size"] == 4
+    torch.testing.assert_close(tf.load(chunked).images, tf.load(whole).images, rtol=1e-4, atol=1e-4)
+    # The chunk size changes memory, not the trajectory: a run may resume with another.
+    assert main([*args, "--resume", "--steps", "3", "--classifier-chunk-size", "3"]) == 0
+    assert json.loads((chunked / "history.json").read_text())["steps"] == 3
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -10,7 +10,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from tldr_fast import conditioning
 from tldr_fast.models import Generator
-from tldr_fast.models.generator import OUTPUT_ACTIVATIONS, _project_to_matrix
+from tldr_fast.models.generator import OUTPUT_ACTIVATIONS, _project_to_matrix, _to_image_channels
 
 SMALL = {"width": 4, "latent_dim": 8}
 
@@ -137,3 +137,23 @@ def test_uniform_mask_dropout_is_inverted_dropout():
     # Under vmap with randomness="different" (the engine's stacked generators) each member draws its own mask.
     masks = vmap(lambda v: UniformMaskDropout(0.5)(v), randomness="different")(torch.ones(2, 1000)) != 0
     assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 16, 16), (3, 20, 12), (1, 7, 9)])
+def test_last_layer_by_fold_equals_the_transposed_convolution(shape):
+    # On a CPU the generator's last transposed convolution is computed as W^T h, then fold: same
+    # values and gradients as the module for every kernel, stride and padding the shapes give.
+    torch.manual_seed(0)
+    gen = Generator(10, shape, **SMALL).double()
+    conv = gen.to_image[-1]
+    channels = conv.in_channels
+    size = {(1, 28, 28): (20, 20), (3, 32, 32): (20, 20), (1, 16, 16): (10, 10), (3, 20, 12): (20, 10),
+            (1, 7, 9): (10, 10)}[shape]
+    h = torch.randn(3, channels, *size, dtype=torch.float64, requires_grad=True)
+    ours, reference = _to_image_channels(conv, h), conv(h)
+    assert ours.shape == reference.shape == (3, shape[0], *shape[1:])
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(ours)
+    inputs = (h, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad(ours, inputs, probe), torch.autograd.grad(reference, inputs, probe), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

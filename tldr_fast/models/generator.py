@@ -48,7 +48,8 @@ def _project_to_matrix(conv: nn.ConvTranspose2d, v: torch.Tensor) -> torch.Tenso
     out[b, o, i, j] = sum_c v[b, c] W[c, o, i, j] + bias[o].
 
     cuDNN runs this transposed convolution of a 1 x 1 input as an implicit GEMM that is 16x slower
-    than the plain GEMM on an H100 at B = 8192 (15.4 vs 0.97 ms forward)."""
+    than the plain GEMM on an H100 at B = 8192 (15.4 vs 0.97 ms forward); on a CPU at B = 256 the
+    GEMM takes 25 ms forward and backward against ATen's 102 ms."""
     weight = conv.weight
     out = (v @ weight.flatten(1)).view(v.shape[0], *weight.shape[1:])
     return out + conv.bias[:, None, None]

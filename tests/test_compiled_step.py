@@ -74,8 +74,9 @@ def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"eta_bn": 0.5}, {"classifier_chunk_size": 4}, {"classifier_chunk_size": 4, "grad_norm_mode": "batch"}],
-    ids=["nine-terms", "with-feature-statistics", "classifier-chunks", "classifier-chunks-batch-norm"],
+    [{}, {"eta_bn": 0.5}, {"classifier_chunk_size": 4},
+     {"classifier_chunk_size": 4, "grad_norm_mode": "batch", "eta_bn": 0.5}],
+    ids=["nine-terms", "with-feature-statistics", "classifier-chunks", "classifier-chunks-batch-norm-statistics"],
 )
 def test_step_compiles_as_one_graph_and_equals_eager(overrides):
     # fullgraph=True raises on any graph break; aot_eager traces exactly what inductor would get.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -288,6 +289,40 @@ def test_feature_statistics_matches_loops(shape):
     running_mean = torch.randn(shape[1], dtype=torch.float64)
     running_var = torch.rand(shape[1], dtype=torch.float64) + 0.1
     check_value_and_grad(losses.feature_statistics, naive_feature_statistics, a, running_mean, running_var)
+
+
+def _from_chunk_sums(a, shift, running_mean, running_var, chunk):
+    """feature_statistics of a from shifted channel sums accumulated over chunks of its rows."""
+    s1 = s2 = 0
+    for start in range(0, a.shape[0], chunk):
+        t1, t2 = losses.shifted_channel_sums(a[start : start + chunk], shift)
+        s1, s2 = s1 + t1, s2 + t2
+    count = a.numel() // a.shape[1]
+    return losses.feature_statistics_from_sums(s1, s2, count, shift, running_mean, running_var)
+
+
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 1), 1), ((5, 3), 2), ((2, 3, 4, 5), 1), ((6, 4, 1, 1), 4),
+                                              ((4, 2, 7), 3)])
+def test_feature_statistics_from_chunk_sums_equals_the_whole_batch(shape, chunk):
+    a = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    shift = torch.randn(shape[1], dtype=torch.float64)
+    running_mean = torch.randn(shape[1], dtype=torch.float64)
+    running_var = torch.rand(shape[1], dtype=torch.float64) + 0.1
+    check_value_and_grad(partial(_from_chunk_sums, chunk=chunk),
+                         lambda a, shift, rm, rv: naive_feature_statistics(a, rm, rv), a, shift, running_mean, running_var)
+
+
+def test_feature_statistics_from_sums_keeps_float32_accuracy_for_a_large_mean():
+    # Activations with mean 1000 and variance 1: the running mean as the shift keeps S2 - S1^2/M
+    # from cancelling in float32 (unshifted sums would lose the variance entirely).
+    torch.manual_seed(0)
+    a64 = torch.randn(4096, 3, dtype=torch.float64) + 1000.0
+    running_mean = torch.full((3,), 1000.0, dtype=torch.float64)
+    running_var = torch.full((3,), 0.5, dtype=torch.float64)
+    exact = losses.feature_statistics(a64, running_mean, running_var)
+    a, rm, rv = a64.float(), running_mean.float(), running_var.float()
+    ours = _from_chunk_sums(a, rm, rm, rv, 1000)
+    assert abs(float(ours) - float(exact)) < 1e-4 * float(exact)
 
 
 @settings(max_examples=25, deadline=None)

@@ -218,9 +218,12 @@ def _relative_rms(grads, reference) -> float:
         (InversionConfig, {"num_generators": 2}, 2),
         (ReconstructionConfig, {"num_generators": 2, "grad_norm_mode": "batch"}, 4),
         (ReconstructionConfig, {"num_generators": 1, "grad_norm_mode": "batch", "grad_norm_backend": "vmap"}, 5),
+        (ReconstructionConfig, {"num_generators": 2, "eta_bn": 0.5, "eta_pix": 1.0}, 4),
+        (ReconstructionConfig, {"num_generators": 2, "eta_bn": 0.5, "gamma": 0.0, "delta": 0.0,
+                                "grad_norm_mode": "batch"}, 1),
     ],
     ids=["nine-terms-remainder", "chunk-of-one-dropout", "vmap-no-cosine", "no-grad-no-perturbation", "inversion",
-         "authors-batch-norm", "authors-batch-norm-vmap"],
+         "authors-batch-norm", "authors-batch-norm-vmap", "feature-statistics", "feature-statistics-no-diversity"],
 )
 def test_chunked_gradient_equals_the_whole_batch_gradient(classifier, config_cls, overrides, chunk):
     """chunked_grad_and_value = grad_and_value(objective) in float64: same loss, report and
@@ -264,18 +267,12 @@ def test_chunked_step_is_chosen_by_the_config_and_equals_the_whole_batch_step(cl
     ("overrides", "match"),
     [
         ({"classifier_chunk_size": 0}, "classifier_chunk_size must be an integer >= 1, got 0"),
-        ({"classifier_chunk_size": 2, "eta_bn": 0.5}, "classifier_chunk_size 2 < batch_size 6 needs eta_bn = 0"),
         ({"grad_norm_backend": "loop"}, r"grad_norm_backend must be one of \('auto', 'ghost', 'vmap'\), got 'loop'"),
     ],
 )
 def test_config_refuses_what_the_engine_cannot_run(overrides, match):
     with pytest.raises(ValueError, match=match):
         ReconstructionConfig(**{**TINY, **overrides})
-
-
-def test_a_chunk_as_large_as_the_batch_is_the_whole_batch_path():
-    cfg = ReconstructionConfig(**{**TINY, "classifier_chunk_size": 6, "eta_bn": 0.5})
-    assert cfg.classifier_chunk_size == 6
 
 
 def test_cli_classifier_chunk_size_flag():

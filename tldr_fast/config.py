@@ -219,12 +219,6 @@ class ReconstructionConfig(_EngineConfig):
         _check_choice("grad_norm_backend", self.grad_norm_backend, ENGINE_GRAD_NORM_BACKENDS)
         if self.grad_norm_chunk_size is not None:
             _check_int("grad_norm_chunk_size", self.grad_norm_chunk_size, 1)
-        if self.classifier_chunk_size is not None and self.classifier_chunk_size < self.batch_size:
-            # It compares the whole batch's statistics inside the classifier: not separable by chunk.
-            if self.eta_bn > 0:
-                raise ValueError(f"classifier_chunk_size {self.classifier_chunk_size} < batch_size {self.batch_size} "
-                                 f"needs eta_bn = 0 (the feature-statistics prior uses whole-batch statistics), "
-                                 f"got eta_bn={self.eta_bn}")
 
     @classmethod
     def _authors_fields(cls) -> dict:

@@ -183,6 +183,24 @@ def feature_statistics(a: torch.Tensor, running_mean: torch.Tensor, running_var:
     return (mean - _acc(running_mean)).norm() + (var - _acc(running_var)).norm()
 
 
+def shifted_channel_sums(a: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum d, sum d^2) per channel of d = a - shift, a (N, C, ...), shift (C,): the sufficient
+    statistics of `feature_statistics`, additive over chunks of the batch."""
+    d = _acc(a).transpose(0, 1).flatten(1) - _acc(shift)[:, None]
+    return d.sum(1), d.square().sum(1)
+
+
+def feature_statistics_from_sums(shifted_sum: torch.Tensor, shifted_square_sum: torch.Tensor, count: int,
+                                 shift: torch.Tensor, running_mean: torch.Tensor,
+                                 running_var: torch.Tensor) -> torch.Tensor:
+    """`feature_statistics` from `shifted_channel_sums` over count values per channel:
+    mean = shift + S1 / M, var = (S2 - S1^2 / M) / (M - 1). A shift near the mean (the running
+    mean) keeps S2 - S1^2 / M from cancelling."""
+    mean_shift = shifted_sum / count
+    var = (shifted_square_sum - shifted_sum * mean_shift) / (count - 1)
+    return (_acc(shift) + mean_shift - _acc(running_mean)).norm() + (var - _acc(running_var)).norm()
+
+
 def perturb(x: torch.Tensor, eps: float, noise: torch.Tensor) -> torch.Tensor:
     """L-inf perturbation to a random corner of the eps-ball, kept in [0, 1]: clamp(x + eps sign(noise), 0, 1).
 

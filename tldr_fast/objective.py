@@ -173,6 +173,24 @@ def _classify(classifier: nn.Module, needs_features: bool, bn_layers, x: torch.T
     return logits, extras
 
 
+def _bn_channel_sums(bn_layers, bn_inputs, k: int):
+    """Per layer: (K, C) sums of d and of d^2, d = the clean images' input minus the running mean."""
+    sums = []
+    for layer, a in zip(bn_layers, bn_inputs, strict=True):
+        per_generator = a.unflatten(0, (k, -1))
+        sums.append(vmap(losses.shifted_channel_sums, in_dims=(0, None))(per_generator, layer.running_mean))
+    return sums
+
+
+def _feature_statistics_from_sums(bn_layers, counts, sums) -> dict[str, torch.Tensor]:
+    """{bn: (K,)} the feature-statistics prior of the whole batch from its channel sums."""
+    total = 0
+    for layer, count, (s1, s2) in zip(bn_layers, counts, sums, strict=True):
+        total = total + vmap(losses.feature_statistics_from_sums, in_dims=(0, 0, None, None, None, None))(
+            s1, s2, count, layer.running_mean, layer.running_mean, layer.running_var)
+    return {"bn": total}
+
+
 def _feature_statistics_term(problem: Problem, bn_layers, bn_inputs) -> torch.Tensor:
     """(K,) sum over BatchNorm layers of each generator's feature-statistics distance, clean images only."""
     k, b = problem.labels.shape
@@ -301,12 +319,26 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     if "tv" in problem.terms or "pix" in problem.terms:
         x_grad, image_values = _weighted_grad(problem, partial(_image_terms, problem), x)
         values.update(image_values)
-    feat_grad = None
-    if problem.needs_features:
-        feat = torch.cat([problem.classifier.forward_with_features(x[:, s:e].flatten(0, 1))[1].view(k, e - s, -1)
-                          for s, e in chunks], dim=1)
-        feat_grad, diversity = _weighted_grad(problem, partial(_diversity_terms, problem), feat)
-        values.update(diversity)
+    bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
+    feat_grad, sums_grad = None, None
+    if problem.needs_features or bn_layers:
+        # One forward pass over the chunks (no graph kept) for what compares the whole batch: the
+        # features and the BatchNorm inputs' channel sums.
+        feats, sums = [], [(0, 0)] * len(bn_layers)
+        for s, e in chunks:
+            _, extras = _classify(problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1))
+            if problem.needs_features:
+                feats.append(extras["feat"].view(k, e - s, -1))
+            sums = [tuple(t + c for t, c in zip(total, chunk_sums, strict=True))
+                    for total, chunk_sums in zip(sums, _bn_channel_sums(bn_layers, extras["bn"], k), strict=True)]
+        if feats:
+            feat_grad, diversity = _weighted_grad(problem, partial(_diversity_terms, problem), torch.cat(feats, 1))
+            values.update(diversity)
+        if bn_layers:
+            counts = [b * a[0, 0].numel() for a in extras["bn"]]  # values per channel in the whole batch
+            sums_grad, statistics = _weighted_grad(
+                problem, partial(_feature_statistics_from_sums, bn_layers, counts), sums)
+            values.update(statistics)
     directions = None
     if "grad" in problem.terms and problem.config.grad_norm_mode == "batch":
         values["grad"], directions = _batch_gradient_norms_and_directions(problem, x, chunks)
@@ -315,11 +347,15 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     def chunk_loss(x_c, s, e):
         share = (e - s) / b
         chunk_values, extras = _classifier_terms(problem, x_c, problem.labels[:, s:e], vectors[:, s:e],
-                                                 None if perturb_noise is None else perturb_noise[:, s:e], [])
+                                                 None if perturb_noise is None else perturb_noise[:, s:e], bn_layers)
         loss = share * _weighted_sum(problem, chunk_values).sum()
         if feat_grad is not None:
             clean_feat = extras["feat"][: k * (e - s)].view(k, e - s, -1)  # perturbed rows may follow
             loss = loss + (feat_grad[:, s:e] * clean_feat).sum()
+        if sums_grad is not None:
+            chunk_sums = _bn_channel_sums(bn_layers, [a[: k * (e - s)] for a in extras["bn"]], k)
+            loss = loss + sum((g * t).sum() for grads, totals in zip(sums_grad, chunk_sums, strict=True)
+                              for g, t in zip(grads, totals, strict=True))
         if directions is not None:
             chunk_grads = _mean_gradients(problem, x_c, problem.labels[:, s:e], share)
             loss = loss + problem.terms["grad"] * sum(

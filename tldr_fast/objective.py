@@ -301,13 +301,13 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     chunk_size images per generator, so the memory of its passes and of the gradient norm's double
     backward is bounded by the chunk, not the batch.
 
-    L = sum_c S_c(x_c) + D(phi(x)) + P(S(x)) + I(x) + eta n(x), with S_c the per-image terms of
+    L = sum_c S_c(x_c) + D(phi(x)) + P(Sigma(x)) + I(x) + eta n(x), with S_c the per-image terms of
     chunk c (their batch means, weighted by the chunk's share of the batch), D the diversity losses
-    of all B features, P the feature-statistics prior of the per-channel sums S at the classifier's
+    of all B features, P the feature-statistics prior of the per-channel sums Sigma at the classifier's
     BatchNorm inputs, I the image priors and n the authors' batch-mean gradient norm (mode "batch").
-    dL/dx is assembled chunk by chunk: phi(x) and S(x) of the whole batch first (a forward pass, no
-    graph kept), g = dD/dphi and h = dP/dS, then for each chunk the gradient of
-    S_c(x_c) + <g_c, phi(x_c)> + <h, S(x_c)> (+ eta share_c <G / n, G_c(x_c)>), whose graph is freed
+    dL/dx is assembled chunk by chunk: phi(x) and Sigma(x) of the whole batch first (a forward pass, no
+    graph kept), g = dD/dphi and h = dP/dSigma, then for each chunk the gradient of
+    S_c(x_c) + <g_c, phi(x_c)> + <h, Sigma(x_c)> (+ eta share_c <G / n, G_c(x_c)>), whose graph is freed
     before the next chunk. The generator runs once over the whole batch (its BatchNorm couples the
     images) and dL/dx is pulled back through it in one vector-Jacobian product.
     """

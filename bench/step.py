@@ -79,7 +79,7 @@ def make_runner(variant: str, batch: int, classifier, device, chunk: int | None 
     """A zero-argument callable taking one training step of `variant` (state kept inside)."""
     if variant == "naive":
         return NaiveStep(classifier, step_config(batch), IMAGE_SHAPE, device)
-    cfg = step_config(batch, chunk if chunk is not None and chunk < batch else None)
+    cfg = step_config(batch, chunk)  # make_step takes the whole-batch path when chunk >= batch
     template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
     labels = conditioning.balanced_labels(batch, NUM_CLASSES, device)[None]
     step = make_step(objective.Problem(template, classifier, cfg, labels), buffers)

@@ -7,10 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tldr_fast.grad_norm import BACKENDS, batch_mean_gradient, per_sample_grad_norm, per_sample_grad_norm_and_forward
+from tldr_fast.grad_norm import (
+    BACKENDS,
+    batch_mean_gradient,
+    layers,
+    per_sample_grad_norm,
+    per_sample_grad_norm_and_forward,
+)
 from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
 from tldr_fast.grad_norm.ghost import fully_closed_form
-from tldr_fast.grad_norm.layers import summed_outer_squared_norm, unfolded_patches
+from tldr_fast.grad_norm.layers import (
+    patch_gram_from_input,
+    per_sample_conv_weight_gradients,
+    summed_outer_squared_norm,
+    unfolded_patches,
+)
 from tldr_fast.models import MLP, PaperCNN
 from tldr_fast.module_hooks import temporary_forward_hooks
 
@@ -249,6 +260,92 @@ def test_unfolded_patches_equal_f_unfold(kernel, dilation, padding, stride):
     a = torch.randn(3, 4, 9, 10, dtype=torch.float64)
     expected = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
     assert torch.equal(unfolded_patches(a, kernel, dilation, padding, stride), expected)
+
+
+# kernel, dilation, padding, stride, groups
+CONV_GEOMETRIES = [((3, 3), (1, 1), (1, 1), (1, 1), 1), ((2, 3), (2, 1), (2, 0), (1, 2), 2),
+                   ((3, 2), (2, 2), (1, 2), (2, 3), 1), ((1, 1), (1, 1), (0, 0), (1, 1), 2)]
+
+
+def conv_operands(kernel, dilation, padding, stride, groups, batch=2):
+    """a (batch, 4, 5, 4) and an output gradient g of a 4 -> 6 channel convolution's output shape."""
+    a = torch.randn(batch, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 // groups, *kernel, dtype=torch.float64)
+    out = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+    return a, torch.randn_like(out).requires_grad_(), weight
+
+
+@pytest.mark.parametrize("kernel, dilation, padding, stride, groups", CONV_GEOMETRIES)
+def test_per_sample_conv_weight_gradients_are_torch_funcs_with_derivatives(kernel, dilation, padding, stride, groups):
+    a, g, weight = conv_operands(kernel, dilation, padding, stride, groups)
+
+    def weight_gradient(a_i, g_i):
+        return torch.func.grad(lambda w: (F.conv2d(a_i[None], w, None, stride, padding, dilation, groups)
+                                          * g_i[None]).sum())(weight)
+
+    expected = torch.func.vmap(weight_gradient)(a, g)  # (B, C_out, C_in/groups, kh, kw)
+    got = per_sample_conv_weight_gradients(a, g, kernel, dilation, padding, stride, groups)
+    assert rel_rms(got, expected.reshape(got.shape)) < 1e-12
+
+    def fast(a, g):
+        return per_sample_conv_weight_gradients(a, g, kernel, dilation, padding, stride, groups)
+
+    # first and second derivatives (the backward is two convolutions, themselves differentiable)
+    assert torch.autograd.gradcheck(fast, (a, g))
+    assert torch.autograd.gradgradcheck(fast, (a, g))
+
+
+@pytest.mark.parametrize("kernel, dilation, padding, stride, groups", CONV_GEOMETRIES)
+def test_patch_gram_from_input_is_the_patches_gram_with_derivatives(kernel, dilation, padding, stride, groups):
+    a, _, _ = conv_operands(kernel, dilation, padding, stride, groups)
+    patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+    expected = patches.transpose(1, 2) @ patches
+
+    def fast(a):
+        return patch_gram_from_input(a, kernel, dilation, padding, stride)
+
+    assert rel_rms(fast(a), expected) < 1e-12
+    assert torch.autograd.gradcheck(fast, (a,))
+    assert torch.autograd.gradgradcheck(fast, (a,))
+
+
+def test_conv_routes_for_the_paper_cnn():
+    """PaperCNN on 28 x 28 (channels 1 -> 32 -> 64 -> 128, 3 x 3 kernels, positions 784, 196, 49)."""
+    shapes = [(784, 32, 1), (196, 64, 32), (49, 128, 64)]
+    on_cpu = [layers._conv_route(p, p, m, c, 9, cpu_eager=True) for p, m, c in shapes]
+    elsewhere = [layers._conv_route(p, p, m, c, 9, cpu_eager=False) for p, m, c in shapes]
+    assert on_cpu == ["materialise", "materialise", "input_gram"]
+    assert elsewhere == ["materialise", "materialise", "patch_gram"]
+
+
+@pytest.mark.parametrize("route", ["materialise", "patch_gram", "input_gram"])
+@pytest.mark.parametrize("name", ["paper_cnn", "conv_variety", "sequence_layers"])
+def test_every_conv_route_matches_loop(name, route, monkeypatch):
+    monkeypatch.setattr(layers, "_conv_route", lambda *args, **kwargs: route)
+    model, x, y = make(name, 3)
+    norms, dx = norms_and_input_grad(model, x, y, backend="ghost")
+    expected_norms, expected_dx = norms_and_input_grad(model, x, y, backend="loop")
+    assert rel_rms(norms, expected_norms) < 1e-10
+    assert rel_rms(dx, expected_dx) < 1e-10
+
+
+@pytest.mark.parametrize("route", ["materialise", "input_gram"])
+def test_cpu_conv_routes_under_torch_func_grad_and_vmap(route, monkeypatch):
+    """The per-sample weight-gradient and tap-sum autograd Functions differentiated by
+    torch.func.grad, vmapped over scales (the engine's K generators)."""
+    monkeypatch.setattr(layers, "_conv_route", lambda *args, **kwargs: route)
+    model, x, y = make("conv_variety", 3)
+    x = x.detach()
+
+    def objective(scale):
+        return per_sample_grad_norm(model, x * scale, y, backend="ghost").pow(2).sum()
+
+    scales = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    got = torch.func.vmap(torch.func.grad(objective))(scales)
+    for scale, g in zip(scales, got, strict=True):
+        s = scale.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(per_sample_grad_norm(model, x * s, y, backend="loop").pow(2).sum(), s)
+        assert rel_rms(g, expected) < 1e-9
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=1),  # 9 -> 5 rounds down

@@ -19,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tldr_fast.grad_norm.layers import explicit_zero_padding
+from tldr_fast.grad_norm.layers import explicit_zero_padding, transposed_convolution_to
 
 # probed_output(module, input a, module output y, probe) -> y + probe
 ProbedOutput = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,17 +71,9 @@ class _FrozenConvOutput(torch.autograd.Function):
 
 
 def conv_input_gradient(module: nn.Conv1d | nn.Conv2d, grad: torch.Tensor, input_shape) -> torch.Tensor:
-    """d<conv(a), grad>/da as a transposed convolution; output_padding restores sizes that a
-    strided convolution rounded down."""
-    spatial = len(module.kernel_size)
-    output_padding = tuple(
-        input_shape[-spatial + d]
-        - ((grad.shape[-spatial + d] - 1) * module.stride[d] - 2 * module.padding[d]
-           + module.dilation[d] * (module.kernel_size[d] - 1) + 1)
-        for d in range(spatial))
-    transposed = F.conv_transpose1d if spatial == 1 else F.conv_transpose2d
-    return transposed(grad, module.weight, stride=module.stride, padding=module.padding,
-                      output_padding=output_padding, groups=module.groups, dilation=module.dilation)
+    """d<module(a), grad>/da as a transposed convolution."""
+    return transposed_convolution_to(grad, module.weight, input_shape, module.stride, module.padding,
+                                     module.dilation, module.groups)
 
 
 def _probed_frozen_conv(module, a, y, probe):

@@ -350,7 +350,9 @@ def test_cpu_conv_routes_under_torch_func_grad_and_vmap(route, monkeypatch):
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=1),  # 9 -> 5 rounds down
                                   nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=(0, 2), dilation=2, groups=2),
-                                  nn.Conv1d(4, 6, 3, stride=2, padding=1)])
+                                  nn.Conv1d(4, 6, 3, stride=2, padding=1),
+                                  # one input channel: the CPU's fold route (tldr_fast.transposed_conv)
+                                  nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 4, (3, 2), stride=2, padding=1, dilation=(1, 2))])
 def test_conv_input_gradient_is_autograds(conv):
     conv = conv.double()
     a = torch.randn(2, conv.in_channels, *(9, 10)[: len(conv.kernel_size)], dtype=torch.float64,

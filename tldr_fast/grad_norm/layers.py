@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tldr_fast.transposed_conv import transposed_convolution_to
+
 # rule(module, parameter names chosen on this module, input a, output gradient g) -> (B,)
 Rule = Callable[[nn.Module, tuple[str, ...], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,20 +82,6 @@ class _Patches(torch.autograd.Function):
 def unfolded_patches(a: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
     """F.unfold(a, kernel, dilation, padding, stride): (B, C kh kw, P) patches of a (B, C, H, W)."""
     return _Patches.apply(a, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride))
-
-
-def transposed_convolution_to(grad: torch.Tensor, weight: torch.Tensor, input_shape, stride, padding,
-                              dilation, groups: int) -> torch.Tensor:
-    """d<conv(a, weight), grad>/da for a of input_shape: the transposed convolution, with the
-    output_padding that restores sizes a strided convolution rounded down."""
-    spatial = weight.dim() - 2
-    output_padding = tuple(
-        input_shape[-spatial + d]
-        - ((grad.shape[-spatial + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1) + 1)
-        for d in range(spatial))
-    transposed = F.conv_transpose1d if spatial == 1 else F.conv_transpose2d
-    return transposed(grad, weight, stride=stride, padding=padding, output_padding=output_padding,
-                      groups=groups, dilation=dilation)
 
 
 class _PerSampleConvWeightGradients(torch.autograd.Function):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tldr_fast import conditioning as cond
+from tldr_fast.transposed_conv import fold_route_is_faster, transposed_conv_by_fold
 
 OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "clamp")
 
@@ -58,19 +58,16 @@ def _project_to_matrix(conv: nn.ConvTranspose2d, v: torch.Tensor) -> torch.Tenso
 def _to_image_channels(conv: nn.ConvTranspose2d, h: torch.Tensor) -> torch.Tensor:
     """conv(h) for the generator's last transposed convolution (down to the image's few channels).
 
-    On a CPU computed as W^T h per position, then summed into the output by fold (col2im): with so
-    few output channels ATen's CPU transposed convolution is 3-4x slower than this route (B = 256,
-    64 -> 1 channels, 20 -> 28 pixels, under vmap: forward 27-36 vs 108-118 ms, forward and backward
-    74-82 vs 146-159 ms; for the 128-channel layers it is the other way round). cuDNN's is kept on
+    On a CPU with one image channel by `transposed_conv_by_fold` (B = 256, 64 -> 1 channels,
+    20 -> 28 pixels, under vmap: forward and backward 74-82 vs 146-159 ms). cuDNN's is kept on
     GPUs, and under torch.compile the module's own convolution is traced: Inductor's lowering of
     the fold route rounded differently enough to move the compiled step off the eager trajectory
     (tests/test_compiled_step.py), and its speed there was not measured."""
-    if h.device.type != "cpu" or torch.compiler.is_compiling():
+    if not fold_route_is_faster(h, conv.weight, conv.groups):
         return conv(h)
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     out_size = ((h.shape[-2] - 1) * sh - 2 * ph + kh, (h.shape[-1] - 1) * sw - 2 * pw + kw)
-    columns = torch.matmul(conv.weight.flatten(1).t(), h.flatten(2))  # (B, C_out kh kw, H_in W_in)
-    out = F.fold(columns, out_size, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    out = transposed_conv_by_fold(h, conv.weight, out_size, conv.stride, conv.padding)
     return out + conv.bias.view(1, -1, 1, 1)
 
 

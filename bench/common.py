@@ -32,6 +32,20 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def _seconds(fn: Callable[[], object], device) -> float:
+    """Wall time of one fn() call (CUDA events on a GPU)."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: int = 7,
             max_seconds: float = 20.0) -> Timing:
     """Median wall time of fn() after warm-up; stops early once max_seconds have been spent."""
@@ -39,24 +53,37 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: in
         fn()
     _sync(device)
     times: list[float] = []
-    spent = 0.0
     for _ in range(repeats):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-        if spent > max_seconds and len(times) >= 3:
+        times.append(_seconds(fn, device))
+        if sum(times) > max_seconds and len(times) >= 3:
             break
     return Timing(statistics.median(times), min(times), len(times))
+
+
+def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], device="cpu", warmup: int = 2,
+                 repeats: int = 7, max_seconds: float = 60.0) -> tuple[float, Timing, Timing]:
+    """(median over rounds of time(fn) / time(reference), fn's timing, reference's timing), the
+    two timed back to back in every round (alternating which goes first), so that a machine whose
+    speed drifts from round to round cancels out of the ratio."""
+    for _ in range(warmup):
+        reference()
+        fn()
+    _sync(device)
+    ratios: list[float] = []
+    times: list[float] = []
+    reference_times: list[float] = []
+    for i in range(repeats):
+        if i % 2:
+            t, t_ref = _seconds(fn, device), _seconds(reference, device)
+        else:
+            t_ref, t = _seconds(reference, device), _seconds(fn, device)
+        times.append(t)
+        reference_times.append(t_ref)
+        ratios.append(t / t_ref)
+        if sum(times) + sum(reference_times) > max_seconds and len(times) >= 3:
+            break
+    return (statistics.median(ratios), Timing(statistics.median(times), min(times), len(times)),
+            Timing(statistics.median(reference_times), min(reference_times), len(reference_times)))
 
 
 def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:

@@ -3,8 +3,10 @@
 R = time(per_sample_grad_norm(...).mean() and its gradient with respect to x)
     / time(plain cross-entropy forward + backward with respect to x),
 for PaperCNN on 28x28 MNIST-shaped inputs with the classifier frozen and in eval mode (as in the
-engine). Each backend's R uses a baseline measured right before it at the same batch size, so a
-drifting load on a shared machine cancels. On CPU both wall time and process CPU time are
+engine). R is the median over rounds of the ratio of one call to one baseline call timed back to
+back at the same batch size (`bench.common.paired_ratio`), so a machine whose speed drifts
+between rounds cancels out (before 2026-11-23 it was the ratio of two medians taken one after the
+other). On CPU both wall time and process CPU time are
 reported (CPU time is robust to other processes on a shared box; `cpu_R` uses it). The peak-memory
 ratio compares the extra memory of one call with the baseline's. On CUDA, `--gn-max-batch` also
 doubles the batch from the timed size until ghost and vmap run out of memory.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import cpu_seconds, is_oom, peak_memory_bytes, time_fn
+from bench.common import cpu_seconds, is_oom, paired_ratio, peak_memory_bytes
 from tldr_fast.grad_norm import per_sample_grad_norm
 from tldr_fast.models import PaperCNN
 
@@ -69,10 +71,9 @@ def compiled_steps(model, x, y, backends):
 
 
 def measure(name: str, step, baseline, batch: int, device, repeats: int) -> dict:
-    base_t = time_fn(baseline, device=device, repeats=repeats)
-    t = time_fn(step, device=device, repeats=repeats, max_seconds=60.0)
+    ratio, t, base_t = paired_ratio(step, baseline, device=device, repeats=repeats)
     row = {"backend": name, "batch": batch, "median_s": t.median_s, "baseline_s": base_t.median_s,
-           "R": t.median_s / base_t.median_s, "repeats": t.repeats}
+           "R": ratio, "repeats": t.repeats}
     if torch.device(device).type == "cpu":
         base_cpu = cpu_seconds(baseline, repeats=repeats)
         cpu = cpu_seconds(step, repeats=min(repeats, t.repeats))

@@ -42,3 +42,14 @@ def test_main_exits_1_on_regression(monkeypatch, tmp_path, capsys):
     assert "REGRESSION a: measured speedup 1.00x" in capsys.readouterr().err
     monkeypatch.setattr(gate, "measure_ratios", lambda repeats: measured(a=4.0, b=2.0))
     assert gate.main(["--baseline", str(path)]) == 0
+
+
+def test_paired_ratio_times_both_in_every_round_alternating_the_order():
+    from bench.common import paired_ratio
+
+    calls = []
+    ratio, timing, reference = paired_ratio(lambda: calls.append("fn"), lambda: calls.append("ref"),
+                                            warmup=1, repeats=4)
+    assert calls == ["ref", "fn"] + ["ref", "fn", "fn", "ref"] * 2
+    assert timing.repeats == reference.repeats == 4
+    assert ratio > 0

@@ -174,10 +174,11 @@ class _SummedTapSlices(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ph, pw), (height, width) = ctx.padding, ctx.image_size
-        padded = grad.new_zeros(grad.shape[0], height + 2 * ph, width + 2 * pw, height + 2 * ph, width + 2 * pw)
+        padded = grad.new_zeros(grad.shape[0], *(height + 2 * ph, width + 2 * pw) * 2)
         for r, c in _tap_slices(ctx.kernel, ctx.dilation, ctx.stride, ctx.out_size):
             padded[:, r, c, r, c] += grad
-        return padded[:, ph : ph + height, pw : pw + width, ph : ph + height, pw : pw + width], None, None, None, None, None
+        rows, columns = slice(ph, ph + height), slice(pw, pw + width)
+        return padded[:, rows, columns, rows, columns], None, None, None, None, None
 
 
 def patch_gram_from_input(a: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:

@@ -227,8 +227,9 @@ def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
     route = _conv_route(positions, height * width, c_out // groups, c_in // groups, kernel[0] * kernel[1], cpu_eager)
     if route == "materialise" and cpu_eager:
         weight_grads = per_sample_conv_weight_gradients(a, g, kernel, dilation, padding, stride, groups)
-        # The norm's backward is one scaling of G; pow(2)'s is a copy and two products.
-        return total + torch.linalg.vector_norm(weight_grads, dim=(1, 2)).square().view(batch, groups).sum(1)
+        # Not linalg.vector_norm(...).square() (one product fewer in the backward): its second
+        # derivative is NaN where a sample's gradient is exactly zero.
+        return total + weight_grads.pow(2).sum((1, 2)).view(batch, groups).sum(1)
     # (B * groups, channels of one group, P); unfold orders patch channels (C_in, kh, kw), so each
     # group's input channels are contiguous.
     g = g.reshape(batch * groups, c_out // groups, positions)

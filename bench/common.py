@@ -23,6 +23,10 @@ class Timing:
     min_s: float
     repeats: int
 
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        return cls(statistics.median(times), min(times), len(times))
+
     def as_dict(self) -> dict:
         return {"median_s": self.median_s, "min_s": self.min_s, "repeats": self.repeats}
 
@@ -57,7 +61,7 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: in
         times.append(_seconds(fn, device))
         if sum(times) > max_seconds and len(times) >= 3:
             break
-    return Timing(statistics.median(times), min(times), len(times))
+    return Timing.of(times)
 
 
 def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], device="cpu", warmup: int = 2,
@@ -82,8 +86,7 @@ def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], devi
         ratios.append(t / t_ref)
         if sum(times) + sum(reference_times) > max_seconds and len(times) >= 3:
             break
-    return (statistics.median(ratios), Timing(statistics.median(times), min(times), len(times)),
-            Timing(statistics.median(reference_times), min(reference_times), len(reference_times)))
+    return statistics.median(ratios), Timing.of(times), Timing.of(reference_times)
 
 
 def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:

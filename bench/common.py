@@ -64,29 +64,36 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: in
     return Timing.of(times)
 
 
+def interleaved_times(fns: list[Callable[[], object]], device="cpu", warmup: int = 2, repeats: int = 7,
+                      max_seconds: float = 60.0) -> list[list[float]]:
+    """Per function, its wall times over rounds in which every function runs once, back to back,
+    in an order rotated by one each round (round r starts with fns[r % n]), so that a machine whose
+    speed drifts from round to round slows every function of a round alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            times[i].append(_seconds(fns[i], device))
+        if sum(map(sum, times)) > max_seconds and r >= 2:
+            break
+    return times
+
+
+def paired_ratios(times: list[float], reference_times: list[float]) -> float:
+    """Median over rounds of time / reference time (the two from the same interleaved rounds)."""
+    return statistics.median(t / t_ref for t, t_ref in zip(times, reference_times, strict=True))
+
+
 def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], device="cpu", warmup: int = 2,
                  repeats: int = 7, max_seconds: float = 60.0) -> tuple[float, Timing, Timing]:
     """(median over rounds of time(fn) / time(reference), fn's timing, reference's timing), the
-    two timed back to back in every round (alternating which goes first), so that a machine whose
-    speed drifts from round to round cancels out of the ratio."""
-    for _ in range(warmup):
-        reference()
-        fn()
-    _sync(device)
-    ratios: list[float] = []
-    times: list[float] = []
-    reference_times: list[float] = []
-    for i in range(repeats):
-        if i % 2:
-            t, t_ref = _seconds(fn, device), _seconds(reference, device)
-        else:
-            t_ref, t = _seconds(reference, device), _seconds(fn, device)
-        times.append(t)
-        reference_times.append(t_ref)
-        ratios.append(t / t_ref)
-        if sum(times) + sum(reference_times) > max_seconds and len(times) >= 3:
-            break
-    return statistics.median(ratios), Timing.of(times), Timing.of(reference_times)
+    two timed back to back in every round, alternating which goes first (`interleaved_times`)."""
+    reference_times, times = interleaved_times([reference, fn], device, warmup, repeats, max_seconds)
+    return paired_ratios(times, reference_times), Timing.of(times), Timing.of(reference_times)
 
 
 def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:

@@ -10,7 +10,10 @@ Variants, each on the same classifier (PaperCNN, MNIST 28x28, 10 classes) and th
   on CUDA replayed as a CUDA graph); its first call is reported as `compile_s`, apart from the
   step time.
 Each row: variant, batch, median step seconds, images/s and the speedup over `naive` at the same
-batch (same run). On CUDA the fast variants run the classifier on chunks of the batch beyond
+batch (same run). On a CPU the variants are timed in the same rounds, each round running every
+variant's step once back to back in rotated order, and the speedup is the median of the per-round
+ratios (the 2-core dev box drifts by up to 30% between rounds); on CUDA, where each variant is
+timed on its own (the large batches would not fit side by side), it is the ratio of images/s. On CUDA the fast variants run the classifier on chunks of the batch beyond
 4096 (eager) / 16384 (compiled) images (`classifier_chunk_size`, `--step-chunk`; the row says so),
 which is what lets the compiled one fit 65536 images; the naive reference never chunks. On CUDA the
 default batches are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out
@@ -30,7 +33,7 @@ import tempfile
 
 import torch
 
-from bench.common import is_oom, time_fn
+from bench.common import Timing, interleaved_times, is_oom, paired_ratios, time_fn
 from bench.naive_step import NaiveStep
 from tldr_fast import conditioning, objective
 from tldr_fast.compiled import CompiledStep
@@ -95,6 +98,28 @@ def make_runner(variant: str, batch: int, classifier, device, chunk: int | None 
     return run
 
 
+def _new_row(variant: str, batch: int, device, chunk: int | None) -> dict:
+    row = {"variant": variant, "device": str(device), "batch": batch}
+    if variant != "naive" and chunk is not None and chunk < batch:
+        row["classifier_chunk_size"] = chunk
+    return row
+
+
+def _ready_runner(variant: str, batch: int, classifier, device, chunk: int | None, row: dict):
+    """make_runner, and for the compiled variant its first (compiling) call, timed into row."""
+    runner = make_runner(variant, batch, classifier, device, chunk)
+    if variant == "fast-compiled":
+        runner()  # compiles; a CUDA graph is captured on the next call, inside the warm-up
+        row["compile_s"] = runner.step.compile_seconds
+    return runner
+
+
+def _record(row: dict, batch: int, timing: Timing) -> dict:
+    row.update(status="ok", median_s=timing.median_s, min_s=timing.min_s, repeats=timing.repeats,
+               images_per_s=batch / timing.median_s)
+    return row
+
+
 def measure(variant: str, batch: int, classifier, device, quick: bool, searching: bool = False,
             chunk: int | None = None) -> dict:
     """One row: median step time and images/s, or status 'oom'.
@@ -102,15 +127,10 @@ def measure(variant: str, batch: int, classifier, device, quick: bool, searching
     searching: while looking for the largest batch, any failure counts as not fitting (status
     'error: ...'): an allocation failing inside CUDA graph capture surfaces as a capture error.
     """
-    row = {"variant": variant, "device": str(device), "batch": batch}
-    if variant != "naive" and chunk is not None and chunk < batch:
-        row["classifier_chunk_size"] = chunk
+    row = _new_row(variant, batch, device, chunk)
     runner = None
     try:
-        runner = make_runner(variant, batch, classifier, device, chunk)
-        if variant == "fast-compiled":
-            runner()  # compiles; a CUDA graph is captured on the next call, inside the warm-up
-            row["compile_s"] = runner.step.compile_seconds
+        runner = _ready_runner(variant, batch, classifier, device, chunk, row)
         timing = time_fn(runner, device=device, warmup=1, repeats=3 if quick else 5,
                          max_seconds=10 if quick else 60)
     except Exception as err:
@@ -122,16 +142,34 @@ def measure(variant: str, batch: int, classifier, device, quick: bool, searching
         del runner
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    row.update(status="ok", median_s=timing.median_s, min_s=timing.min_s, repeats=timing.repeats,
-               images_per_s=batch / timing.median_s)
-    return row
+    return _record(row, batch, timing)
+
+
+def measure_interleaved(variants: list[str], batch: int, classifier, device, quick: bool,
+                        chunk=lambda variant: None) -> list[dict]:
+    """One row per variant, all timed in the same rounds (`bench.common.interleaved_times`: each
+    round runs every variant's step once, in rotated order); speedup_vs_naive is the median over
+    rounds of the naive step's time over the variant's, so the machine's drift between rounds
+    cancels out of it."""
+    rows = [_new_row(v, batch, device, chunk(v)) for v in variants]
+    runners = [_ready_runner(v, batch, classifier, device, chunk(v), row) for v, row in zip(variants, rows, strict=True)]
+    times = interleaved_times(runners, device, warmup=1, repeats=3 if quick else 7,
+                              max_seconds=(10 if quick else 60) * len(variants))
+    for row, ts in zip(rows, times, strict=True):
+        _record(row, batch, Timing.of(ts))
+    if "naive" in variants:
+        naive_times = times[variants.index("naive")]
+        for row, ts in zip(rows, times, strict=True):
+            row["speedup_vs_naive"] = paired_ratios(naive_times, ts)
+    return rows
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_naive = images/s over the naive variant's at the same batch (same run)."""
+    """speedup_vs_naive = images/s over the naive variant's at the same batch (same run), where
+    `measure_interleaved` has not already given the paired one."""
     naive = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "naive" and r["status"] == "ok"}
     for r in rows:
-        if r["status"] == "ok" and r["batch"] in naive:
+        if r["status"] == "ok" and r["batch"] in naive and "speedup_vs_naive" not in r:
             r["speedup_vs_naive"] = r["images_per_s"] / naive[r["batch"]]
 
 
@@ -174,7 +212,10 @@ def run(args) -> list[dict]:
     def chunk(variant):
         return args.step_chunk if args.step_chunk is not None else (GPU_CHUNKS.get(variant) if on_gpu else None)
 
-    rows = [measure(v, b, classifier, device, args.quick, chunk=chunk(v)) for b in batches for v in variants]
+    if on_gpu:
+        rows = [measure(v, b, classifier, device, args.quick, chunk=chunk(v)) for b in batches for v in variants]
+    else:
+        rows = [row for b in batches for row in measure_interleaved(list(variants), b, classifier, device, args.quick, chunk)]
     add_speedups(rows)
     search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
     if search:

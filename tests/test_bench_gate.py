@@ -53,3 +53,22 @@ def test_paired_ratio_times_both_in_every_round_alternating_the_order():
     assert calls == ["ref", "fn"] + ["ref", "fn", "fn", "ref"] * 2
     assert timing.repeats == reference.repeats == 4
     assert ratio > 0
+
+
+def test_interleaved_times_rotate_the_order_every_round():
+    from bench.common import interleaved_times
+
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    times = interleaved_times(fns, warmup=1, repeats=4)
+    assert calls == list("abc") + list("abc" "bca" "cab" "abc")
+    assert [len(t) for t in times] == [4, 4, 4]
+
+
+def test_step_bench_times_variants_in_the_same_rounds_on_cpu():
+    from bench.step import bench_classifier, measure_interleaved
+
+    rows = measure_interleaved(["naive", "fast-eager"], 4, bench_classifier("cpu"), "cpu", quick=True)
+    assert [r["variant"] for r in rows] == ["naive", "fast-eager"]
+    assert all(r["status"] == "ok" and r["repeats"] == 3 and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_naive"] == 1.0 and rows[1]["speedup_vs_naive"] > 0

@@ -151,6 +151,33 @@ def test_classifier_is_frozen_in_eval_mode_and_restored(classifier):
     assert set(trained.history) == {"kl", "kl_pert", "ce", "ce_pert", "cos", "ortho", "tv", "pix", "grad", "total"}
 
 
+def _relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("betas", [(0.5, 0.999), (0.9, 0.99)])
+def test_functional_adam_follows_torch_optim_adam(dtype, tolerance, betas):
+    # The engine's update against torch.optim.Adam over steps whose gradients span six orders of
+    # magnitude and include an exactly zero one (denominator = eps), with fresh random values.
+    params = {"w": torch.randn(40, 7, dtype=dtype), "b": torch.randn(7, dtype=dtype)}
+    reference = {k: v.clone().requires_grad_() for k, v in params.items()}
+    optimizer = torch.optim.Adam(reference.values(), lr=3e-3, betas=betas, eps=engine.ADAM_EPS)
+    state = engine.AdamState.zeros_like(params)
+    for scale in (1.0, 1e-3, 0.0, 1e3, 1e-2):
+        grads = {k: torch.randn_like(v) * scale for k, v in params.items()}
+        for k, tensor in reference.items():
+            tensor.grad = grads[k].clone()
+        optimizer.step()
+        params, state = engine.adam_update(params, grads, state, 3e-3, *betas)
+        for k, tensor in reference.items():
+            assert torch.isfinite(params[k]).all()
+            assert _relative_rms(params[k], tensor.detach()) < tolerance
+            assert _relative_rms(state.m[k], optimizer.state[tensor]["exp_avg"]) < tolerance
+            assert _relative_rms(state.v[k], optimizer.state[tensor]["exp_avg_sq"]) < tolerance
+    assert int(state.t) == 5
+
+
 def test_seeded_runs_are_reproducible(classifier):
     cfg = ReconstructionConfig(**TINY, seed=5)
     a = engine.train(classifier, 10, SHAPE, cfg, progress=False)

@@ -83,7 +83,7 @@ def interleaved_times(fns: list[Callable[[], object]], device="cpu", warmup: int
     return times
 
 
-def paired_ratios(times: list[float], reference_times: list[float]) -> float:
+def median_ratio(times: list[float], reference_times: list[float]) -> float:
     """Median over rounds of time / reference time (the two from the same interleaved rounds)."""
     return statistics.median(t / t_ref for t, t_ref in zip(times, reference_times, strict=True))
 
@@ -93,7 +93,7 @@ def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], devi
     """(median over rounds of time(fn) / time(reference), fn's timing, reference's timing), the
     two timed back to back in every round, alternating which goes first (`interleaved_times`)."""
     reference_times, times = interleaved_times([reference, fn], device, warmup, repeats, max_seconds)
-    return paired_ratios(times, reference_times), Timing.of(times), Timing.of(reference_times)
+    return median_ratio(times, reference_times), Timing.of(times), Timing.of(reference_times)
 
 
 def cpu_seconds(fn, warmup: int = 1, repeats: int = 5) -> float:

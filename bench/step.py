@@ -13,10 +13,10 @@ Each row: variant, batch, median step seconds, images/s and the speedup over `na
 batch (same run). On a CPU the variants are timed in the same rounds, each round running every
 variant's step once back to back in rotated order, and the speedup is the median of the per-round
 ratios (the 2-core dev box drifts by up to 30% between rounds); on CUDA, where each variant is
-timed on its own (the large batches would not fit side by side), it is the ratio of images/s. On CUDA the fast variants run the classifier on chunks of the batch beyond
-4096 (eager) / 16384 (compiled) images (`classifier_chunk_size`, `--step-chunk`; the row says so),
-which is what lets the compiled one fit 65536 images; the naive reference never chunks. On CUDA the
-default batches are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out
+timed on its own (the large batches would not fit side by side), it is the ratio of images/s.
+On CUDA the fast variants run the classifier on chunks of the batch beyond 4096 (eager) / 16384
+(compiled) images (`classifier_chunk_size`, `--step-chunk`; the row says so), which is what lets
+the compiled one fit 65536 images; the naive reference never chunks. On CUDA the default batches are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out
 of memory (`--step-max-batch`) to find the largest it fits.
 `--step-cache-check` compiles the step in two fresh processes sharing an empty TorchInductor cache
 and reports both compile times (the second reuses the first one's cache).
@@ -33,7 +33,7 @@ import tempfile
 
 import torch
 
-from bench.common import Timing, interleaved_times, is_oom, paired_ratios, time_fn
+from bench.common import Timing, interleaved_times, is_oom, median_ratio, time_fn
 from bench.naive_step import NaiveStep
 from tldr_fast import conditioning, objective
 from tldr_fast.compiled import CompiledStep
@@ -160,7 +160,7 @@ def measure_interleaved(variants: list[str], batch: int, classifier, device, qui
     if "naive" in variants:
         naive_times = times[variants.index("naive")]
         for row, ts in zip(rows, times, strict=True):
-            row["speedup_vs_naive"] = paired_ratios(naive_times, ts)
+            row["speedup_vs_naive"] = median_ratio(naive_times, ts)
     return rows
 
 

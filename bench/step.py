@@ -16,8 +16,9 @@ ratios (the 2-core dev box drifts by up to 30% between rounds); on CUDA, where e
 timed on its own (the large batches would not fit side by side), it is the ratio of images/s.
 On CUDA the fast variants run the classifier on chunks of the batch beyond 4096 (eager) / 16384
 (compiled) images (`classifier_chunk_size`, `--step-chunk`; the row says so), which is what lets
-the compiled one fit 65536 images; the naive reference never chunks. On CUDA the default batches are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out
-of memory (`--step-max-batch`) to find the largest it fits.
+the compiled one fit 65536 images; the naive reference never chunks. On CUDA the default batches
+are 1024, 8192 and 65536, then each variant's batch is doubled until it runs out of memory
+(`--step-max-batch`) to find the largest it fits.
 `--step-cache-check` compiles the step in two fresh processes sharing an empty TorchInductor cache
 and reports both compile times (the second reuses the first one's cache).
 """

@@ -153,7 +153,8 @@ def measure_interleaved(variants: list[str], batch: int, classifier, device, qui
     rounds of the naive step's time over the variant's, so the machine's drift between rounds
     cancels out of it."""
     rows = [_new_row(v, batch, device, chunk(v)) for v in variants]
-    runners = [_ready_runner(v, batch, classifier, device, chunk(v), row) for v, row in zip(variants, rows, strict=True)]
+    runners = [_ready_runner(v, batch, classifier, device, chunk(v), row)
+               for v, row in zip(variants, rows, strict=True)]
     times = interleaved_times(runners, device, warmup=1, repeats=3 if quick else 7,
                               max_seconds=(10 if quick else 60) * len(variants))
     for row, ts in zip(rows, times, strict=True):
@@ -216,7 +217,8 @@ def run(args) -> list[dict]:
     if on_gpu:
         rows = [measure(v, b, classifier, device, args.quick, chunk=chunk(v)) for b in batches for v in variants]
     else:
-        rows = [row for b in batches for row in measure_interleaved(list(variants), b, classifier, device, args.quick, chunk)]
+        rows = [row for b in batches
+                for row in measure_interleaved(list(variants), b, classifier, device, args.quick, chunk)]
     add_speedups(rows)
     search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
     if search:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from relative_error import rel_rms
 from torch import nn
 
 import tldr_fast as tf
@@ -151,10 +152,6 @@ def test_classifier_is_frozen_in_eval_mode_and_restored(classifier):
     assert set(trained.history) == {"kl", "kl_pert", "ce", "ce_pert", "cos", "ortho", "tv", "pix", "grad", "total"}
 
 
-def _relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
-
-
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-14), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("betas", [(0.5, 0.999), (0.9, 0.99)])
 def test_functional_adam_follows_torch_optim_adam(dtype, tolerance, betas):
@@ -172,9 +169,9 @@ def test_functional_adam_follows_torch_optim_adam(dtype, tolerance, betas):
         params, state = engine.adam_update(params, grads, state, 3e-3, *betas)
         for k, tensor in reference.items():
             assert torch.isfinite(params[k]).all()
-            assert _relative_rms(params[k], tensor.detach()) < tolerance
-            assert _relative_rms(state.m[k], optimizer.state[tensor]["exp_avg"]) < tolerance
-            assert _relative_rms(state.v[k], optimizer.state[tensor]["exp_avg_sq"]) < tolerance
+            assert rel_rms(params[k], tensor.detach()) < tolerance
+            assert rel_rms(state.m[k], optimizer.state[tensor]["exp_avg"]) < tolerance
+            assert rel_rms(state.v[k], optimizer.state[tensor]["exp_avg_sq"]) < tolerance
     assert int(state.t) == 5
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from relative_error import rel_rms
 from torch import nn
 
 from tldr_fast.grad_norm import (
@@ -26,12 +27,6 @@ from tldr_fast.models import MLP, PaperCNN
 from tldr_fast.module_hooks import temporary_forward_hooks
 
 FAST_BACKENDS = [b for b in BACKENDS if b != "loop"]
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    assert not torch.isnan(a).any() and not torch.isnan(b).any()
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300))
 
 
 def frozen_eval(model: nn.Module) -> nn.Module:

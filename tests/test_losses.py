@@ -9,15 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from relative_error import rel_rms
 
 from tldr_fast import losses
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
 
 # --- naive references -------------------------------------------------------------------------
 

@@ -107,9 +107,13 @@ def test_generators_are_independent(classifier):
     buffers1 = {k: v[:1] for k, v in buffers2.items()}
     noise1 = {k: v[:1] for k, v in noise2.items()}
     grads1 = grad(lambda p: objective.objective(p, buffers1, noise1, problem1)[0])(params1)
+    # Some gradients are structurally zero (a convolution bias before BatchNorm): float32 leaves
+    # them ~1e-7 in size, so each is compared against the whole generator's gradient as a floor.
+    scale = torch.sqrt(sum(g[0].double().square().sum() for g in grads2.values()))
     for name in grads1:
-        a, b = grads1[name][0], grads2[name][0]
-        assert float((a - b).norm() / b.norm()) < 1e-4, name
+        a, b = grads1[name][0].double(), grads2[name][0].double()
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm()) + 1e-6 * float(scale), name
 
 
 def test_zero_weights_are_not_computed(classifier):

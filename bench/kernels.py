@@ -23,7 +23,7 @@ from tldr_fast import losses
 FULL_NS = (1024, 4096, 16384, 65536, 262144)
 FULL_DS = (64, 256, 1024)
 FULL_TV_BATCHES = (1024, 16384, 65536)
-# --quick: the target shapes only (CPU: N=32768, D=256; GPU: N=65536, D=256 and a batch of
+# --quick: the target shapes only (CPU: N=32768, D=256; GPU: N=65536, D=256 and a batch of
 # 65536 MNIST-size images), the TV batch kept small on CPU.
 QUICK_N = {"cpu": 32768, "cuda": 65536}
 QUICK_TV_BATCH = {"cpu": 1024, "cuda": 65536}

@@ -1,4 +1,4 @@
-"""DP-SGD accounting (paper 001's table), clipping and noise of the Opacus optimizer, DP training."""
+"""DP-SGD accounting (the split-learning study's table), clipping and noise of the Opacus optimizer, DP training."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tldr_fast.cli import main
 
 @pytest.mark.parametrize("noise, published", [(0.7, 4.0), (0.5, 12.5), (0.3, 84.7)])
 def test_classic_accountant_reproduces_paper_table(noise, published):
-    # Paper 001: compute_dp_sgd_privacy(n=13180, batch 32, noise, 20 epochs, delta 1e-5).
+    # The split-learning study: compute_dp_sgd_privacy(n=13180, batch 32, noise, 20 epochs, delta 1e-5).
     steps = dp.dp_sgd_steps(13180, 32, 20)
     assert steps == 8238
     eps, _ = dp.epsilon_classic(32 / 13180, steps, noise, 1e-5)

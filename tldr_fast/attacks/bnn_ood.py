@@ -1,5 +1,5 @@
 """Inverted samples as a garbage class: retrain a BNN with an extra "none of these" class and compare
-its confidence on out-of-distribution inputs with the original network's (paper 002's application).
+its confidence on out-of-distribution inputs with the original network's (an application of BNN inversion by SAT).
 
 The SAT samples of label y are inputs the network calls y although most look like no digit; a
 network retrained with them as class K (K = number of real classes) learns to send such inputs

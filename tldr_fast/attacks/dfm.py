@@ -1,4 +1,4 @@
-"""Data from Model / Data to Model chains (Benz, Zhang, Imtiaz, Kweon: paper 003).
+"""Data from Model / Data to Model chains (Benz, Zhang, Imtiaz, Kweon).
 
 DfM extracts a dataset from a trained classifier without its training data: substitute
 ("background") images x_s are moved by l2-PGD so that the network's logits approach sampled

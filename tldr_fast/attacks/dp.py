@@ -7,7 +7,7 @@ rdp(alpha) = T * RDP_SGM(q, sigma, alpha) (Mironov et al. 2019), converted to (e
 
 - classic:  epsilon = min_alpha rdp(alpha) + log(1/delta) / (alpha - 1), over TensorFlow Privacy's
   order grid, with T = ceil(epochs n / B). This is what TF Privacy's `compute_dp_sgd_privacy`
-  printed when paper 001 was written, and it reproduces that paper's table.
+  printed when the split-learning study was written, and it reproduces that study's table.
 - improved RDP: the same RDP curve with the conversion of Balle et al. 2020
   epsilon = rdp + log((alpha - 1)/alpha) - (log delta + log alpha)/(alpha - 1) (Opacus).
 - PRV: numerical composition of privacy loss random variables (Gopi et al. 2021, Opacus), the

@@ -1,4 +1,4 @@
-"""Split-model inversion (paper 001, a port of PySyft's split-learning tutorial).
+"""Split-model inversion (a port of PySyft's split-learning tutorial).
 
 A classifier is split into an on-device part, whose activations h = D(x) travel to a server, and a
 server part S(h) that finishes the classification. An attacker who can query the on-device part
@@ -109,7 +109,7 @@ class SplitClassifier(ImageClassifier):
 
 @register_architecture
 class MnistSplitNet(SplitClassifier):
-    """Paper 001's MNIST target: [Conv5x5 32, ReLU, MaxPool2] x 2 on device (512 values at 28x28)."""
+    """The split-learning MNIST target: [Conv5x5 32, ReLU, MaxPool2] x 2 on device (512 values at 28x28)."""
 
     arch = "MnistSplitNet"
     blocks = MNIST_BLOCKS
@@ -121,7 +121,7 @@ class MnistSplitNet(SplitClassifier):
 
 @register_architecture
 class OmniglotSplitNet(SplitClassifier):
-    """Paper 001's Omniglot target: four [Conv 32 (7,7,5,3), ReLU, Norm, MaxPool (3/3,3/2,2/2,2/2), Dropout]
+    """The split-learning Omniglot target: four [Conv 32 (7,7,5,3), ReLU, Norm, MaxPool (3/3,3/2,2/2,2/2), Dropout]
     blocks, 105x105 -> 1x1x32 on device. norm="batch" is the paper's; DP-SGD needs norm="group"."""
 
     arch = "OmniglotSplitNet"

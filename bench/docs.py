@@ -94,10 +94,33 @@ def regenerate(text: str, root: Path = ROOT) -> str:
     return MARKER.sub(lambda m: f"<!-- table: {m['spec']} -->\n{render(m['spec'], root)}<!-- /table -->", text)
 
 
+def demo_table(metrics: dict, command: str = "tldr-fast demo") -> dict:
+    """The README's table of a scored run (a `metrics.json` written by `tldr-fast evaluate`) as a table file."""
+    gap = metrics["leakage_gap"]
+    lo, hi = gap["mean_best_ssim"]["ci"]
+    fidelity = metrics["fidelity"]
+    rows = [
+        ["reconstructed (authors' protocol), train / held-out",
+         f"{gap['percent_reconstructed']['train']:.1f}% / {gap['percent_reconstructed']['heldout']:.1f}%"],
+        ["mean best-match SSIM, train / held-out",
+         f"{gap['mean_best_ssim']['train']:.3f} / {gap['mean_best_ssim']['heldout']:.3f}"],
+        [f"leakage gap [{100 * gap['confidence']:.0f}% interval]",
+         f"{gap['mean_best_ssim']['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"],
+        ["independent evaluator's accuracy", f"{100 * fidelity['evaluator_accuracy']:.1f}%"],
+        ["target's mean confidence in the intended label", f"{fidelity['target_mean_confidence']:.3f}"],
+    ]
+    return {"source": command, "columns": ["statistic", "value"], "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.docs", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="report stale files and exit 1 instead of writing")
+    parser.add_argument("--demo-metrics", metavar="METRICS_JSON",
+                        help="first write docs/results/demo.json from this run's metrics.json (tldr-fast demo)")
     args = parser.parse_args(argv)
+    if args.demo_metrics:
+        table = demo_table(json.loads(Path(args.demo_metrics).read_text()))
+        (ROOT / "docs" / "results" / "demo.json").write_text(json.dumps(table, indent=1) + "\n")
     stale = []
     for path in documents():
         text = path.read_text()

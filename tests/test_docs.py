@@ -65,3 +65,16 @@ def test_docs_and_docstrings_read_as_documentation_not_as_a_diary():
     hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text().splitlines(), 1) if NOTEBOOK.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_the_demo_table_reads_a_metrics_file():
+    metrics = {
+        "leakage_gap": {"confidence": 0.95, "mean_best_ssim": {"train": 0.41, "heldout": 0.4, "difference": 0.0079,
+                                                               "ci": [-0.0003, 0.0161]},
+                        "percent_reconstructed": {"train": 70.7, "heldout": 70.0, "difference": 0.7}},
+        "fidelity": {"evaluator_accuracy": 0.927, "target_mean_confidence": 0.975},
+    }
+    table = docs.demo_table(metrics)
+    assert table["columns"] == ["statistic", "value"]
+    assert ["leakage gap [95% interval]", "+0.0079 [-0.0003, +0.0161]"] in table["rows"]
+    assert ["independent evaluator's accuracy", "92.7%"] in table["rows"]

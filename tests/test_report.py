@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,3 +446,14 @@ def test_summary_rows_cover_the_headline_numbers_and_the_verdict(run):
     no_gap = dict(summary_rows({k: v for k, v in metrics.items() if k != "leakage_gap"}))
     assert not any(k.startswith("leakage gap") for k in no_gap)
     assert no_gap["leakage verdict"].startswith("no held-out control")
+
+
+def test_the_report_guide_states_the_current_caps():
+    guide = (Path(__file__).parents[1] / "docs" / "report.md").read_text()
+    assert f"At most {report.PAIRS_PER_CLASS} pairs per class" in guide
+    assert f"the first {report.GRID_COLUMNS} when there are more" in guide
+    assert (
+        f"same {report.HIST_BINS} bins over [{report.HIST_RANGE[0]:g}, {report.HIST_RANGE[1]:g}]"
+        in guide
+    )
+    assert f"span more than a factor of {report.LOG_SPAN:g}" in guide

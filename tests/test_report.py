@@ -134,7 +134,14 @@ def test_loss_curve_log_scale_only_where_it_helps():
     assert not log_scale([3.0, 2.0, 1.0])  # spans less than LOG_SPAN
     assert not log_scale([10.0, 0.0, -1.0])  # not positive
     assert not log_scale([])
-    for values in ([100.0, 1.0, 0.01], [0.5, -0.2, 0.1], [2.0], [], [1.0, 1.0, 1.0]):
+    for values in (
+        [100.0, 1.0, 0.01],
+        [0.5, -0.2, 0.1],
+        [2.0],
+        [],
+        [1.0, 1.0, 1.0],
+        [1.0, float("nan"), 0.5],
+    ):
         img = loss_curve("term", values, size=(300, 160))
         assert img.size == (300, 160)
         assert has_colour(img, BAR) == bool(values)

@@ -149,9 +149,8 @@ class Axes:
 
     def px(self, x: float, y: float) -> tuple[float, float]:
         (left, top, right, bottom), (x0, x1), (y0, y1) = self.box, self.x_range, self.y_range
-        return left + (right - left) * (x - x0) / (x1 - x0), bottom - (bottom - top) * (y - y0) / (
-            y1 - y0
-        )
+        u, v = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)
+        return left + (right - left) * u, bottom - (bottom - top) * v
 
 
 def axes(
@@ -221,9 +220,8 @@ def ssim_histogram(
     for n, x0, x1 in zip(counts, edges[:-1], edges[1:], strict=True):
         if n:
             (a, b), (c, d) = ax.px(x0, n), ax.px(x1, 0)
-            draw.rectangle(
-                [a + 1, min(b, d - 1), max(c - 1, a + 1), d - 1], fill=BAR
-            )  # at least 1 px
+            # At least 1 px high and wide, so that a single image among thousands still shows.
+            draw.rectangle([a + 1, min(b, d - 1), max(c - 1, a + 1), d - 1], fill=BAR)
     x, top_px = ax.px(threshold, top)
     draw.line([x, top_px, x, ax.box[3]], fill=THRESHOLD_LINE, width=2)
     return ax.image
@@ -237,9 +235,9 @@ def log_scale(values) -> bool:
 
 def loss_curve(name: str, values, size: tuple[int, int] = (390, 220)) -> Image.Image:
     """One history term against the step; log scale when all values are positive and span > LOG_SPAN."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    steps = np.arange(1, len(v) + 1)
+    all_values = np.asarray(values, dtype=float)
+    finite = np.isfinite(all_values)
+    v, steps = all_values[finite], np.arange(1, len(all_values) + 1)[finite]
     log_y = log_scale(v)
     y = np.log10(v) if log_y else v
     if log_y:
@@ -250,7 +248,7 @@ def loss_curve(name: str, values, size: tuple[int, int] = (390, 220)) -> Image.I
         margin = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
         lo, hi = lo - margin, hi + margin
         y_ticks = [(t, f"{t:.3g}") for t in nice_ticks(lo, hi, 4)]
-    x_hi = max(len(v), 2)
+    x_hi = max(len(all_values), 2)
     x_ticks = [(t, f"{t:g}") for t in nice_ticks(1, x_hi, 4) if t >= 1] or [(1, "1")]
     last = f"last {v[-1]:.4g}" if len(v) else "no values"
     ax = axes(

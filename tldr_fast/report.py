@@ -486,7 +486,7 @@ figcaption{font-size:13px;margin-top:2px} .note{color:#8a4b00}
 .pair{border:2px solid #ddd;padding:2px;text-align:center} .pair.reconstructed{border-color:#2a8a2a}
 .pair figcaption{font-family:monospace} .pairs{gap:6px}
 #verdict p{font-size:17px;background:#f4f4f4;padding:.6em;border-left:4px solid #555}
-nav a{margin-right:1em} dt{font-weight:bold;margin-top:.5em}
+nav a{margin-right:1em} dt{font-weight:bold;margin-top:.5em} #summary td:first-child{white-space:nowrap}
 """
 
 

@@ -197,15 +197,22 @@ def authors_statistics(cm: ClassMatrices, threshold: float = THRESHOLD) -> dict:
 
 
 def nearest_neighbour_statistics(cm: ClassMatrices, threshold: float = THRESHOLD, top: int = TOP_MATCHES) -> dict:
-    """Each reference image's best reconstruction of its class; count and fraction with SSIM > threshold."""
+    """Each reference image's best reconstruction of its class; count and fraction with SSIM > threshold.
+
+    best_ssim[j] is reference image j's best SSIM (every reference image has one: class_ssim_matrices
+    refuses a class without reconstructions).
+    """
     best, best_recon, labels, ref_index = _best_per_reference(cm)
     count = int(np.sum(best > threshold))
     order = np.argsort(-best, kind="stable")[:top]
+    by_index = np.zeros(cm.num_ref)
+    by_index[ref_index] = best
     return {
         "threshold": threshold,
         "count_above": count,
         "fraction_above": count / max(cm.num_ref, 1),
         "mean_best_ssim": float(best.mean()),
+        "best_ssim": by_index.tolist(),
         "best": [
             {"reference_index": int(ref_index[j]), "recon_index": int(best_recon[j]), "label": int(labels[j]), "ssim": float(best[j])}
             for j in order

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from relative_error import rel_rms
 from torch import nn
 
-from relative_error import rel_rms
 from tldr_fast import api, load, save
 from tldr_fast.config import InversionConfig, ReconstructionConfig
 from tldr_fast.evaluate import reconstruction_scores
@@ -48,6 +48,14 @@ def norms_and_input_gradient(model, x, y, backend):
     norms = per_sample_grad_norm(model, x, y, backend=backend)
     (dx,) = torch.autograd.grad(norms.sum(), x)
     return norms, dx
+
+
+def errors_against_the_loop(model, backend) -> tuple[float, float]:
+    """Relative RMS errors of the backend's norms and of their d/dx against the loop's, 3 samples."""
+    x, y = batch(3)
+    norms, dx = norms_and_input_gradient(model, x, y, backend)
+    ref_norms, ref_dx = norms_and_input_gradient(model, x, y, "loop")
+    return rel_rms(norms, ref_norms), rel_rms(dx, ref_dx)
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -119,12 +127,8 @@ def test_vit_arguments_are_checked(kwargs, message):
 
 @pytest.mark.parametrize("backend", ["ghost", "vmap"])
 def test_resnet18_norms_and_input_gradient_equal_the_loop(backend):
-    model = resnet()
-    x, y = batch(3)
-    norms, dx = norms_and_input_gradient(model, x, y, backend)
-    ref_norms, ref_dx = norms_and_input_gradient(model, x, y, "loop")
-    assert rel_rms(norms, ref_norms) < 1e-12
-    assert rel_rms(dx, ref_dx) < 1e-10
+    norm_error, dx_error = errors_against_the_loop(resnet(), backend)
+    assert norm_error < 1e-12 and dx_error < 1e-10
 
 
 def test_resnet18_is_served_by_closed_form_rules_only():
@@ -146,20 +150,13 @@ def test_resnet18_ghost_equals_the_loop_on_random_models(n, seed):
 
 @pytest.mark.parametrize("backend", ["ghost", "vmap"])
 def test_vit_norms_equal_the_loop(backend):
-    model = vit()
-    x, y = batch(3)
-    assert rel_rms(per_sample_grad_norm(model, x, y, backend=backend),
-                   per_sample_grad_norm(model, x, y, backend="loop")) < 1e-12
+    assert errors_against_the_loop(vit(), backend)[0] < 1e-12
 
 
 @pytest.mark.xfail(strict=True, reason="LayerNorm d/dx under torch.func")
 @pytest.mark.parametrize("backend", ["ghost", "vmap"])
 def test_vit_input_gradient_equals_the_loop(backend):
-    model = vit()
-    x, y = batch(3)
-    _, dx = norms_and_input_gradient(model, x, y, backend)
-    _, ref_dx = norms_and_input_gradient(model, x, y, "loop")
-    assert rel_rms(dx, ref_dx) < 1e-10
+    assert errors_against_the_loop(vit(), backend)[1] < 1e-10
 
 
 def test_the_loop_is_the_right_reference_for_the_vit():
@@ -208,3 +205,26 @@ def test_invert_smoke_on_the_vit():
     result = api.invert(frozen_float32(vit()), 10, SHAPE, InversionConfig(**TINY), progress=False,
                         samples_per_class=1)
     assert {"kl", "cos", "ortho"} <= set(result.history)
+
+
+# -- the benchmark's peers ----------------------------------------------------------------------
+
+
+def test_bench_peer_norms_equal_ghost_or_say_why_not():
+    """bench gradnorm --gn-targets: Opacus's norms on the ViT are ghost's; on the ResNet Opacus
+    refuses BatchNorm and the row says so; a peer that is not installed is named."""
+    import importlib.util
+
+    from bench.grad_norm import target_norms
+
+    model = vit(torch.float32)
+    x, y = batch(4)
+    x = x.detach().float()
+    norms, differentiable = target_norms("opacus", model)
+    assert not differentiable
+    assert rel_rms(norms(x, y), per_sample_grad_norm(model, x, y, backend="ghost")) < 1e-5
+    assert not any(m._forward_hooks for m in model.modules())  # Opacus hooked a copy
+    reason, _ = target_norms("opacus", resnet(torch.float32))
+    assert reason.startswith("opacus refuses the model: NotImplementedError") and "BatchNorm2d" in reason
+    if importlib.util.find_spec("backpack") is None:
+        assert target_norms("backpack", model) == ("backpack is not installed", False)

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from relative_error import rel_rms
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from relative_error import rel_rms
 from tldr_fast import api
 from tldr_fast.config import InversionConfig, ReconstructionConfig
 from tldr_fast.evaluate import fidelity

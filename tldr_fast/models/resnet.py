@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tldr_fast.models.classifiers import ImageClassifier
+from tldr_fast.validation import check_positive_int
 
 
 class BasicBlock(nn.Module):
@@ -50,9 +51,7 @@ class ResNet18(ImageClassifier):
         std: tuple[float, ...] | None = None,
     ):
         super().__init__(in_channels, num_classes, image_size, mean, std)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be an integer >= 1, got {width!r}")
-        self.width = width
+        self.width = check_positive_int(width, "width")
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         stages, c_in = [], width

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tldr_fast.models.classifiers import ImageClassifier
+from tldr_fast.validation import check_positive_int
 
 
 class PatchEmbedding(nn.Module):
@@ -82,8 +83,7 @@ class ViT(ImageClassifier):
         super().__init__(in_channels, num_classes, image_size, mean, std)
         for name, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads),
                             ("mlp_dim", mlp_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive_int(value, name)
         h, w = self.image_size
         if h % patch_size or w % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide image_size {(h, w)}")

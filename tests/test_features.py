@@ -55,6 +55,17 @@ def pooled(model: TorchvisionStyle, x):
     return model.avgpool(model.layer1(model.relu(model.bn1(model.conv1(x))))).flatten(1)
 
 
+class _LogitsAndPooled(nn.Module):
+    """features= as a module: x -> (logits, pooled features) of the model it holds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), pooled(self.model, x)
+
+
 def images(n: int = 5, dtype=torch.float64, seed: int = 1):
     return torch.rand(n, *SHAPE, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
@@ -93,8 +104,11 @@ def test_the_adapter_keeps_the_users_modules_and_nothing_else():
     assert adapted.model is model
     assert [id(p) for p in adapted.parameters()] == [id(p) for p in model.parameters()]
     assert len(list(adapted.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
-    # A callable that is itself a module is not a second child with the same parameters.
-    assert len(list(with_features(model, model.fc.__call__).parameters())) == len(list(model.parameters()))
+    # A callable that is itself a module holding the model is not a second child of the adapter.
+    as_module = with_features(model, _LogitsAndPooled(model))
+    assert len(list(as_module.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
+    assert rel_rms(as_module.forward_with_features(images(dtype=torch.float32))[1],
+                   pooled(model, images(dtype=torch.float32))) == 0
     assert not model._forward_hooks and not model.fc._forward_hooks  # the tap leaves no hook behind
     adapted.forward_with_features(images(dtype=torch.float32))
     assert not model.fc._forward_hooks

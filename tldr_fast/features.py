@@ -60,7 +60,7 @@ class WithFeatures(nn.Module):
         return getattr(self.model, "num_classes", None)
 
     def describe(self) -> str:
-        """Where the features come from, in words (for messages and run records)."""
+        """Where the features come from, in words (for error messages)."""
         if self.fn is not None:
             return f"the callable {getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
         return f"the {'input' if self.read_input else 'output'} of {self.layer}"

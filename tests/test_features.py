@@ -344,3 +344,32 @@ def test_cli_features_option(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["features"] == "conv"
     assert main([*argv[:-1], "conv9"]) == 2
     assert "features = 'conv9' is not a submodule of PaperCNN" in capsys.readouterr().err
+
+
+def test_evaluation_reads_the_recorded_feature_layer(tmp_path):
+    """evaluate_run takes the layer from config.json unless told otherwise (API and CLI)."""
+    from tldr_fast import datasets, models, save
+    from tldr_fast.cli import main
+    from tldr_fast.evaluate import evaluate_run
+    from tldr_fast.serialization import write_safetensors_atomic
+
+    train = datasets.load_dataset("mnist-bundled", "train", subset=100, seed=0)
+    torch.manual_seed(0)
+    target = models.PaperCNN(1, 10, 28, channels=(4,), hidden=8)
+    model_path = save(tmp_path / "target.safetensors", target)
+    run = tmp_path / "run"
+    recon, labels = train.images[::2], train.labels[::2]
+    write_safetensors_atomic(run / "images.safetensors", {"images": recon, "labels": labels}, {"format": "test-run"})
+    (run / "config.json").write_text(json.dumps({
+        "kind": "reconstruct", "model": str(model_path), "dataset": "mnist-bundled", "subset": 100, "seed": 0,
+        "features": "conv"}))
+    by_layer = {f: fidelity(recon, labels, target=target, features=f)["target_feature_similarity"]
+                for f in ("conv", None)}
+    assert by_layer["conv"] != pytest.approx(by_layer[None])
+    options = {"heldout_data": None, "evaluator": False, "device": "cpu"}
+    assert evaluate_run(run, **options)["fidelity"]["target_feature_similarity"] == pytest.approx(by_layer["conv"])
+    # An explicit layer wins: PaperCNN's own features are the output of its fc block.
+    argv = ["evaluate", str(run), "--heldout", "none", "--evaluator", "none", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--features", "fc"]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["fidelity"]["target_feature_similarity"] == pytest.approx(by_layer[None])

@@ -216,6 +216,10 @@ def run(args) -> list[dict]:
     on_cuda = torch.device(device).type == "cuda"
     if args.gn_threads:
         torch.set_num_threads(args.gn_threads)
+    targets = [name for name in args.gn_targets.split(",") if name]
+    unknown = [name for name in targets if name not in TARGETS]
+    if unknown:
+        raise ValueError(f"--gn-targets: {unknown[0]!r} is not one of {sorted(TARGETS)}")
     batch = args.gn_batch or (32 if args.quick else 4096 if on_cuda else 256)
     loop_batch = args.gn_loop_batch or (8 if args.quick else 256 if on_cuda else 32)
     repeats = 3 if args.quick else 7
@@ -245,8 +249,6 @@ def run(args) -> list[dict]:
         rows += [dict(largest_batch(model, b, batch, device), suite="gradnorm", model="PaperCNN")
                  for b in args.gn_backends.split(",") if b != "loop"]
     target_batch_size = args.gn_target_batch or (4 if args.quick else 256 if on_cuda else 16)
-    for name in filter(None, args.gn_targets.split(",")):
-        if name not in TARGETS:
-            raise ValueError(f"--gn-targets: {name!r} is not one of {sorted(TARGETS)}")
+    for name in targets:
         rows += target_rows(name, args, target_batch_size, repeats)
     return rows

@@ -24,17 +24,36 @@ SHAPE = (3, 8, 8)
 TINY = {"num_generators": 2, "batch_size": 6, "latent_dim": 4, "generator_width": 4, "steps": 2, "log_every": 1}
 
 
+class TorchvisionBlock(nn.Module):
+    """torchvision's BasicBlock as written there: in-place ReLU and `out += identity`."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
 class TorchvisionStyle(nn.Module):
-    """The structure of torchvision's ResNet, with no forward_with_features: conv1, bn1, relu,
-    layer1, avgpool, then torch.flatten and the fc head."""
+    """The structure of torchvision's ResNet, with no forward_with_features: conv1, bn1, in-place
+    relu, layer1, avgpool, then torch.flatten and the fc head."""
 
     def __init__(self, num_classes: int = 10, width: int = 4):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(TorchvisionBlock(width, width, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
@@ -46,8 +65,10 @@ def external(dtype=torch.float32, seed: int = 0) -> TorchvisionStyle:
     torch.manual_seed(seed)
     model = TorchvisionStyle().to(dtype)
     with torch.no_grad():
-        model.bn1.running_mean.uniform_(-0.2, 0.2)
-        model.bn1.running_var.uniform_(0.5, 1.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
     return model.eval()
 
 

@@ -27,8 +27,9 @@ from torch.func import stack_module_state
 
 from tldr_fast import conditioning, engine, serialization
 from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfig, config_from_dict
+from tldr_fast.features import FeatureSpec, with_features
 from tldr_fast.models.generator import Generator
-from tldr_fast.objective import generate
+from tldr_fast.objective import generate, needs_features
 
 RUN_FORMAT = "tldr-fast/run"
 IMAGES_FORMAT = "tldr-fast/run-images"
@@ -189,13 +190,16 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
 
 
 def _run(
-    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, progress, samples_per_class, **meta
+    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, progress, samples_per_class, features,
+    **meta
 ) -> Result:
     config = kind_cls() if config is None else config
     if not isinstance(config, kind_cls):
         raise TypeError(f"config must be a {kind_cls.__name__}, got {type(config).__name__}")
     if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
         raise ValueError(f"samples_per_class must be an integer >= 1, got {samples_per_class!r}")
+    if features is not None or needs_features(config):
+        classifier = with_features(classifier, features)
     start = time.perf_counter()
     trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume, progress=progress)
     train_seconds = time.perf_counter() - start
@@ -213,6 +217,8 @@ def _run(
         image_shape=tuple(int(s) for s in image_shape),
         train_seconds=train_seconds,
         compile_seconds=trained.compile_seconds,
+        # A layer name is recorded so the evaluation reads the same features; a callable cannot be.
+        extra={"features": features} if isinstance(features, str) else {},
         **meta,
     )
     if run_dir is not None:
@@ -233,15 +239,19 @@ def invert(
     model: str | None = None,
     dataset: str | None = None,
     subset: int | None = None,
+    features: FeatureSpec = None,
 ) -> Result:
     """Network inversion (soft vectors, KL + CE + cosine + orthogonality) of a trained classifier.
 
     With run_dir, checkpoints are written there during training and the Result is saved there at
     the end; resume=True continues from the newest checkpoint. model/dataset/subset are recorded in
-    config.json for the evaluation.
+    config.json for the evaluation. features: where the diversity terms read the classifier's
+    penultimate features (`tldr_fast.features.with_features`): None (its forward_with_features, else
+    the input of its last nn.Linear), a submodule name (its output, flattened; recorded in
+    config.json) or a callable x -> (logits, features).
     """
     return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
-                samples_per_class, model=model, dataset=dataset, subset=subset)
+                samples_per_class, features, model=model, dataset=dataset, subset=subset)
 
 
 def reconstruct(
@@ -257,7 +267,8 @@ def reconstruct(
     model: str | None = None,
     dataset: str | None = None,
     subset: int | None = None,
+    features: FeatureSpec = None,
 ) -> Result:
     """Training-like data reconstruction (hot vectors, all nine terms); arguments as in `invert`."""
     return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
-                samples_per_class, model=model, dataset=dataset, subset=subset)
+                samples_per_class, features, model=model, dataset=dataset, subset=subset)

@@ -16,7 +16,9 @@ defaults (`tldr_fast.ssim`). For every class c, S_c[i, j] = SSIM(reconstruction 
   candidates inflates matched SSIM), and their differences reported without an interval.
 - Fidelity: accuracy of an independent evaluator on the reconstructions, the target's mean
   softmax probability of the intended label, and within-class diversity (mean SSIM over distinct
-  pairs of reconstructions of a class; lower is more diverse).
+  pairs of reconstructions of a class; lower is more diverse) in pixels and in the target's
+  features (mean cosine similarity over distinct pairs, the quantity the cosine diversity term
+  lowers; `features=` chooses the feature layer as in `tldr_fast.features.with_features`).
 
 `evaluate_run(run_dir)` applies all of it to a run directory and writes metrics.json and report.html.
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tldr_fast.features import FeatureSpec, extract_features, offers_features
 from tldr_fast.ssim import ssim_matrix
 from tldr_fast.training import predict_logits
 from tldr_fast.validation import check_images, check_labels, check_positive_int, check_unit_range
@@ -104,10 +107,13 @@ def leakage_gap(recon, recon_labels, train, train_labels, heldout, heldout_label
 
 
 def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=None, device=None,
-             chunk_size=None) -> dict:
-    """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean pairwise SSIM).
+             chunk_size=None, features: FeatureSpec = None) -> dict:
+    """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean
+    pairwise SSIM, and mean pairwise cosine similarity of the target's features).
 
     The classifiers run on their own device; `device` is where the SSIM matrices are computed.
+    features: the target's feature layer (see `tldr_fast.features.with_features`); with the default
+    None a target that offers no features gets no feature statistic.
     """
     check_images(recon, "recon")
     check_unit_range(recon, "recon")
@@ -129,13 +135,31 @@ def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=No
         probs = torch.softmax(logits.double(), dim=1)
         out["target_mean_confidence"] = float(probs.gather(1, recon_labels.view(-1, 1)).mean())
         out["target_accuracy"] = float((logits.argmax(1) == recon_labels).double().mean())
+        out["target_feature_similarity"] = _feature_similarity(target, recon, recon_labels, features)
     return out
+
+
+def _feature_similarity(target, recon, recon_labels, features: FeatureSpec) -> float | None:
+    """Mean over classes with >= 2 reconstructions of the mean cosine similarity of the target's
+    features over distinct pairs; None when there is no such class, or no features to read and
+    none were asked for."""
+    if features is None and not offers_features(target):
+        return None
+    feat = extract_features(target, recon, features).double()
+    unit = feat / feat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    per_class = []
+    for c in torch.unique(recon_labels).tolist():
+        u = unit[recon_labels == c]
+        if len(u) >= 2:
+            gram = u @ u.T
+            per_class.append(float((gram.sum() - gram.diagonal().sum()) / (len(u) * (len(u) - 1))))
+    return float(np.mean(per_class)) if per_class else None
 
 
 def reconstruction_scores(recon, recon_labels, train, train_labels, heldout=None, heldout_labels=None, *,
                           threshold: float = THRESHOLD, target=None, evaluator=None, num_classes=None,
                           num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
-                          device=None, chunk_size=None) -> dict:
+                          device=None, chunk_size=None, features: FeatureSpec = None) -> dict:
     """Every statistic of this module; the SSIM matrices are computed once and shared."""
     if (heldout is None) != (heldout_labels is None):
         raise ValueError("heldout and heldout_labels must be given together")
@@ -159,7 +183,7 @@ def reconstruction_scores(recon, recon_labels, train, train_labels, heldout=None
         }
         scores["leakage_gap"] = gap_statistics(cm_train, cm_held, threshold, num_bootstrap, confidence, seed)
     scores["fidelity"] = fidelity(recon, recon_labels, evaluator, target, num_classes=num_classes,
-                                  device=device, chunk_size=chunk_size)
+                                  device=device, chunk_size=chunk_size, features=features)
     return scores
 
 
@@ -329,6 +353,7 @@ def evaluate_run(
     threshold: float = THRESHOLD,
     num_bootstrap: int = 1000,
     progress: bool = False,
+    features: FeatureSpec = None,
 ) -> dict:
     """Score a run directory against its target's training data; write metrics.json and report.html.
 
@@ -339,6 +364,8 @@ def evaluate_run(
     leakage gap. evaluator: a classifier module, a model-file path, False to skip, or None to train
     an MLP with seed + 1 on training-split images outside the target's subset (at most 10,000);
     when the target used the whole training split the MLP is trained on the test split instead.
+    features: the target's feature layer for the feature similarity (default: the layer recorded
+    in config.json by reconstruct/invert, else as `tldr_fast.features.with_features` chooses).
     """
     from tldr_fast import datasets, report
     from tldr_fast.serialization import write_json_atomic
@@ -363,6 +390,7 @@ def evaluate_run(
         *(heldout if heldout is not None else (None, None)),
         threshold=threshold, target=target, evaluator=evaluator, num_classes=train.num_classes,
         num_bootstrap=num_bootstrap, seed=seed, device=device,
+        features=features if features is not None else config.get("features"),
     )
     metrics = {
         "run": {"run_dir": str(run_dir), "kind": config.get("kind"), "dataset": train_data, "subset": subset,

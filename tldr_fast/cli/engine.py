@@ -58,6 +58,9 @@ def _add_engine_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument("--classifier-chunk-size", type=int,
                    help="run the classifier on chunks of this many images per generator: bounds the memory "
                         "of large batches (the diversity losses still compare the whole batch)")
+    g.add_argument("--features", metavar="LAYER", default=None,
+                   help="submodule of the classifier whose output (flattened) the diversity terms compare "
+                        "(default: its forward_with_features, else the input of its last nn.Linear)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the step (CUDA: replayed as a CUDA graph); the first compile takes "
                         "minutes on a CPU, later processes reuse the on-disk cache (default: off)")
@@ -105,13 +108,14 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
         result = entry(
             classifier, classifier.num_classes, classifier.input_shape, config,
             run_dir=args.out, resume=args.resume, progress=not args.no_progress,
-            samples_per_class=args.samples_per_class, **meta,
+            samples_per_class=args.samples_per_class, features=args.features, **meta,
         )
     except NonFiniteLossError as err:
         print(f"tldr-fast {kind}: {err}", file=sys.stderr)
         return None
     seconds = time.perf_counter() - start
-    scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes)
+    scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes,
+                      features=args.features)
     compiled = "" if result.compile_seconds is None else f" (first compiled call {result.compile_seconds:.1f} s)"
     print(f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s{compiled}; "
           f"the target labels {scores['target_accuracy']:.1%} of {len(result.images)} images as intended, "

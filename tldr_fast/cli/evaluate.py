@@ -30,6 +30,9 @@ def register(commands, attacks) -> None:
     p.add_argument("--evaluator", default=None,
                    help="evaluator model file; 'none' skips it; default: train an MLP on data disjoint from the target's")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the gap interval")
+    p.add_argument("--features", metavar="LAYER", default=None,
+                   help="submodule of the target whose output (flattened) the feature similarity compares "
+                        "(default: the run's recorded layer, else forward_with_features or the last nn.Linear's input)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args) -> int:
         args.run_dir, train_data=args.train_data, subset=args.subset,
         heldout_data=None if args.heldout == "none" else "test", evaluator=evaluator, seed=args.seed,
         device=args.device, data_root=args.data_root, threshold=args.threshold,
-        num_bootstrap=args.bootstrap, progress=not args.no_progress,
+        num_bootstrap=args.bootstrap, progress=not args.no_progress, features=args.features,
     )
     rows = summary_rows(metrics)
     width = max(len(name) for name, _ in rows)

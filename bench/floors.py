@@ -184,7 +184,9 @@ def _backward_to(inputs, fn):
 
 
 # The step's pieces; the perturbed images take one more `classifier` pass, and the ghost norms'
-# forward is the clean `classifier_with_features` pass, shared in the step.
+# forward is the clean `classifier_with_features` pass, shared in the step. `ghost_norms` is also
+# the work of the gradient-norm suite's rows (the same call on images of the same shape), and
+# `classifier` that of its baseline (less the cross-entropy's few bytes per image).
 PIECES = ("generator", "classifier_with_features", "classifier", "ghost_norms", "kl_ce", "diversity", "tv_pixel",
           "adam")
 
@@ -221,20 +223,6 @@ def step_work(batch: int, classifier, device) -> Callable[[], object]:
     return make_runner("fast-eager", batch, classifier, device)
 
 
-def grad_norm_work(batch: int, classifier, device, backend: str = "ghost") -> Callable[[], object]:
-    """`bench.grad_norm`'s call: the mean per-sample norm and its gradient to the images."""
-    from bench.grad_norm import batch_for, grad_norm_step
-
-    return grad_norm_step(classifier, *batch_for(classifier, batch, device), backend)
-
-
-def grad_norm_baseline_work(batch: int, classifier, device) -> Callable[[], object]:
-    """`bench.grad_norm`'s unit of R: cross-entropy forward and backward to the images."""
-    from bench.grad_norm import baseline_step, batch_for
-
-    return baseline_step(classifier, *batch_for(classifier, batch, device))
-
-
 def ssim_pair_cost(device, size: int = 8) -> Cost:
     """Cost per image pair of `ssim_matrix` (eager pointwise part) on MNIST-size images: the count
     of size x 4 size pairs less that of size/2 x 4 size, over the pairs added."""
@@ -252,8 +240,6 @@ class Floors:
     """The cost models every suite's rows are set against, counted on one device."""
 
     step: CostModel
-    ghost_norms: CostModel
-    grad_norm_baseline: CostModel
     pieces: dict[str, CostModel]
     ssim_pair: Cost
 
@@ -266,16 +252,13 @@ class Floors:
                   for piece in PIECES}
         return cls(
             step=CostModel.fit(lambda b: step_work(b, classifier, device), batches),
-            ghost_norms=CostModel.fit(lambda b: grad_norm_work(b, classifier, device), batches),
-            grad_norm_baseline=CostModel.fit(lambda b: grad_norm_baseline_work(b, classifier, device), batches),
             pieces=pieces,
             ssim_pair=ssim_pair_cost(device),
         )
 
     def rows(self, peaks: Peaks) -> list[dict]:
         """Per image: FLOPs, bytes and floor (TF32 and BF16 peaks) of the step and of each piece."""
-        models = itertools.chain([("step", self.step), ("ghost_norms_suite", self.ghost_norms),
-                                  ("grad_norm_baseline", self.grad_norm_baseline)], self.pieces.items())
+        models = itertools.chain([("step", self.step)], self.pieces.items())
         return [{"piece": name, "flops_per_image": m.per_image.flops, "bytes_per_image": m.per_image.bytes,
                  "fixed_flops": m.fixed.flops, "fixed_bytes": m.fixed.bytes,
                  "floor_tf32_ns_per_image": 1e9 * peaks.floor_seconds(m.per_image, "tf32"),

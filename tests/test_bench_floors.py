@@ -102,10 +102,9 @@ def test_step_pieces_are_counted_and_the_step_is_affine_in_the_batch(model):
     classifier = bench_classifier("cpu")
     counted = floors.Floors.count_on(classifier, "cpu", batches=(4, 8))
     rows = {r["piece"]: r for r in counted.rows(floors.Peaks(1e12, 2e12, 1e11))}
-    assert set(rows) == {"step", "ghost_norms_suite", "grad_norm_baseline", *floors.PIECES}
+    assert set(rows) == {"step", *floors.PIECES}
     # the classifier pass (forward + backward to the images) is the hand count twice
     assert rows["classifier"]["flops_per_image"] == 2 * paper_cnn_forward_flops()
-    assert rows["grad_norm_baseline"]["flops_per_image"] == 2 * paper_cnn_forward_flops()
     assert rows["adam"]["flops_per_image"] == rows["adam"]["bytes_per_image"] == 0 < rows["adam"]["fixed_bytes"]
     for piece in ("generator", "ghost_norms", "tv_pixel"):
         assert rows[piece]["bytes_per_image"] > 0
@@ -114,7 +113,10 @@ def test_step_pieces_are_counted_and_the_step_is_affine_in_the_batch(model):
                                                + rows["classifier"]["flops_per_image"]
                                                + rows["ghost_norms"]["flops_per_image"])
     # below the feature dimension (256) every piece but the diversity terms is affine in the batch
-    assert counted.ghost_norms.at(6) == floors.count(floors.grad_norm_work(6, classifier, "cpu"))
+    from bench.grad_norm import batch_for, grad_norm_step
+
+    suite_call = grad_norm_step(classifier, *batch_for(classifier, 6, "cpu"), "ghost")
+    assert counted.pieces["ghost_norms"].at(6).flops == floors.count(suite_call).flops
 
 
 def test_unknown_piece_is_refused_naming_it():

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import flop_registry
 
 from bench.common import time_fn
 from bench.kernels import measure_copy_bandwidth
+from bench.precision import matmul_precision
 from bench.step import IMAGE_SHAPE, NUM_CLASSES, make_runner, step_config
 from tldr_fast import conditioning, losses, objective
 from tldr_fast.engine import AdamState, adam_update
@@ -122,15 +123,10 @@ class Peaks:
 
 def gemm_rate(device, dtype: torch.dtype, size: int) -> float:
     """FLOP/s of a size x size x size product of `dtype` inputs (fp32 with TF32 tensor cores allowed)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        t = time_fn(lambda: a @ b, device=device, warmup=3, repeats=10)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return 2 * size**3 / t.min_s
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    with matmul_precision("tf32", torch.device(device).type):
+        seconds = time_fn(lambda: a @ b, device=device, warmup=3, repeats=10).min_s
+    return 2 * size**3 / seconds
 
 
 def measure_peaks(device, tiny: bool = False) -> Peaks:

@@ -194,17 +194,17 @@ class Shapes:
 def _h100_expected_s(suite: str, variant: str, batch: int) -> float:
     if suite == "step":
         if "compiled" in variant:
-            return 180.0 if batch > 16384 else 60.0
+            return 170.0 if batch > 16384 else 60.0
         return 10.0 if batch > 16384 else 6.0
-    return {"gradnorm": 30.0 if variant == "loop" else 8.0, "kernels": 90.0, "evaluate": 15.0,
-            "precision": 15.0, "device": 10.0}.get(suite, 0.0)
+    return {"gradnorm": 30.0 if variant == "loop" else 8.0, "kernels": 75.0, "evaluate": 12.0,
+            "precision": 12.0, "device": 10.0}.get(suite, 0.0)
 
 
 FULL = Shapes(step_batches=(8192, 1024), step_variants=step.VARIANTS, step_large_batches=(65536,),
               step_large_variants=("fast-compiled", "fast-eager", "naive"), profile_batch=8192,
               profiled_variant="fast-compiled", step_repeats=5, gn_batch=4096,
               gn_loop_batch=256, kernels_n=None, kernels_d=None, evaluate_quick=False, evaluate_impl="auto",
-              precision_batch=1024, precision_steps=50, precisions=("tf32", "bf16"), count_batches=(512, 1024),
+              precision_batch=1024, precision_steps=30, precisions=("tf32", "bf16"), count_batches=(512, 1024),
               expected_s=_h100_expected_s)
 TINY = Shapes(step_batches=(8,), step_variants=("naive", "fast-eager"), step_large_batches=(16,),
               step_large_variants=("fast-eager",), profile_batch=8, profiled_variant="fast-eager", step_repeats=2,
@@ -251,16 +251,16 @@ def plan(args, shapes: Shapes, device, state: dict) -> list[Phase]:
     variants = args.step_variants or shapes.step_variants
     large_variants = [v for v in shapes.step_large_variants if v in variants]
     return [
-        Phase("device", 20, [Unit("peaks and floor counts", expected("device", "", 0), device_unit)]),
-        Phase("step", 150, _step_units(shapes, shapes.step_batches, classifier, device, variants)),
-        Phase("gradnorm", 45, [Unit(b, expected("gradnorm", b, 0), gradnorm_unit(b)) for b in grad_norm.BACKENDS]),
-        Phase("kernels", 90, [Unit("kernels", expected("kernels", "", 0), lambda: kernels.run(_suite_args(
+        Phase("device", 15, [Unit("peaks and floor counts", expected("device", "", 0), device_unit)]),
+        Phase("step", 145, _step_units(shapes, shapes.step_batches, classifier, device, variants)),
+        Phase("gradnorm", 25, [Unit(b, expected("gradnorm", b, 0), gradnorm_unit(b)) for b in grad_norm.BACKENDS]),
+        Phase("kernels", 75, [Unit("kernels", expected("kernels", "", 0), lambda: kernels.run(_suite_args(
             args, quick=True, kernels_n=shapes.kernels_n, kernels_d=shapes.kernels_d)))]),
-        Phase("evaluate", 20, [Unit("evaluate", expected("evaluate", "", 0), lambda: evaluate.run(_suite_args(
+        Phase("evaluate", 15, [Unit("evaluate", expected("evaluate", "", 0), lambda: evaluate.run(_suite_args(
             args, quick=shapes.evaluate_quick, impl=shapes.evaluate_impl)))]),
-        Phase("precision", 25, [Unit("precision", expected("precision", "", 0), lambda: precision.deviation_rows(
+        Phase("precision", 15, [Unit("precision", expected("precision", "", 0), lambda: precision.deviation_rows(
             shapes.precision_batch, shapes.precision_steps, device, shapes.precisions))]),
-        Phase("step", 100, _step_units(shapes, shapes.step_large_batches, classifier, device, large_variants)),
+        Phase("step", 160, _step_units(shapes, shapes.step_large_batches, classifier, device, large_variants)),
     ]
 
 
@@ -313,9 +313,11 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     shapes = TINY if args.tiny or device.type != "cuda" else FULL
     clock, state = Clock(args.gpu_budget_s), {}
+    phases = plan(args, shapes, device, state)
     rows = [{"suite": "plan", "shapes": "tiny" if shapes is TINY else "full", "budget_s": args.gpu_budget_s,
-             "device": str(device)}]
-    for phase in plan(args, shapes, device, state):
+             "device": str(device), "phases": [{"name": p.name, "share_s": p.share_s, "units": len(p.units)}
+                                               for p in phases]}]
+    for phase in phases:
         if args.gpu_phases is None or phase.name in args.gpu_phases:
             rows += run_phase(phase, clock)
     annotate(rows, state)

@@ -20,7 +20,9 @@ PHASES = ["device", "step", "gradnorm", "precision"]
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu") / "out.json"
-    assert bench_main.main(["gpu", "--device", "cpu", "--json", str(path), "--gpu-phases", *PHASES]) == 0
+    # no budget to run out of: how long the tiny run takes depends on the machine's load
+    assert bench_main.main(["gpu", "--device", "cpu", "--json", str(path), "--gpu-budget-s", "1e9",
+                            "--gpu-phases", *PHASES]) == 0
     return json.loads(path.read_text())
 
 
@@ -30,7 +32,9 @@ def rows_of(payload, suite):
 
 def test_tiny_run_covers_the_phases_with_floors_and_ratios(payload):
     plan = rows_of(payload, "plan")[0]
-    assert plan["shapes"] == "tiny" and plan["wall_s"] < plan["budget_s"]
+    assert plan["shapes"] == "tiny" and plan["wall_s"] > 0
+    assert [p["name"] for p in plan["phases"]] == ["device", "step", "gradnorm", "kernels", "evaluate", "precision",
+                                                   "step"]
     peaks = next(r for r in rows_of(payload, "device") if r["piece"] == "peaks")
     assert all(peaks[k] > 0 for k in ("tf32_tflop_s", "bf16_tflop_s", "copy_gb_s"))
     steps = {(r["variant"], r["batch"]): r for r in rows_of(payload, "step")}

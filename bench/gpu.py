@@ -1,7 +1,8 @@
 """`python -m bench gpu [--json out.json] [--tiny] [--gpu-budget-s S]`: every GPU suite in one run.
 
 One process, in this order, each phase with its share of a total time budget (default 450 s,
-under 8 minutes with start-up on an H100/H200); time a phase leaves unused passes to the next:
+under 8 minutes with start-up on an H100/H200; `--gpu-budget-s` scales every share); time a
+phase leaves unused passes to the next:
 1. device: the measured peaks (TF32 and BF16 GEMM, device-to-device copy) and the floor model's
    counts (`bench.floors`), also reported per image for the step and each of its pieces;
 2. step at 8192 then 1024 images (naive, fast-eager, fast-compiled, as `bench step`), and a
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("gpu suite")
     g.add_argument("--tiny", action="store_true", help="tiny shapes, no compiled step (default without CUDA)")
     g.add_argument("--gpu-budget-s", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"total seconds for all phases (default {DEFAULT_BUDGET_S:.0f})")
+                   help=f"total seconds for all phases, each phase's share scaled to it (default {DEFAULT_BUDGET_S:.0f})")
     g.add_argument("--gpu-phases", nargs="+", default=None, help="run only these phases (default: all)")
 
 
@@ -70,7 +71,8 @@ class Phase:
 
 @dataclass
 class Clock:
-    """The total budget and the time a finished phase left unused, passed to the next one."""
+    """The total budget and the time a finished phase left unused, passed to the next one. A
+    phase's share_s is its share of the default budget, scaled to the total."""
 
     total_s: float
     start: float = field(default_factory=time.perf_counter)
@@ -79,11 +81,14 @@ class Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def share_s(self, phase: Phase) -> float:
+        return phase.share_s * self.total_s / DEFAULT_BUDGET_S
+
 
 def run_phase(phase: Phase, clock: Clock) -> list[dict]:
     """Each unit's rows, tagged with the phase; a unit without the time it expects is skipped."""
     phase_start = clock.elapsed()
-    deadline = min(phase_start + phase.share_s + clock.carried_s, clock.total_s)
+    deadline = min(phase_start + clock.share_s(phase) + clock.carried_s, clock.total_s)
     rows = []
     for unit in phase.units:
         left = deadline - clock.elapsed()

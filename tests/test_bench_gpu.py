@@ -20,7 +20,8 @@ PHASES = ["device", "step", "gradnorm", "precision"]
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu") / "out.json"
-    # no budget to run out of: how long the tiny run takes depends on the machine's load
+    # no budget to run out of (every phase's share scales with it): how long the tiny run takes
+    # depends on the machine's load
     assert bench_main.main(["gpu", "--device", "cpu", "--json", str(path), "--gpu-budget-s", "1e9",
                             "--gpu-phases", *PHASES]) == 0
     return json.loads(path.read_text())
@@ -87,7 +88,7 @@ def test_a_unit_without_the_time_it_expects_is_skipped_and_an_error_recorded():
 
     units = [gpu.Unit("quick", 0.0, lambda: [{"value": 1}]), gpu.Unit("slow", 1e9, lambda: [{"value": 2}]),
              gpu.Unit("fails", 0.0, fails)]
-    clock = gpu.Clock(total_s=100.0)
+    clock = gpu.Clock(total_s=gpu.DEFAULT_BUDGET_S)  # shares as given
     rows = gpu.run_phase(gpu.Phase("demo", 10.0, units), clock)
     assert [r["unit"] for r in rows] == ["quick", "slow", "fails"]
     assert rows[0]["value"] == 1 and rows[0]["suite"] == "demo" and rows[0]["unit_wall_s"] >= 0
@@ -99,6 +100,7 @@ def test_a_unit_without_the_time_it_expects_is_skipped_and_an_error_recorded():
     assert late[0]["value"] == 3 and late[1]["status"] == "skipped"
     over = gpu.run_phase(gpu.Phase("over", 1e6, [gpu.Unit("any", 150.0, lambda: [{}])]), gpu.Clock(total_s=100.0))
     assert over[0]["status"] == "skipped"  # the total budget caps every phase
+    assert gpu.Clock(total_s=2 * gpu.DEFAULT_BUDGET_S).share_s(gpu.Phase("x", 10.0, [])) == 20.0
 
 
 def test_annotate_sets_kernel_and_evaluate_rows_against_their_references():

@@ -1,4 +1,5 @@
-"""`python -m bench SUITE [--json out.json] [--quick] [--device cpu|cuda]`; SUITE `all` runs every suite."""
+"""`python -m bench SUITE [--json out.json] [--quick] [--device cpu|cuda]`; SUITE `all` runs every suite,
+`gpu` every GPU suite in one budgeted run (`bench.gpu`)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ SUITES: dict[str, str] = {
     "kernels": "bench.kernels",
     "step": "bench.step",
 }
+# Suites that run the others (not part of `all`); a module may define print_rows(rows) for its table.
+COMPOSITE_SUITES: dict[str, str] = {"gpu": "bench.gpu"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suite", choices=sorted(SUITES) + ["all"])
+    parser.add_argument("suite", choices=sorted(SUITES) + sorted(COMPOSITE_SUITES) + ["all"])
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI gate)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args, rest = parser.parse_known_args(argv)
     names = sorted(SUITES) if args.suite == "all" else [args.suite]
-    modules = {n: importlib.import_module(SUITES[n]) for n in names}
+    modules = {n: importlib.import_module({**SUITES, **COMPOSITE_SUITES}[n]) for n in names}
     for mod in modules.values():
         if hasattr(mod, "add_arguments"):
             mod.add_arguments(parser)
@@ -40,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name} ({args.device}) ==")
         rows = mod.run(args)
         payload["suites"][name] = rows
-        columns = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
-        print_table(rows, columns)
+        if hasattr(mod, "print_rows"):
+            mod.print_rows(rows)
+        else:
+            print_table(rows, list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list)))))
     if args.json_path:
         write_json(args.json_path, payload)
         print(f"\nwrote {args.json_path}")

@@ -29,6 +29,7 @@ from tldr_fast import conditioning, engine, serialization
 from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import generate
+from tldr_fast.run_dir import claim, run_intent
 
 RUN_FORMAT = "tldr-fast/run"
 IMAGES_FORMAT = "tldr-fast/run-images"
@@ -138,16 +139,13 @@ serialization.register_format(RUN_FORMAT, Result.load_from)
 
 
 def _write_images(path: Path, result: Result) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         "images": result.images.float().contiguous(),
         "labels": result.labels.long().contiguous(),
         "generator_index": result.generator_index.long().contiguous(),
     }
     # Plain safetensors metadata for any reader, plus the tldr-fast header read_safetensors expects.
-    metadata = {"format": IMAGES_FORMAT, "tldr_fast": json.dumps({"format": IMAGES_FORMAT})}
-    serialization.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    serialization.write_safetensors_atomic(path, tensors, {"format": IMAGES_FORMAT}, plain_metadata={"format": IMAGES_FORMAT})
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -189,15 +187,28 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
 
 
 def _run(
-    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, progress, samples_per_class, **meta
+    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress, samples_per_class,
+    **meta,
 ) -> Result:
     config = kind_cls() if config is None else config
     if not isinstance(config, kind_cls):
         raise TypeError(f"config must be a {kind_cls.__name__}, got {type(config).__name__}")
     if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
         raise ValueError(f"samples_per_class must be an integer >= 1, got {samples_per_class!r}")
+    if run_dir is None:
+        return _train_and_sample(classifier, num_classes, image_shape, config, None, resume, overwrite, progress,
+                                 samples_per_class, meta)
+    # The directory is held from before training until the result is saved in it.
+    with claim(run_dir, run_intent(resume, overwrite)):
+        return _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
+                                 samples_per_class, meta)
+
+
+def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
+                      samples_per_class, meta) -> Result:
     start = time.perf_counter()
-    trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume, progress=progress)
+    trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume,
+                           overwrite=overwrite, progress=progress)
     train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
@@ -228,6 +239,7 @@ def invert(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     samples_per_class: int = 10,
     model: str | None = None,
@@ -236,11 +248,12 @@ def invert(
 ) -> Result:
     """Network inversion (soft vectors, KL + CE + cosine + orthogonality) of a trained classifier.
 
-    With run_dir, checkpoints are written there during training and the Result is saved there at
-    the end; resume=True continues from the newest checkpoint. model/dataset/subset are recorded in
-    config.json for the evaluation.
+    With run_dir, the directory is held (one writer) from the start until the Result is saved there
+    at the end, checkpoints are written there during training; it must be empty unless
+    resume=True (continue from the newest readable checkpoint) or overwrite=True (delete the run
+    it holds first). model/dataset/subset are recorded in config.json for the evaluation.
     """
-    return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
+    return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
                 samples_per_class, model=model, dataset=dataset, subset=subset)
 
 
@@ -252,6 +265,7 @@ def reconstruct(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     samples_per_class: int = 10,
     model: str | None = None,
@@ -259,5 +273,5 @@ def reconstruct(
     subset: int | None = None,
 ) -> Result:
     """Training-like data reconstruction (hot vectors, all nine terms); arguments as in `invert`."""
-    return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
+    return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
                 samples_per_class, model=model, dataset=dataset, subset=subset)

@@ -7,15 +7,20 @@ step; the loop reads the loss values back every `log_every` steps (progress bar,
 non-finite check) and before each checkpoint.
 
 Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the stacked
-parameters, the Adam moments, the step, the RNG state, the history and the config, so a resumed
-run on the CPU continues bit for bit where the killed one stopped. A checkpoint is only written
-after the values of every step before it were found finite, so the newest one is always good.
+parameters, the Adam moments, the step, the RNG state, the history, the config and the run's id,
+so a resumed run on the CPU continues bit for bit where the killed one stopped. A checkpoint is
+only written after the values of every step before it were found finite. The run directory is
+held (tldr_fast.run_dir.claim) for the whole run; resume takes the newest checkpoint that reads
+back against the run's layout and falls back past unreadable ones, naming each it skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +43,16 @@ from tldr_fast.objective import (
     needs_features,
     objective,
 )
-from tldr_fast.serialization import read_safetensors, write_safetensors_atomic
+from tldr_fast.run_dir import (
+    checkpoint_path,
+    checkpoint_step,
+    claim,
+    list_checkpoints,
+    rotate_checkpoints,
+    run_intent,
+)
+from tldr_fast.serialization import TensorInfo, check_tensors, read_header, read_safetensors, write_safetensors_atomic
+from tldr_fast.validation import check_finite_tensors
 
 CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
 CHECKPOINTS_KEPT = 2
@@ -153,6 +167,7 @@ def validate_classifier(classifier, num_classes: int, image_shape, needs_feature
             f"{type(classifier).__name__} has no forward_with_features(x) -> (logits, features); "
             "add one or set gamma = delta = 0"
         )
+    check_finite_tensors(classifier.state_dict().items(), "the classifier's tensor")
     device = _device_of(classifier)
     probe = torch.full((2, *image_shape), 0.5, device=device)
     was_training = classifier.training
@@ -194,18 +209,12 @@ def classifier_fingerprint(classifier: nn.Module) -> str:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint that is truncated, foreign or malformed: resume falls back past it."""
 
 
-def _checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step-{step:08d}.safetensors"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files of a run, oldest first."""
-    folder = checkpoint_dir(run_dir)
-    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+class CheckpointSkipped(UserWarning):
+    """Resume skipped an unreadable checkpoint and continued from an older one."""
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -221,7 +230,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(tensors["rng/cuda"], device)
 
 
-def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str) -> Path:
+def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str, run_id: str) -> Path:
+    """Write the checkpoint of trained.steps_done, then delete this run's checkpoints beyond the newest few."""
     tensors = {f"params/{k}": v for k, v in trained.params.items()}
     tensors.update({f"buffers/{k}": v for k, v in trained.buffers.items()})
     tensors.update({f"adam_m/{k}": v for k, v in state.m.items()})
@@ -236,40 +246,114 @@ def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerpri
         "step": trained.steps_done,
         "history": trained.history,
         "classifier_sha256": fingerprint,
+        "run_id": run_id,
     }
-    path = write_safetensors_atomic(_checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
-    for old in list_checkpoints(run_dir)[:-CHECKPOINTS_KEPT]:
-        old.unlink(missing_ok=True)
+    path = write_safetensors_atomic(checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
+    rotate_checkpoints(path, run_id, CHECKPOINTS_KEPT, checkpoint_run_id)
     return path
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint `path`; None when it does not read back."""
+    try:
+        run_id = read_header(path)[1].get("run_id")
+    except (OSError, ValueError):
+        return None
+    return run_id if isinstance(run_id, str) else None
 
 
 def _group(tensors: dict[str, torch.Tensor], prefix: str, device) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> AdamState:
-    """Restore params, history and RNG into `trained` from `path`; refuse a different run."""
-    tensors, meta = read_safetensors(path)
+_HEADER_TYPES = {"kind": str, "config": dict, "generator": dict, "step": int, "history": dict, "classifier_sha256": str}
+
+
+def _check_checkpoint_header(path: Path, meta: dict) -> None:
+    """Types and ranges of a checkpoint header; UnreadableCheckpoint naming the field otherwise."""
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r})")
-    if meta.get("kind") != trained.config.kind:
-        raise ValueError(f"cannot resume: {path} is a {meta.get('kind')} run, this is a {trained.config.kind} run")
-    saved = config_from_dict(meta["kind"], meta["config"])
+        raise UnreadableCheckpoint(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r})")
+    for key, kind in _HEADER_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UnreadableCheckpoint(f"{path}: header field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
+    if meta["step"] != checkpoint_step(path):
+        raise UnreadableCheckpoint(f"{path}: header says step {meta['step']}, the file name step {checkpoint_step(path)}")
+    for term, values in meta["history"].items():
+        if not isinstance(values, list) or len(values) != meta["step"] or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise UnreadableCheckpoint(f"{path}: history of {term!r} must be {meta['step']} numbers")
+    if not isinstance(meta.get("run_id", ""), str):
+        raise UnreadableCheckpoint(f"{path}: header field 'run_id' must be a string, got {meta['run_id']!r:.80}")
+
+
+def _checkpoint_layout(trained: Trained, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors a checkpoint of this run must hold: names, dtypes and shapes."""
+    layout = {}
+    for prefix, group in (("params/", trained.params), ("buffers/", trained.buffers),
+                          ("adam_m/", trained.params), ("adam_v/", trained.params)):
+        layout.update({prefix + k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in group.items()})
+    layout["adam_t"] = TensorInfo(torch.float64, ())
+    layout["rng/cpu"] = TensorInfo(torch.uint8, tuple(torch.get_rng_state().shape))
+    device = next(iter(trained.params.values())).device
+    cuda = infos.get("rng/cuda")
+    if device.type == "cuda" or (cuda is not None and cuda.dtype == torch.uint8 and len(cuda.shape) == 1):
+        layout["rng/cuda"] = TensorInfo(torch.uint8, cuda.shape if cuda is not None else (0,))
+    return layout
+
+
+def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[AdamState, str | None]:
+    """Restore params, history and RNG into `trained` from `path`, returning the Adam state and the
+    run id; UnreadableCheckpoint for a damaged file, ValueError for a checkpoint of another run."""
+    try:
+        infos, meta = read_header(path)
+    except ValueError as err:
+        raise UnreadableCheckpoint(str(err)) from err
+    _check_checkpoint_header(path, meta)
+    if meta["kind"] != trained.config.kind:
+        raise ValueError(f"cannot resume: {path} is a {meta['kind']!r:.40} run, this is a {trained.config.kind} run")
+    try:
+        saved = config_from_dict(meta["kind"], meta["config"])
+    except (TypeError, ValueError) as err:
+        raise UnreadableCheckpoint(f"{path}: its config does not read back: {err}") from err
     differing = [f for f in trained.config.differing_fields(saved) if f not in RESUMABLE_FIELDS]
     if differing:
         detail = ", ".join(f"{f}: {getattr(saved, f)!r} -> {getattr(trained.config, f)!r}" for f in differing)
         raise ValueError(f"cannot resume from {path}: the config differs in {detail}")
-    if meta.get("classifier_sha256") != fingerprint:
+    if meta["classifier_sha256"] != fingerprint:
         raise ValueError(f"cannot resume from {path}: it was made against a different classifier (weights differ)")
     if meta["step"] > trained.config.steps:
         raise ValueError(f"cannot resume: {path} is at step {meta['step']}, beyond steps={trained.config.steps}")
+    try:
+        tensors, _ = read_safetensors(path, _checkpoint_layout(trained, infos), "this run's checkpoint layout")
+    except ValueError as err:
+        raise UnreadableCheckpoint(str(err)) from err
     device = next(iter(trained.params.values())).device
     trained.params = _group(tensors, "params/", device)
     trained.buffers = _group(tensors, "buffers/", device)
     trained.history = {k: list(v) for k, v in meta["history"].items()}
     trained.steps_done = int(meta["step"])
     _set_rng_state(tensors, device)
-    return AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+    state = AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+    return state, meta.get("run_id")
+
+
+def _resume(run_dir: Path, trained: Trained, fingerprint: str):
+    """(Adam state, checkpoint, run id) of the newest readable checkpoint; (None, None, None) when none exists."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state, run_id = load_checkpoint(path, trained, fingerprint)
+        except UnreadableCheckpoint as err:
+            skipped.append(str(err))
+            continue
+        if skipped:
+            warnings.warn(CheckpointSkipped(f"resuming from {path}; skipped: {'; '.join(skipped)}"), stacklevel=3)
+        return state, path, run_id
+    if skipped:
+        raise ValueError(f"cannot resume in {run_dir}: no checkpoint reads back ({'; '.join(skipped)}); "
+                         "start again with --overwrite (API: overwrite=True)")
+    return None, None, None
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -283,8 +367,12 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Trained:
-    """Train config.num_generators generators against `classifier` (frozen and in eval mode meanwhile)."""
+    """Train config.num_generators generators against `classifier` (frozen and in eval mode meanwhile).
+
+    With run_dir, the directory is held for the run and must be empty unless resume=True (continue
+    from its newest readable checkpoint) or overwrite=True (delete its run first)."""
     if not isinstance(config, _EngineConfig):
         raise TypeError(f"config must be an InversionConfig or ReconstructionConfig, got {type(config).__name__}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -293,6 +381,7 @@ def train(
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir whose checkpoints to continue from")
     run_dir = Path(run_dir) if run_dir is not None else None
+    owner = claim(run_dir, run_intent(resume, overwrite)) if run_dir is not None else contextlib.nullcontext()
 
     validate_classifier(classifier, num_classes, image_shape, needs_features(config))
     if "bn" in active_terms(config) and not batch_norm_layers(classifier):
@@ -309,7 +398,8 @@ def train(
     was_training = classifier.training
     classifier.eval().requires_grad_(False)
     try:
-        return _run(problem, params, buffers, run_dir, resume, progress)
+        with owner:
+            return _run(problem, params, buffers, run_dir, resume, progress)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -321,13 +411,9 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
     torch.manual_seed(cfg.seed)
-    state = AdamState.zeros_like(params)
-    last_checkpoint = None
-    if resume:
-        existing = list_checkpoints(run_dir)
-        if existing:
-            last_checkpoint = existing[-1]
-            state = load_checkpoint(last_checkpoint, trained, fingerprint)
+    state, last_checkpoint, run_id = _resume(run_dir, trained, fingerprint) if resume else (None, None, None)
+    state = state or AdamState.zeros_like(params)
+    run_id = run_id or uuid.uuid4().hex
     step_fn = make_step(problem, trained.buffers)
     if cfg.compile:
         step_fn = CompiledStep(step_fn)
@@ -343,7 +429,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
                 _flush(pending, trained, last_checkpoint, bar)
                 pending = []
             if at_checkpoint:
-                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint)
+                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint, run_id)
     finally:
         if bar is not None:
             bar.close()
@@ -356,17 +442,26 @@ def _flush(pending, trained: Trained, last_checkpoint, bar) -> None:
     first_step = trained.steps_done - len(pending) + 1
     names = list(pending[0])
     # One transfer for all pending steps: (steps, terms, K).
-    values = torch.stack([torch.stack([r[n] for n in names]) for r in pending]).double().cpu()
+    values = torch.stack([torch.stack([r[n] for n in names]) for r in pending]).cpu()
+    weights = active_terms(trained.config)
     for offset, per_step in enumerate(values):
-        finite = torch.isfinite(per_step).all(dim=1).tolist()
-        if not all(finite):
-            term = next((n for n, ok in zip(names, finite, strict=True) if not ok and n != "total"), "total")
-            raise NonFiniteLossError(term, first_step + offset, last_checkpoint)
+        if not bool(torch.isfinite(per_step).all()):
+            raise NonFiniteLossError(_first_non_finite(names, per_step, weights), first_step + offset, last_checkpoint)
+        per_step = per_step.double()
         for name, v in zip(names, per_step.mean(dim=1).tolist(), strict=True):
             trained.history.setdefault(name, []).append(v)
     if bar is not None:
         bar.update(len(pending))
         bar.set_postfix({n: _short(trained.history[n][-1]) for n in names}, refresh=False)
+
+
+def _first_non_finite(names: list[str], per_step: torch.Tensor, weights: dict[str, float]) -> str:
+    """The first term, in equation order, whose weighted value (in the step's dtype, as the total sums
+    it) is not finite; 'total' only when every weighted term is finite and their sum overflowed."""
+    for name, value in zip(names, per_step, strict=True):
+        if name != "total" and not bool(torch.isfinite(value * weights.get(name, 1.0)).all()):
+            return name
+    return "total"
 
 
 def _short(value: float) -> str:

@@ -15,7 +15,6 @@ directory, the format the evaluation reads:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfi
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import generate
 from tldr_fast.run_dir import claim, run_intent
+from tldr_fast.serialization import TensorInfo
 
 RUN_FORMAT = "tldr-fast/run"
 IMAGES_FORMAT = "tldr-fast/run-images"
@@ -104,28 +104,33 @@ class Result:
 
     @classmethod
     def load_from(cls, run_dir: str | Path) -> Result:
+        """Read a run directory; every file's header is checked before its tensors are read."""
         run_dir = Path(run_dir)
-        header = json.loads((run_dir / "config.json").read_text())
-        images, _ = serialization.read_safetensors(run_dir / "images.safetensors")
-        weights, meta = serialization.read_safetensors(run_dir / "generators.safetensors")
-        generators = []
-        for k in range(meta["num_generators"]):
-            module = Generator(**meta["generator"])
-            module.load_state_dict({name: w[k] for name, w in weights.items()})
-            generators.append(module)
-        history = json.loads((run_dir / "history.json").read_text())["terms"]
+        header = serialization.read_json_object(run_dir / "config.json")
+        try:
+            config = config_from_dict(header.get("kind"), header.get("config"))
+            num_classes, image_shape = _run_shape(header)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{run_dir / 'config.json'}: {err}") from err
+        images = _read_images(run_dir / "images.safetensors", image_shape)
+        generators = _read_generators(run_dir / "generators.safetensors")
+        history = serialization.read_json_object(run_dir / "history.json").get("terms")
+        if not isinstance(history, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in history.values()
+        ):
+            raise ValueError(f"{run_dir / 'history.json'}: 'terms' must map each term to a list of numbers")
         known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
                  "train_seconds", "compile_seconds"}
         return cls(
-            kind=header["kind"],
+            kind=config.kind,
             images=images["images"],
             labels=images["labels"],
             generator_index=images["generator_index"],
             generators=generators,
             history=history,
-            config=config_from_dict(header["kind"], header["config"]),
-            num_classes=header["num_classes"],
-            image_shape=tuple(header["image_shape"]),
+            config=config,
+            num_classes=num_classes,
+            image_shape=image_shape,
             model=header.get("model"),
             dataset=header.get("dataset"),
             subset=header.get("subset"),
@@ -133,6 +138,44 @@ class Result:
             compile_seconds=header.get("compile_seconds"),
             extra={k: v for k, v in header.items() if k not in known},
         )
+
+
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _run_shape(header: dict) -> tuple[int, tuple[int, int, int]]:
+    num_classes, image_shape = header.get("num_classes"), header.get("image_shape")
+    if not _is_count(num_classes, 2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r:.80}")
+    if not (isinstance(image_shape, list) and len(image_shape) == 3 and all(_is_count(s, 1) for s in image_shape)):
+        raise ValueError(f"image_shape must be three integers >= 1 (C, H, W), got {image_shape!r:.80}")
+    return num_classes, tuple(image_shape)
+
+
+def _read_images(path: Path, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    infos, _ = serialization.read_header(path)
+    shape = infos["images"].shape if "images" in infos else ()
+    count = shape[0] if len(shape) == 4 else 0
+    layout = {"images": TensorInfo(torch.float32, (count, *image_shape)),
+              "labels": TensorInfo(torch.int64, (count,)), "generator_index": TensorInfo(torch.int64, (count,))}
+    return serialization.read_safetensors(path, layout, f"a run's images of shape (M, {', '.join(map(str, image_shape))})")[0]
+
+
+def _read_generators(path: Path) -> list[Generator]:
+    infos, meta = serialization.read_header(path)
+    k = meta.get("num_generators")
+    if not _is_count(k, 1):
+        raise ValueError(f"{path}: num_generators must be an integer >= 1, got {k!r:.80}")
+    single = serialization.expected_state(Generator, meta.get("generator"), str(path))
+    layout = {name: TensorInfo(info.dtype, (k, *info.shape)) for name, info in single.items()}
+    weights, _ = serialization.read_safetensors(path, layout, f"{k} stacked generators of its config")
+    generators = []
+    for index in range(k):
+        module = Generator(**meta["generator"])
+        module.load_state_dict({name: w[index] for name, w in weights.items()})
+        generators.append(module)
+    return generators
 
 
 serialization.register_format(RUN_FORMAT, Result.load_from)

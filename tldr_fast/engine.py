@@ -51,7 +51,12 @@ from tldr_fast.run_dir import (
     rotate_checkpoints,
     run_intent,
 )
-from tldr_fast.serialization import TensorInfo, check_tensors, read_header, read_safetensors, write_safetensors_atomic
+from tldr_fast.serialization import (
+    TensorInfo,
+    read_header,
+    read_safetensors,
+    write_safetensors_atomic,
+)
 from tldr_fast.validation import check_finite_tensors
 
 CHECKPOINT_FORMAT = "tldr-fast/checkpoint"

@@ -305,16 +305,27 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object; FileNotFoundError or ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {_clip(value)}")
+    return value
+
+
 def _load_directory(path: Path):
     header_file = path / "config.json"
     if not header_file.is_file():
         raise FileNotFoundError(f"{path} is a directory but has no config.json; not a tldr-fast run directory")
-    try:
-        header = json.loads(header_file.read_text())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ValueError(f"{header_file} is not valid JSON: {err}") from err
-    if not isinstance(header, dict) or not isinstance(header.get("format", ""), str):
-        raise ValueError(f"{header_file} must be a JSON object with a string 'format', got {_clip(header)}")
+    header = read_json_object(header_file)
+    if not isinstance(header.get("format", ""), str):
+        raise ValueError(f"{header_file}: 'format' must be a string, got {_clip(header.get('format'))}")
     fmt = header.get("format", "tldr-fast/run")
     if fmt not in _FORMAT_LOADERS:
         import tldr_fast.api  # noqa: F401  (registers the run-directory format)

@@ -212,6 +212,15 @@ def test_read_only_out_fails_before_any_work(model_file, tmp_path, capsys):
         locked.chmod(0o755)
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs, which refuses new entries even to root")
+def test_unwritable_outputs_fail_before_any_work_through_the_cli(model_file, capsys):
+    # sysfs refuses new entries even to root: the read-only case on any box.
+    assert main(["reconstruct", "--model", str(model_file), "--out", "/sys/tldr-fast-run"]) == 2
+    assert "--out /sys/tldr-fast-run: cannot create the directory" in _one_error_line(capsys.readouterr().err, "reconstruct")
+    assert main(["train", "--out", "/sys/m.safetensors"]) == 2
+    assert "--out /sys/m.safetensors: its directory /sys is not writable" in _one_error_line(capsys.readouterr().err, "train")
+
+
 def test_unwritable_directory_is_named():
     with pytest.raises(ValueError, match=r"--out /sys is not writable \("):
         atomic_files.check_output_dir("/sys", "--out")

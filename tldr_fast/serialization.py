@@ -145,7 +145,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
 def _tensor_infos(path: Path, entries: dict, data_size: int) -> dict[str, TensorInfo]:
     infos, total = {}, 0
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
             got = entry.get("dtype") if isinstance(entry, dict) else entry
             raise _unreadable(path, f"tensor {name!r} has dtype {_clip(got)}; expected one of {sorted(_DTYPES)}")
         dtype = _DTYPES[entry["dtype"]]

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tldr_fast as tf
-from tldr_fast import engine, serialization
+from tldr_fast import engine
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.models import PaperCNN
 from tldr_fast.objective import build_generators

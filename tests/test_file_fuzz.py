@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tldr_fast as tf
-from tldr_fast import engine
+from tldr_fast import engine, serialization
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.models import PaperCNN
 from tldr_fast.objective import build_generators
@@ -123,6 +123,7 @@ def _model_reader(data: bytes) -> None:
         path = Path(folder) / "m.safetensors"
         path.write_bytes(data)
         _bounded(lambda: tf.load(path), BUDGET_KIB)
+        _bounded(lambda: serialization.load_state_dict_file(path), BUDGET_KIB)
 
 
 @functools.cache

@@ -106,7 +106,23 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.T
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
-    """(tensor name -> TensorInfo, tldr-fast header) of a safetensors file, read and checked without
+    """(tensor name -> TensorInfo, tldr-fast header) of a file written by `write_safetensors_atomic`,
+    checked by `read_layout`, whose metadata must hold a JSON object under the tldr-fast key."""
+    infos, plain = read_layout(path)
+    raw_meta = plain.get(_META_KEY)
+    if raw_meta is None:
+        raise ValueError(f"{path} is a safetensors file but has no tldr-fast header (key {_META_KEY!r} in its metadata)")
+    try:
+        metadata = json.loads(raw_meta)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path} has a corrupt tldr-fast header: {err}") from err
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} has a tldr-fast header that is {type(metadata).__name__}, expected a JSON object")
+    return infos, metadata
+
+
+def read_layout(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """(tensor name -> TensorInfo, plain metadata) of any safetensors file, read and checked without
     reading or allocating any tensor: every entry must have a known dtype, a shape of non-negative
     integers and a byte range that matches it and lies inside the file, and the ranges together
     cannot exceed the file. ValueError naming the file and the fault otherwise."""
@@ -129,17 +145,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
     plain = entries.pop("__metadata__", None) or {}
     if not isinstance(plain, dict) or not all(isinstance(v, str) for v in plain.values()):
         raise _unreadable(path, "__metadata__ must map names to strings")
-    infos = _tensor_infos(path, entries, size - 8 - length)
-    raw_meta = plain.get(_META_KEY)
-    if raw_meta is None:
-        raise ValueError(f"{path} is a safetensors file but has no tldr-fast header (key {_META_KEY!r} in its metadata)")
-    try:
-        metadata = json.loads(raw_meta)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{path} has a corrupt tldr-fast header: {err}") from err
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path} has a tldr-fast header that is {type(metadata).__name__}, expected a JSON object")
-    return infos, metadata
+    return _tensor_infos(path, entries, size - 8 - length), plain
 
 
 def _tensor_infos(path: Path, entries: dict, data_size: int) -> dict[str, TensorInfo]:
@@ -300,9 +306,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} does not hold a flat state dict of tensors")
         return state
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    read_layout(path)  # a foreign file: its layout checked before any tensor is read
+    return _read_tensors(path)
 
 
 def read_json_object(path: str | os.PathLike) -> dict:

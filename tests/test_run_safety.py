@@ -153,7 +153,7 @@ def test_api_fresh_run_into_a_used_directory_is_refused(tmp_path):
 
 
 def _fake_checkpoint(folder: Path, step: int, run_id: str | None) -> Path:
-    meta = {"format": engine.CHECKPOINT_FORMAT} | ({"run_id": run_id} if run_id is not None else {})
+    meta = {"format": run_dir.CHECKPOINT_FORMAT} | ({"run_id": run_id} if run_id is not None else {})
     return serialization.write_safetensors_atomic(folder / f"step-{step:08d}.safetensors", {"x": torch.zeros(1)}, meta)
 
 
@@ -164,12 +164,12 @@ def test_rotation_touches_only_older_checkpoints_of_the_same_run(tmp_path):
     foreign = [_fake_checkpoint(folder, 0, "other"), _fake_checkpoint(folder, 50, "other"),
                _fake_checkpoint(folder, 60, None)]
     newest = _fake_checkpoint(folder, 4, "mine")
-    deleted = run_dir.rotate_checkpoints(newest, "mine", 2, engine.checkpoint_run_id)
+    deleted = run_dir.rotate_checkpoints(newest, "mine", 2)
     assert sorted(p.name for p in deleted) == ["step-00000001.safetensors", "step-00000002.safetensors"]
     names = {p.name for p in run_dir.list_checkpoints(tmp_path)}
     assert names == {"step-00000003.safetensors", "step-00000004.safetensors", *(p.name for p in foreign)}
     # keep=1 keeps the newest, never deletes it.
-    run_dir.rotate_checkpoints(newest, "mine", 1, engine.checkpoint_run_id)
+    run_dir.rotate_checkpoints(newest, "mine", 1)
     assert newest.exists() and not (folder / "step-00000003.safetensors").exists()
 
 
@@ -291,7 +291,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_is_bit_exact(tmp_path, how
     engine.train(classifier, 10, SHAPE, short, run_dir=tmp_path / "b", progress=False)
     newest = run_dir.list_checkpoints(tmp_path / "b")[-1]
     _damage(newest, how)
-    with pytest.warns(engine.CheckpointSkipped, match=f"resuming from .*step-00000001.*skipped: {newest}"):
+    with pytest.warns(run_dir.CheckpointSkipped, match=f"resuming from .*step-00000001.*skipped: {newest}"):
         resumed = engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", resume=True, progress=False)
     assert all(torch.equal(whole.params[k], resumed.params[k]) for k in whole.params)
     assert whole.history == resumed.history

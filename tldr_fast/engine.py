@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import math
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,11 +42,15 @@ from tldr_fast.objective import (
     needs_features,
     objective,
 )
-from tldr_fast.run_dir import (
+from tldr_fast.run_dir import (  # noqa: F401  (list_checkpoints and the checkpoint errors: the engine's API)
+    CHECKPOINT_FORMAT,
+    CheckpointSkipped,
+    UnreadableCheckpoint,
+    check_checkpoint_header,
     checkpoint_path,
-    checkpoint_step,
     claim,
     list_checkpoints,
+    resume_newest,
     rotate_checkpoints,
     run_intent,
 )
@@ -59,7 +62,6 @@ from tldr_fast.serialization import (
 )
 from tldr_fast.validation import check_finite_tensors
 
-CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
 CHECKPOINTS_KEPT = 2
 ADAM_EPS = 1e-8
 
@@ -214,14 +216,6 @@ def classifier_fingerprint(classifier: nn.Module) -> str:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-class UnreadableCheckpoint(ValueError):
-    """A checkpoint that is truncated, foreign or malformed: resume falls back past it."""
-
-
-class CheckpointSkipped(UserWarning):
-    """Resume skipped an unreadable checkpoint and continued from an older one."""
-
-
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"rng/cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -254,42 +248,12 @@ def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerpri
         "run_id": run_id,
     }
     path = write_safetensors_atomic(checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
-    rotate_checkpoints(path, run_id, CHECKPOINTS_KEPT, checkpoint_run_id)
+    rotate_checkpoints(path, run_id, CHECKPOINTS_KEPT)
     return path
-
-
-def checkpoint_run_id(path: Path) -> str | None:
-    """The id of the run that wrote checkpoint `path`; None when it does not read back."""
-    try:
-        run_id = read_header(path)[1].get("run_id")
-    except (OSError, ValueError):
-        return None
-    return run_id if isinstance(run_id, str) else None
 
 
 def _group(tensors: dict[str, torch.Tensor], prefix: str, device) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
-
-
-_HEADER_TYPES = {"kind": str, "config": dict, "generator": dict, "step": int, "history": dict, "classifier_sha256": str}
-
-
-def _check_checkpoint_header(path: Path, meta: dict) -> None:
-    """Types and ranges of a checkpoint header; UnreadableCheckpoint naming the field otherwise."""
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UnreadableCheckpoint(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r})")
-    for key, kind in _HEADER_TYPES.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UnreadableCheckpoint(f"{path}: header field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
-    if meta["step"] != checkpoint_step(path):
-        raise UnreadableCheckpoint(f"{path}: header says step {meta['step']}, the file name step {checkpoint_step(path)}")
-    for term, values in meta["history"].items():
-        if not isinstance(values, list) or len(values) != meta["step"] or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-        ):
-            raise UnreadableCheckpoint(f"{path}: history of {term!r} must be {meta['step']} numbers")
-    if not isinstance(meta.get("run_id", ""), str):
-        raise UnreadableCheckpoint(f"{path}: header field 'run_id' must be a string, got {meta['run_id']!r:.80}")
 
 
 def _checkpoint_layout(trained: Trained, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
@@ -314,7 +278,7 @@ def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[Ada
         infos, meta = read_header(path)
     except ValueError as err:
         raise UnreadableCheckpoint(str(err)) from err
-    _check_checkpoint_header(path, meta)
+    check_checkpoint_header(path, meta)
     if meta["kind"] != trained.config.kind:
         raise ValueError(f"cannot resume: {path} is a {meta['kind']!r:.40} run, this is a {trained.config.kind} run")
     try:
@@ -341,24 +305,6 @@ def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[Ada
     _set_rng_state(tensors, device)
     state = AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
     return state, meta.get("run_id")
-
-
-def _resume(run_dir: Path, trained: Trained, fingerprint: str):
-    """(Adam state, checkpoint, run id) of the newest readable checkpoint; (None, None, None) when none exists."""
-    skipped = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            state, run_id = load_checkpoint(path, trained, fingerprint)
-        except UnreadableCheckpoint as err:
-            skipped.append(str(err))
-            continue
-        if skipped:
-            warnings.warn(CheckpointSkipped(f"resuming from {path}; skipped: {'; '.join(skipped)}"), stacklevel=3)
-        return state, path, run_id
-    if skipped:
-        raise ValueError(f"cannot resume in {run_dir}: no checkpoint reads back ({'; '.join(skipped)}); "
-                         "start again with --overwrite (API: overwrite=True)")
-    return None, None, None
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -416,7 +362,9 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
     torch.manual_seed(cfg.seed)
-    state, last_checkpoint, run_id = _resume(run_dir, trained, fingerprint) if resume else (None, None, None)
+    (state, run_id), last_checkpoint = (
+        resume_newest(run_dir, partial(load_checkpoint, trained=trained, fingerprint=fingerprint))
+        if resume else ((None, None), None))
     state = state or AdamState.zeros_like(params)
     run_id = run_id or uuid.uuid4().hex
     step_fn = make_step(problem, trained.buffers)

@@ -13,6 +13,8 @@ Claims are re-entrant within a process (the CLI claims before loading data, the 
 inside): the inner claim is a no-op. Checkpoint files live in RUN_DIR/checkpoints as
 step-XXXXXXXX.safetensors; each names its run (a random id drawn when the run starts, kept on
 resume), and rotation deletes only older checkpoints of the same run, never the newest one.
+`check_checkpoint_header` is the schema of a checkpoint's header (its tensors are checked by the
+engine, which knows the run's layout); `resume_newest` falls back past unreadable checkpoints.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import errno
 import fcntl
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tldr_fast.atomic_files import TEMP_PREFIX, check_output_dir, remove_stale_temps
+from tldr_fast.serialization import read_header
+
+CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
 
 LOCK_NAME = ".tldr-fast.lock"
 INTENTS = ("new", "resume", "overwrite", "existing")
@@ -35,6 +41,14 @@ RUN_OUTPUTS = ("images.safetensors", "generators.safetensors", "config.json", "h
                "metrics.json", "report.html")
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 _held: dict[Path, int] = {}  # resolved run directory -> claim depth in this process
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint that is truncated, foreign or malformed: resume falls back past it."""
+
+
+class CheckpointSkipped(UserWarning):
+    """Resume skipped an unreadable checkpoint and continued from an older one."""
 
 
 class RunDirectoryError(RuntimeError):
@@ -150,15 +164,64 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def rotate_checkpoints(newest: Path, run_id: str, keep: int, run_id_of) -> list[Path]:
+def rotate_checkpoints(newest: Path, run_id: str, keep: int) -> list[Path]:
     """Delete all but the `keep` newest checkpoints of run `run_id` up to `newest` (which is kept).
 
-    run_id_of(path) reads a checkpoint's run id (None when unreadable): files of other runs, and
-    unreadable ones, are never touched.
-    """
+    Checkpoints of other runs, and files whose run id does not read back, are never touched."""
     step = checkpoint_step(newest)
-    older = [p for p in list_checkpoints(newest.parent.parent) if checkpoint_step(p) < step and run_id_of(p) == run_id]
+    older = [p for p in list_checkpoints(newest.parent.parent)
+             if checkpoint_step(p) < step and checkpoint_run_id(p) == run_id]
     doomed = older[: max(len(older) - (keep - 1), 0)]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint `path`; None when it does not read back."""
+    try:
+        run_id = read_header(path)[1].get("run_id")
+    except (OSError, ValueError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+_HEADER_TYPES = {"kind": str, "config": dict, "generator": dict, "step": int, "history": dict, "classifier_sha256": str}
+
+
+def check_checkpoint_header(path: Path, meta: dict) -> None:
+    """Types and ranges of a checkpoint header; UnreadableCheckpoint naming the field otherwise."""
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UnreadableCheckpoint(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r:.80})")
+    for key, kind in _HEADER_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UnreadableCheckpoint(f"{path}: header field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
+    if meta["step"] != checkpoint_step(path):
+        raise UnreadableCheckpoint(f"{path}: header says step {meta['step']}, the file name step {checkpoint_step(path)}")
+    for term, values in meta["history"].items():
+        if not isinstance(values, list) or len(values) != meta["step"] or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise UnreadableCheckpoint(f"{path}: history of {term!r} must be {meta['step']} numbers")
+    if not isinstance(meta.get("run_id", ""), str):
+        raise UnreadableCheckpoint(f"{path}: header field 'run_id' must be a string, got {meta['run_id']!r:.80}")
+
+
+def resume_newest(run_dir: str | os.PathLike, load):
+    """(load(path), path) for the newest checkpoint that `load` reads without UnreadableCheckpoint,
+    warning (CheckpointSkipped) with each one skipped; ((None, None), None) when there is none at
+    all; ValueError when there are checkpoints but none reads back."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            loaded = load(path)
+        except UnreadableCheckpoint as err:
+            skipped.append(str(err))
+            continue
+        if skipped:
+            warnings.warn(CheckpointSkipped(f"resuming from {path}; skipped: {'; '.join(skipped)}"), stacklevel=2)
+        return loaded, path
+    if skipped:
+        raise ValueError(f"cannot resume in {run_dir}: no checkpoint reads back ({'; '.join(skipped)}); "
+                         "start again with --overwrite (API: overwrite=True)")
+    return (None, None), None

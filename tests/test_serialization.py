@@ -142,3 +142,44 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_every_registered_architecture_reads_back_through_the_header_check(tmp_path):
+    """The reader builds each architecture on the meta device to check the file's tensors first."""
+    from tldr_fast.attacks.bnn_model import BinarizedMLP
+    from tldr_fast.attacks.dp import PaperCNNGroupNorm
+    from tldr_fast.attacks.split import MnistSplitNet, OmniglotSplitNet
+    from tldr_fast.models import LeNet
+
+    built = {cls.arch: cls() for cls in (BinarizedMLP, PaperCNNGroupNorm, MnistSplitNet, OmniglotSplitNet, LeNet, MLP,
+                                         PaperCNN)}
+    assert set(built) == set(serialization.architectures())
+    for arch, model in built.items():
+        loaded = tf.load(tf.save(tmp_path / f"{arch}.safetensors", model.eval()))
+        assert type(loaded) is type(model)
+        for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(a, b)
+
+
+def test_header_is_checked_before_any_tensor_is_read(tmp_path):
+    path = tf.save(tmp_path / "m.safetensors", _model())
+    infos, header = serialization.read_header(path)
+    assert infos["classifier.weight"] == serialization.TensorInfo(torch.float32, (10, 256))
+    assert header["arch"] == "PaperCNN"
+    data = path.read_bytes()
+    # A length prefix pointing past the end of the file.
+    path.write_bytes((len(data) * 2).to_bytes(8, "little") + data[8:])
+    with pytest.raises(ValueError, match="header length .* in a file of"):
+        serialization.read_header(path)
+
+
+def test_model_config_that_does_not_build_is_named(tmp_path):
+    model = _model()
+    header = {"format": serialization.MODEL_FORMAT, "arch": "PaperCNN", "config": {**model.config(), "channels": "x"}}
+    path = serialization.write_safetensors_atomic(tmp_path / "m.safetensors", model.state_dict(), header)
+    with pytest.raises(ValueError, match="does not build PaperCNN"):
+        tf.load(path)
+    header["config"] = {"hidden": list(range(5000))}
+    path = serialization.write_safetensors_atomic(tmp_path / "m.safetensors", model.state_dict(), header)
+    with pytest.raises(ValueError, match="at most 4096 characters"):
+        tf.load(path)

@@ -15,7 +15,6 @@ directory, the format the evaluation reads:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfi
 from tldr_fast.features import FeatureSpec, with_features
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import generate, needs_features
+from tldr_fast.run_dir import claim, run_intent
+from tldr_fast.serialization import TensorInfo
 
 RUN_FORMAT = "tldr-fast/run"
 IMAGES_FORMAT = "tldr-fast/run-images"
@@ -104,28 +105,33 @@ class Result:
 
     @classmethod
     def load_from(cls, run_dir: str | Path) -> Result:
+        """Read a run directory; every file's header is checked before its tensors are read."""
         run_dir = Path(run_dir)
-        header = json.loads((run_dir / "config.json").read_text())
-        images, _ = serialization.read_safetensors(run_dir / "images.safetensors")
-        weights, meta = serialization.read_safetensors(run_dir / "generators.safetensors")
-        generators = []
-        for k in range(meta["num_generators"]):
-            module = Generator(**meta["generator"])
-            module.load_state_dict({name: w[k] for name, w in weights.items()})
-            generators.append(module)
-        history = json.loads((run_dir / "history.json").read_text())["terms"]
+        header = serialization.read_json_object(run_dir / "config.json")
+        try:
+            config = config_from_dict(header.get("kind"), header.get("config"))
+            num_classes, image_shape = _run_shape(header)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{run_dir / 'config.json'}: {err}") from err
+        images = _read_images(run_dir / "images.safetensors", image_shape)
+        generators = _read_generators(run_dir / "generators.safetensors")
+        history = serialization.read_json_object(run_dir / "history.json").get("terms")
+        if not isinstance(history, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in history.values()
+        ):
+            raise ValueError(f"{run_dir / 'history.json'}: 'terms' must map each term to a list of numbers")
         known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
                  "train_seconds", "compile_seconds"}
         return cls(
-            kind=header["kind"],
+            kind=config.kind,
             images=images["images"],
             labels=images["labels"],
             generator_index=images["generator_index"],
             generators=generators,
             history=history,
-            config=config_from_dict(header["kind"], header["config"]),
-            num_classes=header["num_classes"],
-            image_shape=tuple(header["image_shape"]),
+            config=config,
+            num_classes=num_classes,
+            image_shape=image_shape,
             model=header.get("model"),
             dataset=header.get("dataset"),
             subset=header.get("subset"),
@@ -135,20 +141,55 @@ class Result:
         )
 
 
+def _is_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _run_shape(header: dict) -> tuple[int, tuple[int, int, int]]:
+    num_classes, image_shape = header.get("num_classes"), header.get("image_shape")
+    if not _is_count(num_classes, 2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r:.80}")
+    if not (isinstance(image_shape, list) and len(image_shape) == 3 and all(_is_count(s, 1) for s in image_shape)):
+        raise ValueError(f"image_shape must be three integers >= 1 (C, H, W), got {image_shape!r:.80}")
+    return num_classes, tuple(image_shape)
+
+
+def _read_images(path: Path, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    infos, _ = serialization.read_header(path)
+    shape = infos["images"].shape if "images" in infos else ()
+    count = shape[0] if len(shape) == 4 else 0
+    layout = {"images": TensorInfo(torch.float32, (count, *image_shape)),
+              "labels": TensorInfo(torch.int64, (count,)), "generator_index": TensorInfo(torch.int64, (count,))}
+    return serialization.read_safetensors(path, layout, f"a run's images of shape (M, {', '.join(map(str, image_shape))})")[0]
+
+
+def _read_generators(path: Path) -> list[Generator]:
+    infos, meta = serialization.read_header(path)
+    k = meta.get("num_generators")
+    if not _is_count(k, 1):
+        raise ValueError(f"{path}: num_generators must be an integer >= 1, got {k!r:.80}")
+    single = serialization.expected_state(Generator, meta.get("generator"), str(path))
+    layout = {name: TensorInfo(info.dtype, (k, *info.shape)) for name, info in single.items()}
+    weights, _ = serialization.read_safetensors(path, layout, f"{k} stacked generators of its config")
+    generators = []
+    for index in range(k):
+        module = Generator(**meta["generator"])
+        module.load_state_dict({name: w[index] for name, w in weights.items()})
+        generators.append(module)
+    return generators
+
+
 serialization.register_format(RUN_FORMAT, Result.load_from)
 
 
 def _write_images(path: Path, result: Result) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         "images": result.images.float().contiguous(),
         "labels": result.labels.long().contiguous(),
         "generator_index": result.generator_index.long().contiguous(),
     }
     # Plain safetensors metadata for any reader, plus the tldr-fast header read_safetensors expects.
-    metadata = {"format": IMAGES_FORMAT, "tldr_fast": json.dumps({"format": IMAGES_FORMAT})}
-    serialization.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    serialization.write_safetensors_atomic(path, tensors, {"format": IMAGES_FORMAT}, plain_metadata={"format": IMAGES_FORMAT})
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -190,8 +231,8 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
 
 
 def _run(
-    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, progress, samples_per_class, features,
-    **meta
+    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress, samples_per_class,
+    features, **meta,
 ) -> Result:
     config = kind_cls() if config is None else config
     if not isinstance(config, kind_cls):
@@ -200,8 +241,20 @@ def _run(
         raise ValueError(f"samples_per_class must be an integer >= 1, got {samples_per_class!r}")
     if features is not None or needs_features(config):
         classifier = with_features(classifier, features)
+    if run_dir is None:
+        return _train_and_sample(classifier, num_classes, image_shape, config, None, resume, overwrite, progress,
+                                 samples_per_class, features, meta)
+    # The directory is held from before training until the result is saved in it.
+    with claim(run_dir, run_intent(resume, overwrite)):
+        return _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
+                                 samples_per_class, features, meta)
+
+
+def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
+                      samples_per_class, features, meta) -> Result:
     start = time.perf_counter()
-    trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume, progress=progress)
+    trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume,
+                           overwrite=overwrite, progress=progress)
     train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
@@ -234,6 +287,7 @@ def invert(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     samples_per_class: int = 10,
     model: str | None = None,
@@ -243,14 +297,16 @@ def invert(
 ) -> Result:
     """Network inversion (soft vectors, KL + CE + cosine + orthogonality) of a trained classifier.
 
-    With run_dir, checkpoints are written there during training and the Result is saved there at
-    the end; resume=True continues from the newest checkpoint. model/dataset/subset are recorded in
-    config.json for the evaluation. features: where the diversity terms read the classifier's
-    penultimate features (`tldr_fast.features.with_features`): None (its forward_with_features, else
-    the input of its last nn.Linear), a submodule name (its output, flattened; recorded in
-    config.json) or a callable x -> (logits, features).
+    With run_dir, the directory is held (one writer) from the start until the Result is saved there
+    at the end, checkpoints are written there during training; it must be empty unless
+    resume=True (continue from the newest readable checkpoint) or overwrite=True (delete the run
+    it holds first). model/dataset/subset are recorded in config.json for the evaluation.
+    features: where the diversity terms read the classifier's penultimate features
+    (`tldr_fast.features.with_features`): None (its forward_with_features, else the input of its
+    last nn.Linear), a submodule name (its output, flattened; recorded in config.json) or a
+    callable x -> (logits, features).
     """
-    return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
+    return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
                 samples_per_class, features, model=model, dataset=dataset, subset=subset)
 
 
@@ -262,6 +318,7 @@ def reconstruct(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     samples_per_class: int = 10,
     model: str | None = None,
@@ -270,5 +327,5 @@ def reconstruct(
     features: FeatureSpec = None,
 ) -> Result:
     """Training-like data reconstruction (hot vectors, all nine terms); arguments as in `invert`."""
-    return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, progress,
+    return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
                 samples_per_class, features, model=model, dataset=dataset, subset=subset)

@@ -46,6 +46,9 @@ PRESETS = ("paper", "authors")
 # already taken (more steps extend the run; checkpoint and log cadence are bookkeeping; the compiled
 # step draws the same noise and computes the same update as the eager one, to float tolerance, and
 # so does the chunked one).
+# torch.manual_seed takes seeds below 2^64.
+MAX_SEED = 2**64 - 1
+
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every", "compile", "classifier_chunk_size"})
 
 
@@ -54,9 +57,16 @@ def _check_weight(name: str, value) -> None:
         raise ValueError(f"weight {name} must be a finite number >= 0, got {value!r}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -107,7 +117,7 @@ class _EngineConfig:
         _check_int("steps", self.steps, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("num_generators (K)", self.num_generators, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("latent_dim", self.latent_dim, 1)
         _check_int("generator_width", self.generator_width, 1)
         _check_int("checkpoint_every", self.checkpoint_every, 0)
@@ -126,8 +136,8 @@ class _EngineConfig:
         _check_choice("impl", self.impl, losses.IMPLS)
         if self.classifier_chunk_size is not None:
             _check_int("classifier_chunk_size", self.classifier_chunk_size, 1)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        _check_bool("compile", self.compile)
+        _check_bool("ortho_normalized", self.ortho_normalized)
         self._check_batch_compares("the diversity losses", ("gamma", "delta"))
 
     def _check_batch_compares(self, terms: str, weights: tuple[str, ...]) -> None:
@@ -168,6 +178,12 @@ class _EngineConfig:
 
     @classmethod
     def from_dict(cls, fields: dict):
+        """The config of a `to_dict()` dict; unknown or non-string field names are refused by name."""
+        if not isinstance(fields, dict):
+            raise ValueError(f"a {cls.__name__} is read from a dict of fields, got {type(fields).__name__}")
+        unknown = sorted(map(str, set(fields) - {f.name for f in dataclasses.fields(cls)}))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
         return cls(**fields)
 
     def differing_fields(self, other: _EngineConfig) -> list[str]:
@@ -214,6 +230,8 @@ class ReconstructionConfig(_EngineConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_weight("eps", self.eps)
+        if self.eps > 1:
+            raise ValueError(f"eps must lie in [0, 1] (an L-inf radius on the [0, 1] pixel scale), got {self.eps!r}")
         self._check_batch_compares("the feature-statistics prior", ("eta_bn",))
         _check_choice("grad_norm_mode", self.grad_norm_mode, GRAD_NORM_MODES)
         _check_choice("grad_norm_backend", self.grad_norm_backend, ENGINE_GRAD_NORM_BACKENDS)

@@ -335,6 +335,10 @@ _FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Sh
 _DIGITS = tuple(str(d) for d in range(10))
 
 
+class UnreadablePickle(ValueError, pickle.UnpicklingError):
+    """A dataset pickle refused or unreadable: bad input (ValueError) from the unpickler (UnpicklingError)."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Builds only numpy arrays, dtypes, lists, dicts, strings and numbers: no other global resolves."""
 
@@ -349,7 +353,14 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def read_cifar_batch(path: Path) -> dict:
     with open(path, "rb") as fh:
-        obj = _ArrayUnpickler(fh, encoding="bytes").load()
+        try:
+            obj = _ArrayUnpickler(fh, encoding="bytes").load()
+        except pickle.UnpicklingError as err:
+            raise UnreadablePickle(f"{path} is not a CIFAR batch this reader accepts: {err} (only numpy arrays, "
+                                   "lists, dicts, strings and numbers are built)") from err
+        except (EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError, MemoryError) as err:
+            raise UnreadablePickle(f"{path} is not a readable CIFAR batch (truncated or corrupt pickle): "
+                                   f"{type(err).__name__}: {err}") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a CIFAR batch (top-level object is {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}

@@ -7,15 +7,19 @@ step; the loop reads the loss values back every `log_every` steps (progress bar,
 non-finite check) and before each checkpoint.
 
 Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the stacked
-parameters, the Adam moments, the step, the RNG state, the history and the config, so a resumed
-run on the CPU continues bit for bit where the killed one stopped. A checkpoint is only written
-after the values of every step before it were found finite, so the newest one is always good.
+parameters, the Adam moments, the step, the RNG state, the history, the config and the run's id,
+so a resumed run on the CPU continues bit for bit where the killed one stopped. A checkpoint is
+only written after the values of every step before it were found finite. The run directory is
+held (tldr_fast.run_dir.claim) for the whole run; resume takes the newest checkpoint that reads
+back against the run's layout and falls back past unreadable ones, naming each it skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,9 +42,26 @@ from tldr_fast.objective import (
     needs_features,
     objective,
 )
-from tldr_fast.serialization import read_safetensors, write_safetensors_atomic
+from tldr_fast.run_dir import (  # noqa: F401  (list_checkpoints and the checkpoint errors: the engine's API)
+    CHECKPOINT_FORMAT,
+    CheckpointSkipped,
+    UnreadableCheckpoint,
+    check_checkpoint_header,
+    checkpoint_path,
+    claim,
+    list_checkpoints,
+    resume_newest,
+    rotate_checkpoints,
+    run_intent,
+)
+from tldr_fast.serialization import (
+    TensorInfo,
+    read_header,
+    read_safetensors,
+    write_safetensors_atomic,
+)
+from tldr_fast.validation import check_finite_tensors
 
-CHECKPOINT_FORMAT = "tldr-fast/checkpoint"
 CHECKPOINTS_KEPT = 2
 ADAM_EPS = 1e-8
 
@@ -153,6 +174,7 @@ def validate_classifier(classifier, num_classes: int, image_shape, needs_feature
             f"{type(classifier).__name__} has no forward_with_features(x) -> (logits, features); "
             "add one or set gamma = delta = 0"
         )
+    check_finite_tensors(classifier.state_dict().items(), "the classifier's tensor")
     device = _device_of(classifier)
     probe = torch.full((2, *image_shape), 0.5, device=device)
     was_training = classifier.training
@@ -194,20 +216,6 @@ def classifier_fingerprint(classifier: nn.Module) -> str:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step-{step:08d}.safetensors"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint files of a run, oldest first."""
-    folder = checkpoint_dir(run_dir)
-    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
-
-
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"rng/cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -221,7 +229,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(tensors["rng/cuda"], device)
 
 
-def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str) -> Path:
+def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str, run_id: str) -> Path:
+    """Write the checkpoint of trained.steps_done, then delete this run's checkpoints beyond the newest few."""
     tensors = {f"params/{k}": v for k, v in trained.params.items()}
     tensors.update({f"buffers/{k}": v for k, v in trained.buffers.items()})
     tensors.update({f"adam_m/{k}": v for k, v in state.m.items()})
@@ -236,10 +245,10 @@ def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerpri
         "step": trained.steps_done,
         "history": trained.history,
         "classifier_sha256": fingerprint,
+        "run_id": run_id,
     }
-    path = write_safetensors_atomic(_checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
-    for old in list_checkpoints(run_dir)[:-CHECKPOINTS_KEPT]:
-        old.unlink(missing_ok=True)
+    path = write_safetensors_atomic(checkpoint_path(run_dir, trained.steps_done), tensors, metadata)
+    rotate_checkpoints(path, run_id, CHECKPOINTS_KEPT)
     return path
 
 
@@ -247,29 +256,55 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str, device) -> dict[str, t
     return {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> AdamState:
-    """Restore params, history and RNG into `trained` from `path`; refuse a different run."""
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r})")
-    if meta.get("kind") != trained.config.kind:
-        raise ValueError(f"cannot resume: {path} is a {meta.get('kind')} run, this is a {trained.config.kind} run")
-    saved = config_from_dict(meta["kind"], meta["config"])
+def _checkpoint_layout(trained: Trained, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The tensors a checkpoint of this run must hold: names, dtypes and shapes."""
+    layout = {}
+    for prefix, group in (("params/", trained.params), ("buffers/", trained.buffers),
+                          ("adam_m/", trained.params), ("adam_v/", trained.params)):
+        layout.update({prefix + k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in group.items()})
+    layout["adam_t"] = TensorInfo(torch.float64, ())
+    layout["rng/cpu"] = TensorInfo(torch.uint8, tuple(torch.get_rng_state().shape))
+    device = next(iter(trained.params.values())).device
+    cuda = infos.get("rng/cuda")
+    if device.type == "cuda" or (cuda is not None and cuda.dtype == torch.uint8 and len(cuda.shape) == 1):
+        layout["rng/cuda"] = TensorInfo(torch.uint8, cuda.shape if cuda is not None else (0,))
+    return layout
+
+
+def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[AdamState, str | None]:
+    """Restore params, history and RNG into `trained` from `path`, returning the Adam state and the
+    run id; UnreadableCheckpoint for a damaged file, ValueError for a checkpoint of another run."""
+    try:
+        infos, meta = read_header(path)
+    except ValueError as err:
+        raise UnreadableCheckpoint(str(err)) from err
+    check_checkpoint_header(path, meta)
+    if meta["kind"] != trained.config.kind:
+        raise ValueError(f"cannot resume: {path} is a {meta['kind']!r:.40} run, this is a {trained.config.kind} run")
+    try:
+        saved = config_from_dict(meta["kind"], meta["config"])
+    except (TypeError, ValueError) as err:
+        raise UnreadableCheckpoint(f"{path}: its config does not read back: {err}") from err
     differing = [f for f in trained.config.differing_fields(saved) if f not in RESUMABLE_FIELDS]
     if differing:
         detail = ", ".join(f"{f}: {getattr(saved, f)!r} -> {getattr(trained.config, f)!r}" for f in differing)
         raise ValueError(f"cannot resume from {path}: the config differs in {detail}")
-    if meta.get("classifier_sha256") != fingerprint:
+    if meta["classifier_sha256"] != fingerprint:
         raise ValueError(f"cannot resume from {path}: it was made against a different classifier (weights differ)")
     if meta["step"] > trained.config.steps:
         raise ValueError(f"cannot resume: {path} is at step {meta['step']}, beyond steps={trained.config.steps}")
+    try:
+        tensors, _ = read_safetensors(path, _checkpoint_layout(trained, infos), "this run's checkpoint layout")
+    except ValueError as err:
+        raise UnreadableCheckpoint(str(err)) from err
     device = next(iter(trained.params.values())).device
     trained.params = _group(tensors, "params/", device)
     trained.buffers = _group(tensors, "buffers/", device)
     trained.history = {k: list(v) for k, v in meta["history"].items()}
     trained.steps_done = int(meta["step"])
     _set_rng_state(tensors, device)
-    return AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+    state = AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+    return state, meta.get("run_id")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -283,8 +318,12 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Trained:
-    """Train config.num_generators generators against `classifier` (frozen and in eval mode meanwhile)."""
+    """Train config.num_generators generators against `classifier` (frozen and in eval mode meanwhile).
+
+    With run_dir, the directory is held for the run and must be empty unless resume=True (continue
+    from its newest readable checkpoint) or overwrite=True (delete its run first)."""
     if not isinstance(config, _EngineConfig):
         raise TypeError(f"config must be an InversionConfig or ReconstructionConfig, got {type(config).__name__}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -293,6 +332,7 @@ def train(
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir whose checkpoints to continue from")
     run_dir = Path(run_dir) if run_dir is not None else None
+    owner = claim(run_dir, run_intent(resume, overwrite)) if run_dir is not None else contextlib.nullcontext()
 
     validate_classifier(classifier, num_classes, image_shape, needs_features(config))
     if "bn" in active_terms(config) and not batch_norm_layers(classifier):
@@ -309,7 +349,8 @@ def train(
     was_training = classifier.training
     classifier.eval().requires_grad_(False)
     try:
-        return _run(problem, params, buffers, run_dir, resume, progress)
+        with owner:
+            return _run(problem, params, buffers, run_dir, resume, progress)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -321,13 +362,11 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
     torch.manual_seed(cfg.seed)
-    state = AdamState.zeros_like(params)
-    last_checkpoint = None
-    if resume:
-        existing = list_checkpoints(run_dir)
-        if existing:
-            last_checkpoint = existing[-1]
-            state = load_checkpoint(last_checkpoint, trained, fingerprint)
+    (state, run_id), last_checkpoint = (
+        resume_newest(run_dir, partial(load_checkpoint, trained=trained, fingerprint=fingerprint))
+        if resume else ((None, None), None))
+    state = state or AdamState.zeros_like(params)
+    run_id = run_id or uuid.uuid4().hex
     step_fn = make_step(problem, trained.buffers)
     if cfg.compile:
         step_fn = CompiledStep(step_fn)
@@ -343,7 +382,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
                 _flush(pending, trained, last_checkpoint, bar)
                 pending = []
             if at_checkpoint:
-                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint)
+                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint, run_id)
     finally:
         if bar is not None:
             bar.close()
@@ -356,17 +395,26 @@ def _flush(pending, trained: Trained, last_checkpoint, bar) -> None:
     first_step = trained.steps_done - len(pending) + 1
     names = list(pending[0])
     # One transfer for all pending steps: (steps, terms, K).
-    values = torch.stack([torch.stack([r[n] for n in names]) for r in pending]).double().cpu()
+    values = torch.stack([torch.stack([r[n] for n in names]) for r in pending]).cpu()
+    weights = active_terms(trained.config)
     for offset, per_step in enumerate(values):
-        finite = torch.isfinite(per_step).all(dim=1).tolist()
-        if not all(finite):
-            term = next((n for n, ok in zip(names, finite, strict=True) if not ok and n != "total"), "total")
-            raise NonFiniteLossError(term, first_step + offset, last_checkpoint)
+        if not bool(torch.isfinite(per_step).all()):
+            raise NonFiniteLossError(_first_non_finite(names, per_step, weights), first_step + offset, last_checkpoint)
+        per_step = per_step.double()
         for name, v in zip(names, per_step.mean(dim=1).tolist(), strict=True):
             trained.history.setdefault(name, []).append(v)
     if bar is not None:
         bar.update(len(pending))
         bar.set_postfix({n: _short(trained.history[n][-1]) for n in names}, refresh=False)
+
+
+def _first_non_finite(names: list[str], per_step: torch.Tensor, weights: dict[str, float]) -> str:
+    """The first term, in equation order, whose weighted value (in the step's dtype, as the total sums
+    it) is not finite; 'total' only when every weighted term is finite and their sum overflowed."""
+    for name, value in zip(names, per_step, strict=True):
+        if name != "total" and not bool(torch.isfinite(value * weights.get(name, 1.0)).all()):
+            return name
+    return "total"
 
 
 def _short(value: float) -> str:

@@ -406,13 +406,13 @@ def evaluate_run(
 
 
 def _read_run(run_dir: Path):
-    from safetensors.torch import load_file
+    from tldr_fast.serialization import read_safetensors
 
     images_file, config_file = run_dir / "images.safetensors", run_dir / "config.json"
     for f in (images_file, config_file):
         if not f.is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory: {f.name} is missing")
-    tensors = load_file(str(images_file))
+    tensors, _ = read_safetensors(images_file)
     missing = {"images", "labels"} - set(tensors)
     if missing:
         raise ValueError(f"{images_file} lacks tensors {sorted(missing)}; found {sorted(tensors)}")

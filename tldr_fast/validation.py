@@ -47,6 +47,22 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or Inf)")
 
 
+def check_finite_tensors(named_tensors, what: str) -> None:
+    """Every floating-point tensor of (name, tensor) pairs must be finite; the error names the first bad one."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                raise ValueError(f"{what} {name} holds {bad} non-finite values (NaN or Inf) of {tensor.numel()}")
+
+
+def check_in_range(value, name: str, low: float, high: float) -> float:
+    """A finite number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def check_unit_range(x: torch.Tensor, name: str, tol: float = 1e-6) -> None:
     """Images must lie in [0, 1]; the error reports the observed min and max."""
     x = x.detach()

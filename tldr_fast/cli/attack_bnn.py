@@ -33,7 +33,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--max-on", type=int, default=None, help="at most this many +1 pixels per sample")
     p.add_argument("--garbage", action="store_true", help="retrain with the samples as a garbage class; OOD report")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"--out": "dir"})
 
 
 def run(args) -> int:

@@ -62,7 +62,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="dfm-run", help="directory for dfm.json, dfm.md, dfm.png and the models")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"--out": "dir"})
 
 
 def run(args) -> int:

@@ -41,7 +41,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
     p.add_argument("--out", default="runs/split", help="run directory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run_split)
+    p.set_defaults(func=run_split, writes={"--out": "dir"})
 
     e = commands.add_parser(
         "dp-epsilon",
@@ -71,7 +71,7 @@ def register(commands, attacks) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--out", default="model-dp.safetensors")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=run_dp_train)
+    t.set_defaults(func=run_dp_train, writes={"--out": "file"})
 
 
 def _format_epsilon(eps: float) -> str:

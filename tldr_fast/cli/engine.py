@@ -22,7 +22,7 @@ def register(commands, attacks) -> None:
         p.add_argument("--model", required=True, help="classifier file written by `tldr-fast train` (.safetensors)")
         p.add_argument("--out", required=True, help="run directory to write (images, grid.png, config, history)")
         _add_engine_arguments(p, kind)
-        p.set_defaults(func=_run_kind, kind=kind)
+        p.set_defaults(func=_run_kind, kind=kind, writes={"--out": "dir"})
 
     demo = commands.add_parser(
         "demo",
@@ -35,7 +35,7 @@ def register(commands, attacks) -> None:
     demo.add_argument("--epochs", type=int, default=15, help="classifier training epochs (default 15)")
     demo.add_argument("--no-evaluate", action="store_true", help="skip the leakage evaluation at the end")
     _add_engine_arguments(demo, "reconstruct")
-    demo.set_defaults(func=_run_demo, kind="reconstruct")
+    demo.set_defaults(func=_run_demo, kind="reconstruct", writes={"--out": "dir"})
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser, kind: str) -> None:
@@ -53,7 +53,10 @@ def _add_engine_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                    help="any config field, e.g. --set gamma=0 --set output_activation=tanh (repeatable)")
     g.add_argument("--samples-per-class", type=int, default=10, help="images per class per generator in the result")
     g.add_argument("--checkpoint-every", type=int, help="checkpoint every n steps (0: never)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest readable checkpoint in --out (falls back past damaged ones)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (its checkpoints and outputs) and start again")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--classifier-chunk-size", type=int,
                    help="run the classifier on chunks of this many images per generator: bounds the memory "
@@ -74,7 +77,10 @@ def _config(args, config_cls, base: dict | None = None):
         name, sep, raw = item.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
-        overrides[name] = _parse_value(raw, fields[name].default)
+        try:
+            overrides[name] = _parse_value(raw, fields[name].default)
+        except ValueError as err:
+            raise ValueError(f"--set {item}: field {name} {err}") from None
     for name in ("steps", "batch_size", "num_generators", "lr", "seed", "eps", "checkpoint_every",
                  "classifier_chunk_size", "compile"):
         value = getattr(args, name, None)
@@ -84,17 +90,21 @@ def _config(args, config_cls, base: dict | None = None):
 
 
 def _parse_value(raw: str, default):
+    """`raw` as the type of the field's default; ValueError saying what was expected."""
     if isinstance(default, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {raw!r}")
+            raise ValueError(f"expects true or false, got {raw!r}")
         return raw.lower() in ("true", "1")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    if default is None:
-        return None if raw.lower() == "none" else int(raw)
-    return raw
+    kind, parse = (("an integer", int) if isinstance(default, int) or default is None else
+                   ("a number", float) if isinstance(default, float) else ("", None))
+    if parse is None:
+        return raw
+    if default is None and raw.lower() == "none":
+        return None
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ValueError(f"expects {kind}{' or none' if default is None else ''}, got {raw!r}") from None
 
 
 def _train_and_report(kind: str, classifier, config, args, **meta):
@@ -107,11 +117,11 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
     try:
         result = entry(
             classifier, classifier.num_classes, classifier.input_shape, config,
-            run_dir=args.out, resume=args.resume, progress=not args.no_progress,
+            run_dir=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
             samples_per_class=args.samples_per_class, features=args.features, **meta,
         )
     except NonFiniteLossError as err:
-        print(f"tldr-fast {kind}: {err}", file=sys.stderr)
+        print(f"tldr-fast {kind}: error: {err}", file=sys.stderr)
         return None
     seconds = time.perf_counter() - start
     scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes,
@@ -154,6 +164,14 @@ DEMO_CONFIG = {"steps": 300, "batch_size": 40, "checkpoint_every": 50, "eta_bn":
 
 
 def _run_demo(args) -> int:
+    from tldr_fast.run_dir import claim, run_intent
+
+    # Held from the start: the demo writes its classifier into the run directory before the run.
+    with claim(args.out, run_intent(args.resume, args.overwrite), "--out"):
+        return _demo(args)
+
+
+def _demo(args) -> int:
     import tldr_fast as tf
     from tldr_fast.config import ReconstructionConfig
     from tldr_fast.models import PaperCNN
@@ -161,6 +179,7 @@ def _run_demo(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
+    config = _config(args, ReconstructionConfig, base=DEMO_CONFIG)  # bad settings fail before any training
     images, labels = tf.datasets.load(DEMO_DATASET, subset=DEMO_SUBSET, seed=0)
     heldout = tf.datasets.load(DEMO_DATASET, split="test")
     print(f"training PaperCNN on {len(images)} bundled MNIST digits ...")
@@ -174,7 +193,6 @@ def _run_demo(args) -> int:
     model_path = out / "model.safetensors"
     tf.save(model_path, classifier, metadata={"dataset": DEMO_DATASET, "subset": DEMO_SUBSET,
                                               "test_accuracy": report.test_accuracy})
-    config = _config(args, ReconstructionConfig, base=DEMO_CONFIG)
     result = _train_and_report("reconstruct", classifier, config, args,
                                model=str(model_path.resolve()), dataset=DEMO_DATASET, subset=DEMO_SUBSET)
     if result is None:

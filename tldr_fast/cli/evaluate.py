@@ -35,20 +35,27 @@ def register(commands, attacks) -> None:
                         "(default: the run's recorded layer, else forward_with_features or the last nn.Linear's input)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"RUN_DIR": "run"})
 
 
 def run(args) -> int:
     from tldr_fast.evaluate import evaluate_run
     from tldr_fast.report import summary_rows
+    from tldr_fast.run_dir import claim
+    from tldr_fast.validation import check_in_range, check_positive_int
 
+    check_in_range(args.threshold, "--threshold", 0.0, 1.0)
+    check_positive_int(args.bootstrap, "--bootstrap")
+    if args.subset is not None:
+        check_positive_int(args.subset, "--subset")
     evaluator = False if args.evaluator == "none" else args.evaluator
-    metrics = evaluate_run(
-        args.run_dir, train_data=args.train_data, subset=args.subset,
-        heldout_data=None if args.heldout == "none" else "test", evaluator=evaluator, seed=args.seed,
-        device=args.device, data_root=args.data_root, threshold=args.threshold,
-        num_bootstrap=args.bootstrap, progress=not args.no_progress, features=args.features,
-    )
+    with claim(args.run_dir, "existing", "RUN_DIR"):  # no run may write into it meanwhile
+        metrics = evaluate_run(
+            args.run_dir, train_data=args.train_data, subset=args.subset,
+            heldout_data=None if args.heldout == "none" else "test", evaluator=evaluator, seed=args.seed,
+            device=args.device, data_root=args.data_root, threshold=args.threshold,
+            num_bootstrap=args.bootstrap, progress=not args.no_progress, features=args.features,
+        )
     rows = summary_rows(metrics)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

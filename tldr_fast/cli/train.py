@@ -22,7 +22,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="model.safetensors", help="model file to write")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"--out": "file"})
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from tldr_fast.kernels.runtime import DOT_PRECISION, INTERPRETED, kernel_op, refuse_double_backward
+from tldr_fast.kernels.runtime import (
+    DOT_PRECISION,
+    INTERPRETED,
+    kernel_op,
+    refuse_double_backward,
+    traced_input,
+)
 
 try:
     import triton
@@ -390,5 +396,5 @@ def diversity_losses(feats: torch.Tensor, normalized: bool = True) -> tuple[torc
     Composes with torch.func.grad / vmap (a vmapped batch folds into the problem dim) and runs
     inside torch.compile(fullgraph=True) as opaque ops (not under a vmap there: Dynamo cannot
     trace an autograd.Function inside vmap)."""
-    cos, ortho, *_ = _Diversity.apply(feats, bool(normalized))
+    cos, ortho, *_ = _Diversity.apply(traced_input(feats), bool(normalized))
     return cos, ortho

@@ -75,6 +75,14 @@ def vmap_by_folding(op, info, in_dims, *args):
     return out, (0,) * len(out)
 
 
+def traced_input(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as an autograd.Function input that torch.compile keeps a Function: Dynamo (torch
+    2.13) inlines the forward of a Function applied to a torch.func.grad argument itself, and the
+    op then meets the wrapped tensor and fails; a view of it is an intermediate, traced as a
+    Function with its backward. Free (a view) and harmless eagerly."""
+    return tensor.view_as(tensor)
+
+
 def refuse_double_backward(loss: str):
     raise NotImplementedError(f"double backward through the Triton {loss} loss; use impl='torch'")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tldr_fast.kernels.runtime import INTERPRETED, kernel_op, refuse_double_backward
+from tldr_fast.kernels.runtime import INTERPRETED, kernel_op, refuse_double_backward, traced_input
 
 try:
     import triton
@@ -198,7 +198,7 @@ def tv_pixel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     see the module docstring for the math. The caller checks the input
     (`tldr_fast.losses.stacked_tv_pixel` is the entry point, with the torch reference). Composes
     with torch.func.grad / vmap and runs inside torch.compile(fullgraph=True) as opaque ops."""
-    return _TVPixel.apply(x)
+    return _TVPixel.apply(traced_input(x))
 
 
 def weighted_tv_pixel(x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor):
@@ -206,4 +206,4 @@ def weighted_tv_pixel(x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor):
     in the forward pass: for a fixed-weight objective this reads x once and writes dL/dx once (the
     backward only scales it by the incoming gradient). w_tv, w_pix: (G,) or (1,) float32 tensors;
     TV and Pix are returned detached, for logging."""
-    return _WeightedTVPixel.apply(x, w_tv, w_pix)[:3]
+    return _WeightedTVPixel.apply(traced_input(x), w_tv, w_pix)[:3]

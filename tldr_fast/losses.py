@@ -33,10 +33,10 @@ _NORM_EPS = 1e-12
 # impl="auto" on CUDA: the smallest per-problem sizes from which the Triton kernels were measured
 # faster than this module's torch code in the same mode (eager, or inside torch.compile where
 # Inductor fuses the torch code), float32, H100; docs/kernels.md has the table and its source.
-# diversity: (N, D) of the features; tv_pixel: elements N C H W of the images; None: never.
+# diversity: (N D, D) of the features; tv_pixel: (N C H W,) of the images; None: never.
 _AUTO_TRITON_FROM = {
-    ("diversity", False): (16384, 256),
-    ("diversity", True): (16384, 1024),
+    ("diversity", False): (1 << 22, 256),
+    ("diversity", True): (1 << 24, 1),
     ("tv_pixel", False): (16384 * 784,),
     ("tv_pixel", True): None,
 }
@@ -51,8 +51,9 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _problem_size(loss: str, x: torch.Tensor) -> tuple[int, ...]:
+    """The sizes `_AUTO_TRITON_FROM` compares, of one problem of x (its leading dim stacks them)."""
     if loss == "diversity":
-        return tuple(x.shape[-2:])
+        return (x.shape[-2] * x.shape[-1], x.shape[-1])
     return (x[0].numel() if x.dim() == 5 else x.numel(),)
 
 
@@ -91,11 +92,18 @@ def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have shape (N, num_classes), got {tuple(logits.shape)}")
 
 
+def _check_tensor(t: torch.Tensor, name: str, shape: str) -> None:
+    """A floating-point tensor whose rank is that of `shape`, e.g. "(N, D)"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != shape.count(",") + 1:
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def _check_features(feat: torch.Tensor, shape: str = "(N, D)") -> None:
-    if not isinstance(feat, torch.Tensor):
-        raise TypeError(f"feat must be a torch.Tensor, got {type(feat).__name__}")
-    if feat.dim() != shape.count(",") + 1:
-        raise ValueError(f"feat must have shape {shape}, got shape {tuple(feat.shape)}")
+    _check_tensor(feat, "feat", shape)
     if feat.shape[-2] < 2:
         # The cosine term averages over N(N-1) pairs: undefined for one sample. We refuse rather
         # than return a silent zero that would make a diversity weight do nothing.
@@ -105,19 +113,12 @@ def _check_features(feat: torch.Tensor, shape: str = "(N, D)") -> None:
         )
     if feat.shape[-1] < 1:
         raise ValueError(f"feat must have at least 1 column (D >= 1), got shape {tuple(feat.shape)}")
-    if not feat.is_floating_point():
-        raise TypeError(f"feat must be a floating-point tensor, got {feat.dtype}")
 
 
 def _check_image_batch(x: torch.Tensor, shape: str = "(N, C, H, W)") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != shape.count(",") + 1:
-        raise ValueError(f"x must have shape {shape}, got {tuple(x.shape)}")
+    _check_tensor(x, "x", shape)
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
 def kl(logits: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

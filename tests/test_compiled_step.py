@@ -166,7 +166,10 @@ def test_compiled_step_launches_the_kernels_and_equals_the_eager_torch_step(over
         reports.append(report)
         per_step.append(dict(kernel_launches - before))
     assert per_step == [LAUNCHES_PER_STEP] * steps
-    assert_same_trajectory(eager, (params, state, reports), lr=3e-3)
+    # Kernels and torch sum in different orders (each loss agrees to ~1e-5 of its scale): after
+    # three Adam steps the second moments of the smallest gradient entries differ by ~5e-4
+    # relative, so the tolerance is the one CUDA's eager and compiled steps are held to.
+    assert_same_trajectory(eager, (params, state, reports), lr=3e-3, rtol=1e-3, atol=1e-4)
 
 
 def test_recompile_limit_is_raised_through_public_config_or_the_older_option(monkeypatch):

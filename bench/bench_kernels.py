@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tldr_fast.kernels import tv_pixel as ktv
 
 from bench import kernels as suite
+from tldr_fast import losses
 
 pytestmark = pytest.mark.triton
 
@@ -40,6 +40,6 @@ def test_tv_pixel(benchmark, variant):
     if variant == "fused":
         loss, _, _ = benchmark(suite._tv_fused(x))
     else:
-        tv, pix = benchmark(suite._fwd(lambda t: ktv.tv_pixel(t, impl=variant), x))
+        tv, pix = benchmark(suite._fwd(lambda t: losses.tv_pixel(t, impl=variant), x))
         loss = tv + pix
     assert torch.isfinite(loss)

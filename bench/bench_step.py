@@ -42,3 +42,8 @@ def test_diversity_with_gradient(benchmark, route):
     loss = (lambda f: sum(losses.diversity_losses(f, impl="torch"))) if route == "identity" else (
         lambda f: sum(naive_diversity(f)))
     benchmark.pedantic(_with_input_grad(loss, feat), rounds=3, warmup_rounds=1)
+
+
+def test_kernels_variant_is_cuda_only(classifier):
+    with pytest.raises(ValueError, match="fast-compiled-kernels variant runs on CUDA only, got device cpu"):
+        make_runner("fast-compiled-kernels", 8, classifier, "cpu")

@@ -14,11 +14,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tldr_fast.kernels import diversity as kdiv
-from tldr_fast.kernels import tv_pixel as ktv
 
 from bench.common import is_oom, peak_memory_bytes, time_fn
 from tldr_fast import losses
+from tldr_fast.kernels import diversity as kdiv
 
 FULL_NS = (1024, 4096, 16384, 65536, 262144)
 FULL_DS = (64, 256, 1024)
@@ -54,7 +53,7 @@ def identity_diversity(feat: torch.Tensor):
 
 
 def triton_diversity(feat: torch.Tensor):
-    return kdiv.diversity_losses(feat, impl="triton")
+    return losses.diversity_losses(feat, impl="triton")
 
 
 def _fwd(fn, x):
@@ -207,7 +206,7 @@ def diversity_rows(args, rates) -> list[dict]:
 
 def _tv_fused(x):
     def run():
-        return ktv.weighted_tv_pixel(x, 0.5, 2.0, impl="triton")
+        return losses.weighted_tv_pixel(x, 0.5, 2.0, impl="triton")
 
     return run
 
@@ -220,8 +219,8 @@ def tv_rows(args, rates) -> list[dict]:
     variants = {"torch": lambda x: losses.tv_pixel(x, impl="torch"),
                 "torch_compiled": torch.compile(lambda x: losses.tv_pixel(x, impl="torch"))}
     if device == "cuda":
-        variants["triton"] = lambda x: ktv.tv_pixel(x, impl="triton")
-        variants["triton_compiled"] = torch.compile(lambda x: ktv.tv_pixel(x, impl="triton"))
+        variants["triton"] = lambda x: losses.tv_pixel(x, impl="triton")
+        variants["triton_compiled"] = torch.compile(lambda x: losses.tv_pixel(x, impl="triton"))
     rows = []
     for b in batches:
         for image, chw in shapes.items():

@@ -7,8 +7,11 @@ Variants, each on the same classifier (PaperCNN, MNIST 28x28, 10 classes) and th
 - `fast-eager`: the engine's pure step (`engine.make_step`: diversity identities, ghost norms,
   functional Adam), eager;
 - `fast-compiled`: the same step under `tldr_fast.compiled.CompiledStep` (torch.compile fullgraph;
-  on CUDA replayed as a CUDA graph); its first call is reported as `compile_s`, apart from the
-  step time.
+  on CUDA replayed as a CUDA graph), impl="auto"; its first call is reported as `compile_s`, apart
+  from the step time;
+- `fast-compiled-kernels` (CUDA only): the compiled step with impl="triton", the fused diversity
+  and TV/pixel kernels launched inside the graph instead of Inductor's fusion of the torch path.
+  On a CPU the kernels only run in the Triton interpreter, which is for correctness, not timing.
 Each row: variant, batch, median step seconds, images/s and the speedup over `naive` at the same
 batch (same run). On a CPU the variants are timed in the same rounds, each round running every
 variant's step once back to back in rotated order, and the speedup is the median of the per-round
@@ -42,14 +45,16 @@ from tldr_fast.config import ReconstructionConfig
 from tldr_fast.engine import AdamState, make_step
 from tldr_fast.models import PaperCNN
 
-VARIANTS = ("naive", "fast-eager", "fast-compiled")
+VARIANTS = ("naive", "fast-eager", "fast-compiled", "fast-compiled-kernels")
+CPU_VARIANTS = VARIANTS[:3]
+COMPILED = ("fast-compiled", "fast-compiled-kernels")
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 CPU_BATCHES, CPU_QUICK_BATCHES = (256,), (64,)
 GPU_BATCHES, GPU_QUICK_BATCHES = (1024, 8192, 65536), (1024,)
 # The fast variants' classifier_chunk_size on CUDA for larger batches: the compiled step's chunk loop
 # is unrolled into its graph (fewer chunks: shorter compile) and needs less memory per image.
-GPU_CHUNKS = {"fast-eager": 4096, "fast-compiled": 16384}
+GPU_CHUNKS = {"fast-eager": 4096, "fast-compiled": 16384, "fast-compiled-kernels": 16384}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step-batches", type=int, nargs="+", default=None,
                    help="images per step (default: 256 on CPU, 1024 8192 65536 on CUDA; --quick: 64 / 1024)")
     g.add_argument("--step-variants", nargs="+", choices=VARIANTS, default=None,
-                   help="default: all three; with --quick on a CPU naive and fast-eager (a cold compile "
-                        "of the step takes minutes there)")
+                   help="default: all four on CUDA, the first three on a CPU (fast-compiled-kernels is "
+                        "CUDA only); with --quick on a CPU naive and fast-eager (a cold compile of the "
+                        "step takes minutes there)")
     g.add_argument("--step-max-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="double each variant's batch until out of memory (default: on CUDA without --quick)")
     g.add_argument("--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here")
@@ -69,9 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compile time in two fresh processes sharing an empty compile cache")
 
 
-def step_config(batch: int, chunk: int | None = None) -> ReconstructionConfig:
+def step_config(batch: int, chunk: int | None = None, impl: str = "auto") -> ReconstructionConfig:
     """The paper preset with all nine terms on (eta_pix is 0 in the preset) and one generator."""
-    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0, classifier_chunk_size=chunk)
+    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0, classifier_chunk_size=chunk,
+                                impl=impl)
 
 
 def bench_classifier(device) -> torch.nn.Module:
@@ -83,11 +90,14 @@ def make_runner(variant: str, batch: int, classifier, device, chunk: int | None 
     """A zero-argument callable taking one training step of `variant` (state kept inside)."""
     if variant == "naive":
         return NaiveStep(classifier, step_config(batch), IMAGE_SHAPE, device)
-    cfg = step_config(batch, chunk)  # make_step takes the whole-batch path when chunk >= batch
+    if variant == "fast-compiled-kernels" and torch.device(device).type != "cuda":
+        raise ValueError(f"the fast-compiled-kernels variant runs on CUDA only, got device {device}")
+    # make_step takes the whole-batch path when chunk >= batch
+    cfg = step_config(batch, chunk, impl="triton" if variant == "fast-compiled-kernels" else "auto")
     template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
     labels = conditioning.balanced_labels(batch, NUM_CLASSES, device)[None]
     step = make_step(objective.Problem(template, classifier, cfg, labels), buffers)
-    if variant == "fast-compiled":
+    if variant in COMPILED:
         step = CompiledStep(step)
     carry = [params, AdamState.zeros_like(params)]
 
@@ -109,7 +119,7 @@ def _new_row(variant: str, batch: int, device, chunk: int | None) -> dict:
 def _ready_runner(variant: str, batch: int, classifier, device, chunk: int | None, row: dict):
     """make_runner, and for the compiled variant its first (compiling) call, timed into row."""
     runner = make_runner(variant, batch, classifier, device, chunk)
-    if variant == "fast-compiled":
+    if variant in COMPILED:
         runner()  # compiles; a CUDA graph is captured on the next call, inside the warm-up
         row["compile_s"] = runner.step.compile_seconds
     return runner
@@ -208,7 +218,10 @@ def run(args) -> list[dict]:
     on_gpu = device.type == "cuda"
     batches = args.step_batches or (
         (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if on_gpu else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES))
-    variants = args.step_variants or (VARIANTS[:2] if args.quick and not on_gpu else VARIANTS)
+    variants = args.step_variants or (VARIANTS if on_gpu else CPU_VARIANTS[:2] if args.quick else CPU_VARIANTS)
+    if not on_gpu and "fast-compiled-kernels" in variants:
+        raise ValueError("--step-variants fast-compiled-kernels needs --device cuda: on a CPU the Triton "
+                         "interpreter is for correctness only and is not timed")
     classifier = bench_classifier(device)
     def chunk(variant):
         return args.step_chunk if args.step_chunk is not None else (GPU_CHUNKS.get(variant) if on_gpu else None)

@@ -27,12 +27,13 @@ and the normalisation backward, fp32 scratch only when D spans several tiles).
 from __future__ import annotations
 
 import torch
-from tldr_fast.kernels._dispatch import (
+
+from tldr_fast.kernels.runtime import (
     DOT_PRECISION,
     INTERPRETED,
     kernel_op,
     refuse_double_backward,
-    resolve_impl,
+    traced_input,
 )
 
 try:
@@ -42,7 +43,6 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
 EPS = 1e-12  # torch.nn.functional.normalize's default
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # Split-K target: about two CTAs per SM of a 132-SM H100. More chunks would only enlarge the fp32
 # partial Gram buffer that the second stage sums. The interpreter runs programs one after another,
 # so there the fewest programs are fastest.
@@ -389,31 +389,12 @@ class _Diversity(torch.autograd.Function):
         return _DiversityGrad.apply(feat, r, s, gram, g_cos, g_ortho, ctx.normalized), None
 
 
-def _check_features(feat: torch.Tensor) -> None:
-    if not isinstance(feat, torch.Tensor):
-        raise TypeError(f"feat must be a torch.Tensor, got {type(feat).__name__}")
-    if feat.dim() != 2:
-        raise ValueError(f"feat must have shape (N, D), got shape {tuple(feat.shape)}")
-    if feat.shape[0] < 2:
-        raise ValueError(f"feat must have at least 2 rows (N >= 2) for the diversity losses, got N={feat.shape[0]}")
-    if feat.shape[1] < 1:
-        raise ValueError(f"feat must have at least 1 column (D >= 1), got D={feat.shape[1]}")
-    if not feat.is_floating_point():
-        raise TypeError(f"feat must be a floating-point tensor, got {feat.dtype}")
-
-
-def diversity_losses(feat: torch.Tensor, normalized: bool = True, impl: str = "auto"):
-    """(Cos, Ortho) of features feat (N, D); see the module docstring for the math.
-
-    impl: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (the
-    `tldr_fast.losses` reference), or "auto" (Triton on CUDA, torch otherwise). Composes with
-    torch.func.grad / vmap (a vmapped (K, N, D) batch is one launch over K problems) and
-    torch.compile.
-    """
-    _check_features(feat)
-    if resolve_impl(impl, feat, SUPPORTED_DTYPES) == "torch":
-        from tldr_fast.losses import diversity_losses as torch_diversity_losses
-
-        return torch_diversity_losses(feat, normalized=normalized, impl="torch")
-    cos, ortho, *_ = _Diversity.apply(feat.unsqueeze(0), bool(normalized))
-    return cos[0], ortho[0]
+def diversity_losses(feats: torch.Tensor, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Cos, Ortho), each (P,), of P independent problems feats (P, N, D) in one launch per kernel;
+    see the module docstring for the math. The caller checks the input
+    (`tldr_fast.losses.stacked_diversity_losses` is the entry point, with the torch reference).
+    Composes with torch.func.grad / vmap (a vmapped batch folds into the problem dim) and runs
+    inside torch.compile(fullgraph=True) as opaque ops (not under a vmap there: Dynamo cannot
+    trace an autograd.Function inside vmap)."""
+    cos, ortho, *_ = _Diversity.apply(traced_input(feats), bool(normalized))
+    return cos, ortho

@@ -19,12 +19,8 @@ weights up front and writes loss and gradient in the forward pass.
 from __future__ import annotations
 
 import torch
-from tldr_fast.kernels._dispatch import (
-    INTERPRETED,
-    kernel_op,
-    refuse_double_backward,
-    resolve_impl,
-)
+
+from tldr_fast.kernels.runtime import INTERPRETED, kernel_op, refuse_double_backward, traced_input
 
 try:
     import triton
@@ -32,7 +28,6 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _TILE_ELEMENTS = 1 << 14 if INTERPRETED else 4096  # elements per program
 
 
@@ -198,49 +193,17 @@ class _WeightedTVPixel(torch.autograd.Function):
         return grad * scale, None, None
 
 
-def _check_images(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+def tv_pixel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TV, Pix), each (G,) float32, of G independent image batches x (G, N, C, H, W) in one launch;
+    see the module docstring for the math. The caller checks the input
+    (`tldr_fast.losses.stacked_tv_pixel` is the entry point, with the torch reference). Composes
+    with torch.func.grad / vmap and runs inside torch.compile(fullgraph=True) as opaque ops."""
+    return _TVPixel.apply(traced_input(x))
 
 
-def tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(TV, Pix) of images x (N, C, H, W); see the module docstring for the math.
-
-    impl: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (the
-    `tldr_fast.losses` reference) or "auto" (Triton on CUDA, torch otherwise). Composes with
-    torch.func.grad / vmap (a vmapped batch of image batches is one launch) and torch.compile.
-    Losses are float32 for float32 and bfloat16 images.
-    """
-    _check_images(x)
-    if resolve_impl(impl, x, SUPPORTED_DTYPES) == "torch":
-        from tldr_fast.losses import tv_pixel as torch_tv_pixel
-
-        return torch_tv_pixel(x, impl="torch")
-    tv, pix = _TVPixel.apply(x.unsqueeze(0))
-    return tv[0], pix[0]
-
-
-def weighted_tv_pixel(x: torch.Tensor, w_tv, w_pix, impl: str = "auto"):
-    """(w_tv TV + w_pix Pix, TV, Pix) with the gradient computed in the forward pass.
-
-    For a fixed-weight objective this reads x once and writes dL/dx once (the backward only scales
-    it by the incoming gradient, which torch.compile fuses into the next op). w_tv and w_pix are
-    Python floats or 0-d tensors; TV and Pix are returned detached, for logging.
-    """
-    _check_images(x)
-    if resolve_impl(impl, x, SUPPORTED_DTYPES) == "torch":
-        from tldr_fast.losses import tv_pixel as torch_tv_pixel
-
-        tv, pix = torch_tv_pixel(x, impl="torch")
-        return w_tv * tv + w_pix * pix, tv.detach(), pix.detach()
-    # torch.full, not torch.tensor: a fill kernel, no host-to-device copy, so CUDA graphs capture it.
-    weights = [v.float().reshape(1) if isinstance(v, torch.Tensor)
-               else torch.full((1,), float(v), device=x.device, dtype=torch.float32) for v in (w_tv, w_pix)]
-    loss, tv, pix, _ = _WeightedTVPixel.apply(x.unsqueeze(0), *weights)
-    return loss[0], tv[0], pix[0]
+def weighted_tv_pixel(x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor):
+    """(w_tv TV + w_pix Pix, TV, Pix), each (G,), of x (G, N, C, H, W), with the gradient computed
+    in the forward pass: for a fixed-weight objective this reads x once and writes dL/dx once (the
+    backward only scales it by the incoming gradient). w_tv, w_pix: (G,) or (1,) float32 tensors;
+    TV and Pix are returned detached, for logging."""
+    return _WeightedTVPixel.apply(traced_input(x), w_tv, w_pix)[:3]

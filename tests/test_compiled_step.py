@@ -5,6 +5,7 @@ reference computes the same objective as the engine."""
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 
 import pytest
@@ -15,6 +16,8 @@ from tldr_fast import conditioning, engine, objective
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.engine import AdamState, make_step
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import tv_pixel as ktv
 from tldr_fast.models import PaperCNN
 
 SHAPE = (1, 8, 8)
@@ -109,6 +112,78 @@ def test_engine_compile_flag_gives_the_eager_history(monkeypatch):
         assert compiled.history[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
 
 
+class _CountedKernel:
+    """A Triton kernel whose launches (kernel[grid](...)) are counted by name."""
+
+    def __init__(self, kernel, name: str, counts: collections.Counter):
+        self._kernel, self._name, self._counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def counted(*args, **kwargs):
+            self._counts[self._name] += 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    counts = collections.Counter()
+    for module, names in ((kdiv, ("_row_norms_kernel", "_gram_kernel", "_grad_kernel")), (ktv, ("_tv_pixel_kernel",))):
+        for name in names:
+            monkeypatch.setattr(module, name, _CountedKernel(getattr(module, name), name, counts))
+    return counts
+
+
+# Per step, for all K generators at once: diversity forward (row norms, Gram) and backward, TV/pixel
+# forward and backward.
+LAUNCHES_PER_STEP = {"_row_norms_kernel": 1, "_gram_kernel": 1, "_grad_kernel": 1, "_tv_pixel_kernel": 2}
+
+
+@pytest.mark.compile
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "overrides",
+    [{"num_generators": 1}, {"num_generators": 3, "classifier_chunk_size": 4, "grad_norm_mode": "batch"}],
+    ids=["one-generator", "three-generators-classifier-chunks-batch-norm"],
+)
+def test_compiled_step_launches_the_kernels_and_equals_the_eager_torch_step(overrides, kernel_launches):
+    # Nine terms, eta_grad > 0 included (its double backward runs beside the kernels' first-order
+    # backward). The kernels are opaque ops in the one graph: each step launches them on the
+    # stacked generators, and the trajectory is the eager torch path's.
+    steps = 3
+    eager = run_steps(*tiny_step(impl="torch", **overrides), steps)
+    assert not kernel_launches
+    step, params = tiny_step(impl="triton", **overrides)
+    compiled_step = CompiledStep(step, backend="aot_eager")
+    torch.manual_seed(3)
+    state, reports, per_step = AdamState.zeros_like(params), [], []
+    for _ in range(steps):
+        before = collections.Counter(kernel_launches)
+        params, state, report = compiled_step(params, state)
+        reports.append(report)
+        per_step.append(dict(kernel_launches - before))
+    assert per_step == [LAUNCHES_PER_STEP] * steps
+    # Kernels and torch sum in different orders (each loss agrees to ~1e-5 of its scale): after
+    # three Adam steps the second moments of the smallest gradient entries differ by ~5e-4
+    # relative, so the tolerance is the one CUDA's eager and compiled steps are held to.
+    assert_same_trajectory(eager, (params, state, reports), lr=3e-3, rtol=1e-3, atol=1e-4)
+
+
+def test_recompile_limit_is_raised_through_public_config_or_the_older_option(monkeypatch):
+    from tldr_fast.compiled import RECOMPILE_LIMIT, _recompile_limit
+
+    default = torch._dynamo.config.recompile_limit
+    with _recompile_limit(RECOMPILE_LIMIT):
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    assert torch._dynamo.config.recompile_limit == default
+    monkeypatch.setattr(torch.compiler, "config", object())  # a torch without the public option
+    with _recompile_limit(RECOMPILE_LIMIT):
+        assert torch._dynamo.config.cache_size_limit == RECOMPILE_LIMIT
+
+
 def test_compile_field_is_a_bool():
     with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
         ReconstructionConfig(compile="yes")
@@ -186,8 +261,23 @@ def test_cuda_graph_replay_equals_eager(full_precision_convs):
 
 @pytest.mark.cuda
 @pytest.mark.compile
-def test_replayed_step_makes_no_host_sync():
-    step, params = tiny_step("cuda")
+@pytest.mark.triton
+def test_cuda_graph_replay_with_the_kernels_equals_eager(full_precision_convs):
+    # aot_eager: the same single graph without Inductor's code (whose CUDA random numbers differ
+    # from eager's, above), captured and replayed with the Triton launches and the Adam update.
+    step, params = tiny_step("cuda", impl="triton")
+    eager = run_steps(step, params, 4)
+    compiled_step = CompiledStep(step, backend="aot_eager")
+    replayed = run_steps(compiled_step, params, 4)  # compile, capture + replay, replay, replay
+    assert compiled_step._graph is not None
+    assert_same_trajectory(eager, replayed, lr=3e-3, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_replayed_step_makes_no_host_sync(impl):
+    step, params = tiny_step("cuda", impl=impl)
     compiled_step = CompiledStep(step)
     state = AdamState.zeros_like(params)
     for _ in range(2):  # compile, then capture

@@ -10,9 +10,11 @@ import pytest
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from tldr_fast.kernels import _dispatch
-from tldr_fast.kernels import diversity as kdiv
 from torch.func import grad, vmap
+
+from tldr_fast import losses
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import runtime
 
 pytestmark = pytest.mark.triton
 
@@ -64,7 +66,7 @@ def rms(t: torch.Tensor) -> float:
 
 def run_triton(feat: torch.Tensor, normalized: bool, w_cos: float, w_ortho: float):
     f = feat.detach().clone().requires_grad_()
-    cos, ortho = kdiv.diversity_losses(f, normalized=normalized, impl="triton")
+    cos, ortho = losses.diversity_losses(f, normalized=normalized, impl="triton")
     (g,) = torch.autograd.grad(w_cos * cos + w_ortho * ortho, f)
     return cos, ortho, g
 
@@ -167,7 +169,7 @@ def test_non_finite_input_gives_nan(bad):
 
 
 def _loss(feat, impl):
-    cos, ortho = kdiv.diversity_losses(feat, impl=impl)
+    cos, ortho = losses.diversity_losses(feat, impl=impl)
     return 0.3 * cos + 0.7 * ortho
 
 
@@ -193,50 +195,54 @@ def test_vmap_with_vmapped_dim_not_first():
 
 def test_only_one_loss_differentiated():
     feat = features(67, 5).requires_grad_()
-    (g,) = torch.autograd.grad(kdiv.diversity_losses(feat, impl="triton")[1], feat)
+    (g,) = torch.autograd.grad(losses.diversity_losses(feat, impl="triton")[1], feat)
     _, _, ref_g, _, g_scale = oracle(feat, True, 0.0, 1.0)
     assert rms(g.double() - ref_g) <= 1e-5 * (rms(ref_g) + rms(g_scale))
 
 
 def test_auto_uses_torch_on_cpu_and_torch_impl_is_the_reference():
     feat = features(67, 5)
-    assert _dispatch.resolve_impl("auto", feat, kdiv.SUPPORTED_DTYPES) == "torch"
+    assert losses.resolve_impl("auto", feat, "diversity") == "torch"
     from tldr_fast.losses import diversity_losses as reference
 
     for impl in ("auto", "torch"):
-        got = kdiv.diversity_losses(feat, normalized=False, impl=impl)
+        got = losses.diversity_losses(feat, normalized=False, impl=impl)
         torch.testing.assert_close(got, reference(feat, normalized=False, impl="torch"))
 
 
-def test_losses_module_routes_triton_to_the_kernels():
-    from tldr_fast import losses
-
-    feat = features(67, 5)
-    torch.testing.assert_close(losses.diversity_losses(feat, impl="triton"),
-                               kdiv.diversity_losses(feat, impl="triton"), rtol=0, atol=0)
+def test_stacked_problems_are_one_launch_equal_to_each_alone():
+    feats = torch.stack([features(67, 5), features(67, 5).flip(0), features(67, 5) + 1])
+    cos, ortho = losses.stacked_diversity_losses(feats, impl="triton")
+    torch.testing.assert_close((cos, ortho), kdiv.diversity_losses(feats), rtol=0, atol=0)
+    for k, feat in enumerate(feats):
+        ref_cos, ref_ortho, _, cos_scale, _ = oracle(feat, True, 1.0, 1.0)
+        assert abs(cos[k].double() - ref_cos) <= 1e-5 * cos_scale
+        assert abs(ortho[k].double() - ref_ortho) <= 1e-5 * abs(ref_ortho)
+    with pytest.raises(ValueError, match=r"shape \(K, N, D\)"):
+        losses.stacked_diversity_losses(features(4, 3), impl="triton")
 
 
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="impl"):
-        kdiv.diversity_losses(features(4, 3), impl="cuda")
+        losses.diversity_losses(features(4, 3), impl="cuda")
     with pytest.raises(ValueError, match="N >= 2"):
-        kdiv.diversity_losses(features(1, 3), impl="triton")
+        losses.diversity_losses(features(1, 3), impl="triton")
     with pytest.raises(ValueError, match=r"shape \(N, D\)"):
-        kdiv.diversity_losses(torch.randn(2, 3, 4), impl="triton")
+        losses.diversity_losses(torch.randn(2, 3, 4), impl="triton")
     with pytest.raises(ValueError, match="D >= 1"):
-        kdiv.diversity_losses(torch.randn(3, 0), impl="triton")
+        losses.diversity_losses(torch.randn(3, 0), impl="triton")
     with pytest.raises(TypeError, match="floating-point"):
-        kdiv.diversity_losses(torch.ones(3, 2, dtype=torch.int64), impl="triton")
+        losses.diversity_losses(torch.ones(3, 2, dtype=torch.int64), impl="triton")
     with pytest.raises(TypeError, match="torch.Tensor"):
-        kdiv.diversity_losses([[1.0, 2.0], [3.0, 4.0]])
+        losses.diversity_losses([[1.0, 2.0], [3.0, 4.0]])
     with pytest.raises(TypeError, match="dtypes float32, bfloat16"):
-        kdiv.diversity_losses(features(4, 3, torch.float64), impl="triton")
+        losses.diversity_losses(features(4, 3, torch.float64), impl="triton")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kdiv.diversity_losses(features(4, 3), impl="triton")
+        losses.diversity_losses(features(4, 3), impl="triton")
 
 
 def test_double_backward_is_refused():
@@ -308,7 +314,7 @@ def test_cuda_poison_nan_and_vmap(monkeypatch):
     assert torch.isfinite(cos) and torch.isfinite(ortho) and torch.isfinite(g).all()
     bad = feats[1].clone()
     bad[5, 7] = float("nan")
-    assert torch.isnan(kdiv.diversity_losses(bad)[0])
+    assert torch.isnan(losses.diversity_losses(bad)[0])
 
 
 @pytest.mark.cuda

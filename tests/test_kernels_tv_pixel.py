@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 # Helpers shared by the two kernels test files.
 from test_kernels_diversity import _poisoned, assert_compiles
-from tldr_fast.kernels import _dispatch
-from tldr_fast.kernels import tv_pixel as ktv
 from torch.func import grad, vmap
+
+from tldr_fast import losses
+from tldr_fast.kernels import runtime
+from tldr_fast.kernels import tv_pixel as ktv
 
 pytestmark = pytest.mark.triton
 
@@ -50,7 +52,7 @@ def images(shape, dtype=torch.float32, low=-0.3, high=1.3):
 def check_against_oracle(x, w_tv=0.7, w_pix=1.3):
     tol = TOL[x.dtype]
     xr = x.detach().clone().requires_grad_()
-    tv, pix = ktv.tv_pixel(xr, impl="triton")
+    tv, pix = losses.tv_pixel(xr, impl="triton")
     assert tv.dtype == pix.dtype == torch.float32
     (g,) = torch.autograd.grad(w_tv * tv + w_pix * pix, xr)
     assert g.dtype == x.dtype and g.shape == x.shape
@@ -59,7 +61,7 @@ def check_against_oracle(x, w_tv=0.7, w_pix=1.3):
     assert abs(pix.double() - ref_pix) <= tol * abs(ref_pix) + 1e-12, (pix, ref_pix)
     # bf16 gradients are rounded to bf16 on output: relative RMS against the float64 gradient.
     assert rms(g.double() - ref_g) <= tol * rms(ref_g) + 1e-12
-    loss, wtv, wpix = ktv.weighted_tv_pixel(xr, w_tv, w_pix, impl="triton")
+    loss, wtv, wpix = losses.weighted_tv_pixel(xr, w_tv, w_pix, impl="triton")
     (g2,) = torch.autograd.grad(loss, xr)
     torch.testing.assert_close(wtv, tv)
     torch.testing.assert_close(wpix, pix)
@@ -106,9 +108,9 @@ def test_every_output_element_written(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     for shape in [(3, 3, 29, 31), (1, 1, 131, 127)]:
         x = images(shape).requires_grad_()
-        tv, pix = ktv.tv_pixel(x, impl="triton")
+        tv, pix = losses.tv_pixel(x, impl="triton")
         (g,) = torch.autograd.grad(tv + pix, x)
-        loss, _, _ = ktv.weighted_tv_pixel(x, 0.5, 2.0, impl="triton")
+        loss, _, _ = losses.weighted_tv_pixel(x, 0.5, 2.0, impl="triton")
         (g2,) = torch.autograd.grad(loss, x)
         assert torch.isfinite(tv) and torch.isfinite(pix)
         assert torch.isfinite(g).all() and torch.isfinite(g2).all()
@@ -118,14 +120,14 @@ def test_every_output_element_written(monkeypatch):
 def test_non_finite_input_gives_nan(bad):
     x = images((2, 3, 8, 9))
     x[1, 2, 3, 4] = bad
-    tv, pix = ktv.tv_pixel(x, impl="triton")
+    tv, pix = losses.tv_pixel(x, impl="triton")
     assert torch.isnan(tv) or torch.isinf(tv)
     if bad != bad:  # NaN shows in both losses, as relu(NaN) = NaN in the reference
         assert torch.isnan(tv) and torch.isnan(pix)
 
 
 def _loss(x, impl):
-    tv, pix = ktv.tv_pixel(x, impl=impl)
+    tv, pix = losses.tv_pixel(x, impl=impl)
     return 0.3 * tv + 0.7 * pix
 
 
@@ -139,7 +141,7 @@ def test_vmap_over_generators_folds_into_one_batch():
     torch.testing.assert_close(outer, ref_g)
     nested = vmap(vmap(lambda x: _loss(x, "triton")))(xs.expand(2, *xs.shape))
     torch.testing.assert_close(nested, ref.expand(2, 3))
-    weighted = vmap(grad(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0]))(xs)
+    weighted = vmap(grad(lambda x: losses.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0]))(xs)
     torch.testing.assert_close(weighted, ref_g)
     moved = vmap(lambda x: _loss(x, "triton"), in_dims=1)(xs.movedim(0, 1))
     torch.testing.assert_close(moved, ref)
@@ -149,37 +151,41 @@ def test_auto_uses_torch_on_cpu_and_torch_impl_is_the_reference():
     from tldr_fast.losses import tv_pixel as reference
 
     x = images((2, 1, 5, 6))
-    assert _dispatch.resolve_impl("auto", x, ktv.SUPPORTED_DTYPES) == "torch"
+    assert losses.resolve_impl("auto", x, "tv_pixel") == "torch"
     for impl in ("auto", "torch"):
-        torch.testing.assert_close(ktv.tv_pixel(x, impl=impl), reference(x, impl="torch"))
-    loss, tv, pix = ktv.weighted_tv_pixel(x, 2.0, 3.0, impl="torch")
+        torch.testing.assert_close(losses.tv_pixel(x, impl=impl), reference(x, impl="torch"))
+    loss, tv, pix = losses.weighted_tv_pixel(x, 2.0, 3.0, impl="torch")
     torch.testing.assert_close(loss, 2.0 * tv + 3.0 * pix)
 
 
-def test_losses_module_routes_triton_to_the_kernels():
-    from tldr_fast import losses
-
-    x = images((2, 3, 5, 6))
-    torch.testing.assert_close(losses.tv_pixel(x, impl="triton"), ktv.tv_pixel(x, impl="triton"),
-                               rtol=0, atol=0)
+def test_stacked_batches_are_one_launch_equal_to_each_alone():
+    xs = images((3, 2, 3, 5, 6))
+    tv, pix = losses.stacked_tv_pixel(xs, impl="triton")
+    torch.testing.assert_close((tv, pix), ktv.tv_pixel(xs), rtol=0, atol=0)
+    for k, x in enumerate(xs):
+        ref_tv, ref_pix, _ = oracle(x, 1.0, 1.0)
+        assert abs(tv[k].double() - ref_tv) <= 1e-5 * abs(ref_tv)
+        assert abs(pix[k].double() - ref_pix) <= 1e-5 * abs(ref_pix)
+    with pytest.raises(ValueError, match=r"shape \(K, N, C, H, W\)"):
+        losses.stacked_tv_pixel(images((2, 3, 5, 6)), impl="triton")
 
 
 def test_bad_inputs_are_named(monkeypatch):
     with pytest.raises(ValueError, match="impl"):
-        ktv.tv_pixel(images((1, 1, 2, 2)), impl="gpu")
+        losses.tv_pixel(images((1, 1, 2, 2)), impl="gpu")
     with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
-        ktv.tv_pixel(images((2, 2, 2)), impl="triton")
+        losses.tv_pixel(images((2, 2, 2)), impl="triton")
     with pytest.raises(ValueError, match="empty"):
-        ktv.tv_pixel(images((0, 1, 2, 2)), impl="triton")
+        losses.tv_pixel(images((0, 1, 2, 2)), impl="triton")
     with pytest.raises(TypeError, match="floating-point"):
-        ktv.tv_pixel(torch.ones(1, 1, 2, 2, dtype=torch.uint8), impl="triton")
+        losses.tv_pixel(torch.ones(1, 1, 2, 2, dtype=torch.uint8), impl="triton")
     with pytest.raises(TypeError, match="torch.Tensor"):
-        ktv.weighted_tv_pixel([[[[0.5]]]], 1.0, 1.0)
+        losses.weighted_tv_pixel([[[[0.5]]]], 1.0, 1.0)
     with pytest.raises(TypeError, match="dtypes float32, bfloat16"):
-        ktv.tv_pixel(images((1, 1, 2, 2), torch.float64), impl="triton")
-    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
+        losses.tv_pixel(images((1, 1, 2, 2), torch.float64), impl="triton")
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ktv.tv_pixel(images((1, 1, 2, 2)), impl="triton")
+        losses.tv_pixel(images((1, 1, 2, 2)), impl="triton")
 
 
 def test_double_backward_is_refused():
@@ -213,13 +219,13 @@ def reference64(x, w_tv, w_pix):
 def test_cuda_matches_float64(shape, dtype):
     x = images(shape, dtype).cuda().requires_grad_()
     tol = TOL[dtype]
-    tv, pix = ktv.tv_pixel(x, impl="auto")
+    tv, pix = losses.tv_pixel(x, impl="auto")
     (g,) = torch.autograd.grad(0.7 * tv + 1.3 * pix, x)
     ref_tv, ref_pix, ref_g = reference64(x, 0.7, 1.3)
     assert abs(tv.double() - ref_tv) <= tol * abs(ref_tv) + 1e-12
     assert abs(pix.double() - ref_pix) <= tol * abs(ref_pix) + 1e-12
     assert rms(g.double() - ref_g) <= tol * rms(ref_g) + 1e-12
-    loss, _, _ = ktv.weighted_tv_pixel(x, 0.7, 1.3)
+    loss, _, _ = losses.weighted_tv_pixel(x, 0.7, 1.3)
     (g2,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g2, g)
 
@@ -240,6 +246,6 @@ def test_cuda_poison_and_vmap(monkeypatch):
 def test_cuda_compiles_without_graph_breaks():
     xs = images((2, 512, 1, 28, 28)).cuda()
     assert_compiles(_loss, xs[0], xs)
-    weighted = torch.compile(lambda x: ktv.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0],
+    weighted = torch.compile(lambda x: losses.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0],
                              fullgraph=True)
     torch.testing.assert_close(weighted(xs[0]), _loss(xs[0], "triton"))

@@ -353,3 +353,47 @@ def test_feature_statistics_bad_input():
         losses.feature_statistics(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"at least 2 values per channel, got input \(1, 3\)"):
         losses.feature_statistics(torch.randn(1, 3), torch.zeros(3), torch.ones(3))
+
+
+# --- which implementation `impl` picks ----------------------------------------------------------
+
+
+def test_auto_is_torch_on_cpu_at_any_size_and_under_compile():
+    # meta tensors: the shapes of large problems without their memory
+    assert losses.resolve_impl("auto", torch.empty(1, 262144, 256, device="meta"), "diversity") == "torch"
+    assert losses.resolve_impl("auto", torch.empty(1, 65536, 1, 28, 28), "tv_pixel") == "torch"
+    seen = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def compiled(x):
+        seen.append(losses.resolve_impl("auto", x, "diversity"))
+        return x + 1
+
+    compiled(torch.randn(4, 3, 2))
+    assert seen == ["torch"]
+
+
+def test_triton_request_that_cannot_run_is_one_clear_line(monkeypatch):
+    from tldr_fast.kernels import runtime
+
+    with pytest.raises(TypeError, match=r"impl='triton' supports dtypes float32, bfloat16; got torch.float64"):
+        losses.resolve_impl("triton", torch.randn(4, 3, dtype=torch.float64), "diversity")
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor or the Triton interpreter"):
+        losses.resolve_impl("triton", torch.randn(4, 3), "diversity")
+
+
+@pytest.mark.cuda
+def test_auto_follows_the_measured_table_on_cuda():
+    # docs/kernels.md: Triton from N D >= 2^22 with D >= 256 (diversity, eager), from 16384
+    # MNIST images (TV/pixel, eager); torch below.
+    def features(n, d):
+        return torch.empty(1, n, d, device="cuda")
+
+    assert losses.resolve_impl("auto", features(16384, 256), "diversity") == "triton"
+    assert losses.resolve_impl("auto", features(4096, 1024), "diversity") == "triton"
+    assert losses.resolve_impl("auto", features(4096, 256), "diversity") == "torch"
+    assert losses.resolve_impl("auto", features(262144, 64), "diversity") == "torch"
+    assert losses.resolve_impl("auto", features(16384, 256).double(), "diversity") == "torch"
+    assert losses.resolve_impl("auto", torch.empty(1, 16384, 1, 28, 28, device="cuda"), "tv_pixel") == "triton"
+    assert losses.resolve_impl("auto", torch.empty(1, 1024, 1, 28, 28, device="cuda"), "tv_pixel") == "torch"

@@ -1,10 +1,10 @@
 """The trainer: K stacked generators against a frozen classifier, with checkpoints and resume.
 
 One step is a pure function of (params, Adam state) -> (params, Adam state, loss terms): the noise
-is drawn inside it from the global RNG, the gradient is `torch.func.grad_and_value` of
-`objective.objective`, the update is a functional Adam. No host synchronisation happens inside the
-step; the loop reads the loss values back every `log_every` steps (progress bar, history,
-non-finite check) and before each checkpoint.
+is drawn inside it from the global RNG, the gradient is `objective.grad_and_report` (which runs
+the classifier on chunks when the config asks), the update is a functional Adam. No host
+synchronisation happens inside the step; the loop reads the loss values back every `log_every`
+steps (progress bar, history, non-finite check) and before each checkpoint.
 
 Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the stacked
 parameters, the Adam moments, the step, the RNG state, the history, the config and the run's id,
@@ -21,12 +21,10 @@ import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import grad_and_value
 
 from tldr_fast import conditioning
 from tldr_fast.compiled import CompiledStep
@@ -37,10 +35,9 @@ from tldr_fast.objective import (
     active_terms,
     batch_norm_layers,
     build_generators,
-    chunked_grad_and_value,
     draw_noise,
+    grad_and_report,
     needs_features,
-    objective,
 )
 from tldr_fast.run_dir import (  # noqa: F401  (list_checkpoints and the checkpoint errors: the engine's API)
     CHECKPOINT_FORMAT,
@@ -117,15 +114,10 @@ def adam_update(params, grads, state: AdamState, lr: float, beta1: float, beta2:
 def make_step(problem: Problem, buffers: dict[str, torch.Tensor]):
     """The training step: (params, AdamState) -> (params, AdamState, {term: (K,)})."""
     cfg = problem.config
-    chunk = cfg.classifier_chunk_size
-    if chunk is not None and chunk < cfg.batch_size:
-        value_and_grad = partial(chunked_grad_and_value, chunk_size=chunk)
-    else:
-        value_and_grad = grad_and_value(objective, has_aux=True)
 
     def step(params, state: AdamState):
         noise = draw_noise(problem)
-        grads, (_, report) = value_and_grad(params, buffers, noise, problem)
+        grads, (_, report) = grad_and_report(params, buffers, noise, problem)
         params, state = adam_update(params, grads, state, cfg.lr, cfg.adam_beta1, cfg.adam_beta2)
         return params, state, report
 

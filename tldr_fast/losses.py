@@ -1,9 +1,11 @@
-"""The TLDR loss terms in plain torch: the reference (and CPU path) for the fused kernels.
+"""The TLDR loss terms in plain torch, the one reference for the fused kernels, and the one place
+(`resolve_impl`) that chooses between this code and the kernels of `tldr_fast.kernels`.
 
-Every term is a batch statistic returning a 0-d tensor. Low-precision inputs (float16, bfloat16)
-are accumulated in float32; float32 and float64 keep their dtype. All functions are pure tensor
-code with no host synchronisation, so they run under `torch.func` transforms (the engine vmaps
-them over K generators) and `torch.compile(fullgraph=True)`.
+Every term is a batch statistic returning a 0-d tensor; the `stacked_*` functions take K
+independent batches stacked along a leading dim and return (K,), in one call (one kernel launch).
+Low-precision inputs (float16, bfloat16) are accumulated in float32; float32 and float64 keep their
+dtype. All functions are pure tensor code with no host synchronisation, so they run under
+`torch.func` transforms and `torch.compile(fullgraph=True)`, the kernels included.
 
 Notation: N samples in the batch, D feature dimensions, f^_i = f_i / ||f_i||.
 - kl:    (1/N) sum_i KL(c_i || softmax(z_i)) = (1/N) sum_i sum_k c_ik (log c_ik - log_softmax(z_i)_k)
@@ -22,12 +24,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Implementations `diversity_losses` and `tv_pixel` accept: "auto" picks the Triton kernels of
-# tldr_fast.kernels for CUDA tensors and this module's torch code otherwise.
+# Implementations every loss with a fused kernel accepts (`resolve_impl`).
 IMPLS = ("auto", "triton", "torch")
 
 # Below this norm a feature vector is treated as zero (its normalised version is then ~0).
 _NORM_EPS = 1e-12
+
+# impl="auto" on CUDA: the smallest per-problem sizes from which the Triton kernels were measured
+# faster than this module's torch code in the same mode (eager, or inside torch.compile where
+# Inductor fuses the torch code), float32, H100; docs/kernels.md has the table and its source.
+# diversity: (N D, D) of the features; tv_pixel: (N C H W,) of the images; None: never.
+_AUTO_TRITON_FROM = {
+    ("diversity", False): (1 << 22, 256),
+    ("diversity", True): (1 << 24, 1),
+    ("tv_pixel", False): (16384 * 784,),
+    ("tv_pixel", True): None,
+}
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,14 +50,41 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(_accumulation_dtype(x))
 
 
-def _check_impl(impl: str) -> None:
+def _problem_size(loss: str, x: torch.Tensor) -> tuple[int, ...]:
+    """The sizes `_AUTO_TRITON_FROM` compares, of one problem of x (its leading dim stacks them)."""
+    if loss == "diversity":
+        return (x.shape[-2] * x.shape[-1], x.shape[-1])
+    return (x[0].numel() if x.dim() == 5 else x.numel(),)
+
+
+def resolve_impl(impl: str, x: torch.Tensor, loss: str) -> str:
+    """"triton" or "torch" for `loss` ("diversity" or "tv_pixel") on input x; the one place that
+    decides. "torch" is this module's code; "triton" the fused kernels of tldr_fast.kernels (CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1), with a clear error where they cannot run;
+    "auto" per device from measured speed: torch on CPU (Triton has no CPU backend; the
+    interpreter is for correctness only), on CUDA `_AUTO_TRITON_FROM`. A trace-time constant
+    under torch.compile (device, dtype, shape and mode are static), not a host sync."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    # Imported here, not at the top: Triton's import costs a second that torch-only runs skip.
+    from tldr_fast.kernels import runtime
 
-
-def _use_kernels(impl: str, x: torch.Tensor) -> bool:
-    # The kernels import this module (their torch path), so they are imported lazily by the caller.
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
+    supported = x.dtype in runtime.SUPPORTED_DTYPES
+    if impl == "auto":
+        smallest = _AUTO_TRITON_FROM[loss, torch.compiler.is_compiling()]
+        if not (x.is_cuda and supported and runtime.device_unsupported(x) is None) or smallest is None:
+            return "torch"
+        size = _problem_size(loss, x)
+        return "triton" if all(s >= m for s, m in zip(size, smallest, strict=True)) else "torch"
+    reason = runtime.device_unsupported(x)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if not supported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in runtime.SUPPORTED_DTYPES)
+        raise TypeError(f"impl='triton' supports dtypes {names}; got {x.dtype}")
+    return "triton"
 
 
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
@@ -53,21 +92,33 @@ def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must have shape (N, num_classes), got {tuple(logits.shape)}")
 
 
-def _check_features(feat: torch.Tensor) -> None:
-    if feat.dim() != 2:
-        raise ValueError(f"feat must have shape (N, D), got {tuple(feat.shape)}")
-    if feat.shape[0] < 2:
+def _check_tensor(t: torch.Tensor, name: str, shape: str) -> None:
+    """A floating-point tensor whose rank is that of `shape`, e.g. "(N, D)"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != shape.count(",") + 1:
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_features(feat: torch.Tensor, shape: str = "(N, D)") -> None:
+    _check_tensor(feat, "feat", shape)
+    if feat.shape[-2] < 2:
         # The cosine term averages over N(N-1) pairs: undefined for one sample. We refuse rather
         # than return a silent zero that would make a diversity weight do nothing.
         raise ValueError(
-            f"the diversity losses need at least 2 samples per batch, got feat of shape "
+            f"the diversity losses need at least 2 samples per batch (N >= 2), got feat of shape "
             f"{tuple(feat.shape)}; use batch_size >= 2 or set gamma = delta = 0"
         )
+    if feat.shape[-1] < 1:
+        raise ValueError(f"feat must have at least 1 column (D >= 1), got shape {tuple(feat.shape)}")
 
 
-def _check_image_batch(x: torch.Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+def _check_image_batch(x: torch.Tensor, shape: str = "(N, C, H, W)") -> None:
+    _check_tensor(x, "x", shape)
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
 
 
 def kl(logits: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -94,21 +145,23 @@ def _normalize(feat: torch.Tensor) -> torch.Tensor:
 
 def _cosine_from_normalized(fn: torch.Tensor) -> torch.Tensor:
     # sum_{i != j} f^_i . f^_j = ||sum_i f^_i||^2 - sum_i ||f^_i||^2: O(N D), no N x N matrix.
-    n = fn.shape[0]
+    # fn (..., N, D) -> (...).
+    n = fn.shape[-2]
     # vector_norm reduces in place: no N x D temporary of squares (peak memory <= 2x the features).
-    pair_sum = fn.sum(0).square().sum() - torch.linalg.vector_norm(fn).square()
+    pair_sum = fn.sum(-2).square().sum(-1) - torch.linalg.vector_norm(fn, dim=(-2, -1)).square()
     return pair_sum / (n * (n - 1))
 
 
 def _ortho_from_rows(f: torch.Tensor) -> torch.Tensor:
     # ||F F^T - I||_F^2 = ||F^T F||_F^2 - 2 ||F||_F^2 + N. The D x D route avoids the N x N matrix
     # when D < N; when N <= D the N x N route is cheaper and has no cancellation (D >> N).
-    n, d = f.shape
+    # f (..., N, D) -> (...).
+    n, d = f.shape[-2:]
     if d < n:
-        sq = (f.T @ f).square().sum() - 2 * torch.linalg.vector_norm(f).square() + n
+        sq = (f.mT @ f).square().sum((-2, -1)) - 2 * torch.linalg.vector_norm(f, dim=(-2, -1)).square() + n
     else:
         eye = torch.eye(n, dtype=f.dtype, device=f.device)
-        sq = (f @ f.T - eye).square().sum()
+        sq = (f @ f.mT - eye).square().sum((-2, -1))
     return sq / (n * n)
 
 
@@ -124,44 +177,89 @@ def ortho_diversity(feat: torch.Tensor, normalized: bool = True) -> torch.Tensor
     return _ortho_from_rows(_normalize(feat) if normalized else _acc(feat))
 
 
+def stacked_diversity_losses(
+    feats: torch.Tensor, normalized: bool = True, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine_diversity, ortho_diversity), each (K,), of K independent feature batches feats
+    (K, N, D), from one normalisation pass or one launch of the fused kernel (`resolve_impl`);
+    the objective calls this once for its K generators."""
+    _check_features(feats, "(K, N, D)")
+    if resolve_impl(impl, feats, "diversity") == "triton":
+        from tldr_fast.kernels.diversity import diversity_losses as fused
+
+        return fused(feats, normalized=normalized)
+    fn = _normalize(feats)
+    return _cosine_from_normalized(fn), _ortho_from_rows(fn if normalized else _acc(feats))
+
+
 def diversity_losses(
     feat: torch.Tensor, normalized: bool = True, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine_diversity, ortho_diversity) from one normalisation pass; the objective calls this."""
-    _check_impl(impl)
+    """(cosine_diversity, ortho_diversity) of one feature batch feat (N, D): 0-d tensors."""
     _check_features(feat)
-    if _use_kernels(impl, feat):
-        from tldr_fast.kernels.diversity import diversity_losses as fused
+    cos, ortho = stacked_diversity_losses(feat.unsqueeze(0), normalized, impl)
+    return cos[0], ortho[0]
 
-        return fused(feat, normalized=normalized, impl=impl)
-    fn = _normalize(feat)
-    return _cosine_from_normalized(fn), _ortho_from_rows(fn if normalized else _acc(feat))
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    # x (..., N, C, H, W) -> (...)
+    x = _acc(x)
+    dims = (-4, -3, -2, -1)
+    dh = (x[..., 1:, :] - x[..., :-1, :]).square().sum(dims)
+    dw = (x[..., :, 1:] - x[..., :, :-1]).square().sum(dims)
+    return (dh + dw) / x.shape[-4]
+
+
+def _pixel_range(x: torch.Tensor) -> torch.Tensor:
+    x = _acc(x)
+    return (F.relu(-x) + F.relu(x - 1)).sum((-4, -3, -2, -1)) / x.shape[-4]
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Per-image sum of squared vertical and horizontal neighbour differences, mean over the batch."""
     _check_image_batch(x)
-    x = _acc(x)
-    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).square().sum()
-    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).square().sum()
-    return (dh + dw) / x.shape[0]
+    return _total_variation(x)
 
 
 def pixel_range(x: torch.Tensor) -> torch.Tensor:
     """Per-image sum of how far pixels lie outside [0, 1], mean over the batch."""
     _check_image_batch(x)
-    x = _acc(x)
-    return (F.relu(-x) + F.relu(x - 1)).sum() / x.shape[0]
+    return _pixel_range(x)
+
+
+def stacked_tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(total_variation, pixel_range), each (K,), of K independent image batches x (K, N, C, H, W),
+    in one read of x when the fused kernel runs (`resolve_impl`); the objective calls this once."""
+    _check_image_batch(x, "(K, N, C, H, W)")
+    if resolve_impl(impl, x, "tv_pixel") == "triton":
+        from tldr_fast.kernels.tv_pixel import tv_pixel as fused
+
+        return fused(x)
+    return _total_variation(x), _pixel_range(x)
 
 
 def tv_pixel(x: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(total_variation(x), pixel_range(x)); the objective calls this so one kernel can read x once."""
-    _check_impl(impl)
-    if _use_kernels(impl, x):
-        from tldr_fast.kernels.tv_pixel import tv_pixel as fused
+    """(total_variation(x), pixel_range(x)) of one image batch x (N, C, H, W): 0-d tensors."""
+    _check_image_batch(x)
+    tv, pix = stacked_tv_pixel(x.unsqueeze(0), impl)
+    return tv[0], pix[0]
 
-        return fused(x, impl=impl)
-    return total_variation(x), pixel_range(x)
+
+def weighted_tv_pixel(x: torch.Tensor, w_tv, w_pix, impl: str = "auto"):
+    """(w_tv TV + w_pix Pix, TV, Pix) of x (N, C, H, W); TV and Pix detached, for logging. With
+    the fused kernel the gradient is written in the forward pass (one read of x, one write of
+    dL/dx). w_tv, w_pix: Python floats or 0-d tensors."""
+    _check_image_batch(x)
+    if resolve_impl(impl, x, "tv_pixel") == "torch":
+        tv, pix = _total_variation(x), _pixel_range(x)
+        return w_tv * tv + w_pix * pix, tv.detach(), pix.detach()
+    from tldr_fast.kernels.tv_pixel import weighted_tv_pixel as fused
+
+    # torch.full, not torch.tensor: a fill kernel, no host-to-device copy, so CUDA graphs capture it.
+    weights = [v.float().reshape(1) if isinstance(v, torch.Tensor)
+               else torch.full((1,), float(v), device=x.device, dtype=torch.float32) for v in (w_tv, w_pix)]
+    loss, tv, pix = fused(x.unsqueeze(0), *weights)
+    return loss[0], tv[0], pix[0]
 
 
 def feature_statistics(a: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:

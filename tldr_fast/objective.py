@@ -24,11 +24,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, stack_module_state, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, stack_module_state, vjp, vmap
 
 from tldr_fast import conditioning, losses
 from tldr_fast.config import _EngineConfig
-from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm, per_sample_grad_norm_and_forward, safe_sqrt
+from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm_and_forward, safe_sqrt
 from tldr_fast.models.generator import Generator
 from tldr_fast.module_hooks import temporary_forward_hooks
 
@@ -191,17 +191,6 @@ def _feature_statistics_from_sums(bn_layers, counts, sums) -> dict[str, torch.Te
     return {"bn": total}
 
 
-def _feature_statistics_term(problem: Problem, bn_layers, bn_inputs) -> torch.Tensor:
-    """(K,) sum over BatchNorm layers of each generator's feature-statistics distance, clean images only."""
-    k, b = problem.labels.shape
-    total = 0
-    for layer, a in zip(bn_layers, bn_inputs, strict=True):
-        per_generator = a[: k * b].unflatten(0, (k, b))
-        total = total + vmap(losses.feature_statistics, in_dims=(0, None, None))(
-            per_generator, layer.running_mean, layer.running_var)
-    return total
-
-
 def _classifier_terms(problem: Problem, x, labels, vectors, perturb_noise, bn_layers):
     """({term: (K,)}, extras) for the terms that are means of per-image values over the given images
     x (K, n, C, H, W): KL, CE, both on the perturbed images, and the per-sample gradient norm; extras
@@ -235,17 +224,48 @@ def _classifier_terms(problem: Problem, x, labels, vectors, perturb_noise, bn_la
     return values, extras
 
 
-def _diversity_terms(problem: Problem, feat) -> dict[str, torch.Tensor]:
-    """{cos, ortho}: (K,) each, from the clean images' features (K, B, D)."""
-    diversity = partial(losses.diversity_losses, normalized=problem.config.ortho_normalized, impl=problem.config.impl)
-    cos, ortho = vmap(diversity)(feat)
-    return {"cos": cos, "ortho": ortho}
+def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float):
+    """(statistics, positions) of the clean images x (K, n, C, H, W), n = share * B of the batch,
+    from their classifier pass `extras`: what the whole-batch terms are functions of.
+    statistics: "feat" (K, n, D) the penultimate features; "bn" per BatchNorm layer the (K, C)
+    sums of d and d^2 (`_bn_channel_sums`); "grad" per generator share * the mean gradient over
+    the n images (the graph to x kept). "feat" is per image (chunks concatenate it), the others are
+    additive over chunks. positions: values per channel per image at each BatchNorm input."""
+    k, n = labels.shape
+    stats: dict[str, object] = {}
+    if problem.needs_features:
+        stats["feat"] = extras["feat"][: k * n].view(k, n, -1)  # perturbed rows may follow
+    if bn_layers:
+        stats["bn"] = _bn_channel_sums(bn_layers, [a[: k * n] for a in extras["bn"]], k)
+    if _batch_grad_norm(problem):
+        stats["grad"] = _mean_gradients(problem, x, labels, share)
+    return stats, [a[0, 0].numel() for a in extras["bn"]]
+
+
+def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.Tensor]:
+    """{term: (K,)} for the terms that compare the whole batch, from its `_statistics`: the
+    diversity losses of the features (one call over the K generators: one kernel launch), the
+    feature-statistics prior from the channel sums (counts: values per channel in the batch) and
+    the authors' norm of the batch-mean gradient."""
+    values: dict[str, torch.Tensor] = {}
+    if "feat" in stats:
+        values["cos"], values["ortho"] = losses.stacked_diversity_losses(
+            stats["feat"], normalized=problem.config.ortho_normalized, impl=problem.config.impl)
+    if "bn" in stats:
+        values.update(_feature_statistics_from_sums(bn_layers, counts, stats["bn"]))
+    if "grad" in stats:
+        values["grad"] = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in stats["grad"]])
+    return values
 
 
 def _image_terms(problem: Problem, x) -> dict[str, torch.Tensor]:
-    """{tv, pix}: (K,) each, from the images (K, B, C, H, W)."""
-    tv, pix = vmap(partial(losses.tv_pixel, impl=problem.config.impl))(x)
+    """{tv, pix}: (K,) each, from the images (K, B, C, H, W), in one call (one kernel launch)."""
+    tv, pix = losses.stacked_tv_pixel(x, impl=problem.config.impl)
     return {"tv": tv, "pix": pix}
+
+
+def _batch_grad_norm(problem: Problem) -> bool:
+    return "grad" in problem.terms and problem.config.grad_norm_mode == "batch"
 
 
 def _weighted_sum(problem: Problem, values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -277,22 +297,28 @@ def _report(problem: Problem, values: dict[str, torch.Tensor]) -> dict[str, torc
     return report
 
 
+def _chunk_terms(problem: Problem, x, vectors, perturb_noise, bn_layers, s: int, e: int):
+    """(share-weighted per-image terms, statistics, positions) of images s:e of each generator's
+    batch, x (K, e - s, C, H, W): share = (e - s) / B, so the per-image terms of all chunks sum to
+    the batch means. One classifier pass of the clean (and perturbed) images."""
+    share = (e - s) / problem.labels.shape[1]
+    labels = problem.labels[:, s:e]
+    values, extras = _classifier_terms(problem, x, labels, vectors[:, s:e],
+                                       None if perturb_noise is None else perturb_noise[:, s:e], bn_layers)
+    stats, positions = _statistics(problem, bn_layers, x, labels, extras, share)
+    return {term: share * value for term, value in values.items()}, stats, positions
+
+
 def objective(params, buffers, noise, problem: Problem):
     """(scalar loss summed over generators, {term: (K,) detached values, 'total': (K,)})."""
-    terms = problem.terms
+    b = problem.labels.shape[1]
     vectors = condition(problem, noise)
     x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
-    bn_layers = batch_norm_layers(problem.classifier) if "bn" in terms else []
-    values, extras = _classifier_terms(problem, x, problem.labels, vectors, noise.get("perturb"), bn_layers)
-    if "grad" in terms and problem.config.grad_norm_mode == "batch":
-        values["grad"] = _batch_grad_norm_term(problem, x)
-    if problem.needs_features:
-        k, b = problem.labels.shape
-        values.update(_diversity_terms(problem, extras["feat"][: k * b].view(k, b, -1)))
-    if "tv" in terms or "pix" in terms:
+    bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
+    values, stats, positions = _chunk_terms(problem, x, vectors, noise.get("perturb"), bn_layers, 0, b)
+    values.update(_batch_terms(problem, bn_layers, [b * p for p in positions], stats))
+    if "tv" in problem.terms or "pix" in problem.terms:
         values.update(_image_terms(problem, x))
-    if "bn" in terms:
-        values["bn"] = _feature_statistics_term(problem, bn_layers, extras["bn"])
     return _weighted_sum(problem, values).sum(), _report(problem, values)
 
 
@@ -301,68 +327,43 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     chunk_size images per generator, so the memory of its passes and of the gradient norm's double
     backward is bounded by the chunk, not the batch.
 
-    L = sum_c S_c(x_c) + D(phi(x)) + P(Sigma(x)) + I(x) + eta n(x), with S_c the per-image terms of
-    chunk c (their batch means, weighted by the chunk's share of the batch), D the diversity losses
-    of all B features, P the feature-statistics prior of the per-channel sums Sigma at the classifier's
-    BatchNorm inputs, I the image priors and n the authors' batch-mean gradient norm (mode "batch").
-    dL/dx is assembled chunk by chunk: phi(x) and Sigma(x) of the whole batch first (a forward pass, no
-    graph kept), g = dD/dphi and h = dP/dSigma, then for each chunk the gradient of
-    S_c(x_c) + <g_c, phi(x_c)> + <h, Sigma(x_c)> (+ eta share_c <G / n, G_c(x_c)>), whose graph is freed
-    before the next chunk. The generator runs once over the whole batch (its BatchNorm couples the
-    images) and dL/dx is pulled back through it in one vector-Jacobian product.
+    The terms are the objective's: L = sum_c S_c(x_c) + T(sum_c sigma_c(x_c)) + I(x), with S_c the
+    share-weighted per-image terms of chunk c, sigma_c its statistics and T the whole-batch terms
+    of their combination (`_statistics`, `_batch_terms`), I the image priors. dL/dx is assembled
+    chunk by chunk: the statistics of the whole batch first (a forward pass, no graph kept), then
+    h = dT/dsigma by autograd, then for each chunk the gradient of S_c(x_c) + <h, sigma_c(x_c)>
+    (h sliced to the chunk for the per-image features), whose graph is freed before the next
+    chunk. The generator runs once over the whole batch (its BatchNorm couples the images) and
+    dL/dx is pulled back through it in one vector-Jacobian product.
     """
-    k, b = problem.labels.shape
+    b = problem.labels.shape[1]
     vectors = condition(problem, noise)
     x, pull_back = vjp(lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors), params)
     chunks = [(s, min(s + chunk_size, b)) for s in range(0, b, chunk_size)]
+    perturb_noise = noise.get("perturb")
+    bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
     values: dict[str, torch.Tensor] = {}
     x_grad = torch.zeros_like(x)
     if "tv" in problem.terms or "pix" in problem.terms:
         x_grad, image_values = _weighted_grad(problem, partial(_image_terms, problem), x)
         values.update(image_values)
-    bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
-    feat_grad, sums_grad = None, None
-    if problem.needs_features or bn_layers:
-        # One forward pass over the chunks (no graph kept) for what compares the whole batch: the
-        # features and the BatchNorm inputs' channel sums.
-        feats, sums = [], [(0, 0)] * len(bn_layers)
+    stats_grad = None
+    if problem.needs_features or bn_layers or _batch_grad_norm(problem):
+        parts = []
         for s, e in chunks:
             _, extras = _classify(problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1))
-            if problem.needs_features:
-                feats.append(extras["feat"].view(k, e - s, -1))
-            sums = [tuple(t + c for t, c in zip(total, chunk_sums, strict=True))
-                    for total, chunk_sums in zip(sums, _bn_channel_sums(bn_layers, extras["bn"], k), strict=True)]
-        if feats:
-            feat_grad, diversity = _weighted_grad(problem, partial(_diversity_terms, problem), torch.cat(feats, 1))
-            values.update(diversity)
-        if bn_layers:
-            counts = [b * a[0, 0].numel() for a in extras["bn"]]  # values per channel in the whole batch
-            sums_grad, statistics = _weighted_grad(
-                problem, partial(_feature_statistics_from_sums, bn_layers, counts), sums)
-            values.update(statistics)
-    directions = None
-    if "grad" in problem.terms and problem.config.grad_norm_mode == "batch":
-        values["grad"], directions = _batch_gradient_norms_and_directions(problem, x, chunks)
-    perturb_noise = noise.get("perturb")
+            parts.append(_statistics(problem, bn_layers, x[:, s:e], problem.labels[:, s:e], extras, (e - s) / b))
+        stats = _combine([part for part, _ in parts])
+        counts = [b * p for p in parts[0][1]]
+        stats_grad, batch_values = _weighted_grad(problem, partial(_batch_terms, problem, bn_layers, counts), stats)
+        values.update(batch_values)
 
     def chunk_loss(x_c, s, e):
-        share = (e - s) / b
-        chunk_values, extras = _classifier_terms(problem, x_c, problem.labels[:, s:e], vectors[:, s:e],
-                                                 None if perturb_noise is None else perturb_noise[:, s:e], bn_layers)
-        loss = share * _weighted_sum(problem, chunk_values).sum()
-        if feat_grad is not None:
-            clean_feat = extras["feat"][: k * (e - s)].view(k, e - s, -1)  # perturbed rows may follow
-            loss = loss + (feat_grad[:, s:e] * clean_feat).sum()
-        if sums_grad is not None:
-            chunk_sums = _bn_channel_sums(bn_layers, [a[: k * (e - s)] for a in extras["bn"]], k)
-            loss = loss + sum((g * t).sum() for grads, totals in zip(sums_grad, chunk_sums, strict=True)
-                              for g, t in zip(grads, totals, strict=True))
-        if directions is not None:
-            chunk_grads = _mean_gradients(problem, x_c, problem.labels[:, s:e], share)
-            loss = loss + problem.terms["grad"] * sum(
-                (u * g).sum() for direction, grads in zip(directions, chunk_grads, strict=True)
-                for u, g in zip(direction, grads, strict=True))
-        return loss, {term: share * value for term, value in chunk_values.items()}
+        chunk_values, stats_c, _ = _chunk_terms(problem, x_c, vectors, perturb_noise, bn_layers, s, e)
+        loss = _weighted_sum(problem, chunk_values).sum()
+        if stats_grad is not None:
+            loss = loss + _inner(_slice_per_image(stats_grad, s, e), stats_c)
+        return loss, chunk_values
 
     x_chunk_grads = []
     for s, e in chunks:
@@ -374,22 +375,38 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     return param_grads, (_weighted_sum(problem, values).sum().detach(), _report(problem, values))
 
 
-def _batch_gradient_norms_and_directions(problem: Problem, x, chunks):
-    """((K,) n_k = ||G_k||, per generator G_k / n_k) with G_k = sum_c share_c G_kc, G_kc the mean
-    gradient over chunk c; dn_k/dx_c = share_c <G_k / n_k, dG_kc/dx_c> (0 where n_k = 0)."""
-    b = x.shape[1]
-    per_chunk = [_mean_gradients(problem, x[:, s:e], problem.labels[:, s:e], (e - s) / b) for s, e in chunks]
-    batch_grads = [tuple(sum(parts) for parts in zip(*chunk_grads, strict=True))
-                   for chunk_grads in zip(*per_chunk, strict=True)]
-    norms = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in batch_grads])
-    directions = [tuple(g / torch.where(n > 0, n, 1) for g in grads) for grads, n in zip(batch_grads, norms, strict=True)]
-    return norms, directions
+# Statistics of each image (chunks concatenate them along the batch dim); the others add up.
+_PER_IMAGE_STATISTICS = ("feat",)
 
 
-def _batch_grad_norm_term(problem: Problem, x) -> torch.Tensor:
-    """(K,) the authors' norm of the batch-mean gradient, per generator to keep them independent."""
-    cfg = problem.config
-    return torch.stack([
-        per_sample_grad_norm(problem.classifier, x[i], problem.labels[i], backend=cfg.grad_norm_backend,
-                             mode="batch", chunk_size=cfg.grad_norm_chunk_size)
-        for i in range(problem.labels.shape[0])])
+def _combine(parts):
+    """The whole batch's statistics from its chunks' (`_statistics`)."""
+    return {name: torch.cat([p[name] for p in parts], dim=1) if name in _PER_IMAGE_STATISTICS
+            else _tree_sum([p[name] for p in parts]) for name in parts[0]}
+
+
+def _tree_sum(trees):
+    if isinstance(trees[0], torch.Tensor):
+        return sum(trees)
+    return type(trees[0])(_tree_sum(list(leaves)) for leaves in zip(*trees, strict=True))
+
+
+def _slice_per_image(stats, s: int, e: int):
+    return {name: value[:, s:e] if name in _PER_IMAGE_STATISTICS else value for name, value in stats.items()}
+
+
+def _inner(a, b) -> torch.Tensor:
+    """Sum over matching tensors of two statistics trees of <a, b> (the linearised batch terms)."""
+    if isinstance(a, torch.Tensor):
+        return (a * b).sum()
+    pairs = zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
+    return sum(_inner(x, y) for x, y in pairs)
+
+
+def grad_and_report(params, buffers, noise, problem: Problem):
+    """(dL/dparams, (L, report)) of `objective`, the training step's gradient: the whole batch in
+    one pass, or `chunked_grad_and_value` when config.classifier_chunk_size is below the batch."""
+    chunk = problem.config.classifier_chunk_size
+    if chunk is not None and chunk < problem.labels.shape[1]:
+        return chunked_grad_and_value(params, buffers, noise, problem, chunk)
+    return grad_and_value(objective, has_aux=True)(params, buffers, noise, problem)

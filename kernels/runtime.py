@@ -1,8 +1,9 @@
-"""Choice between the Triton kernels and the plain-torch references, shared by every kernel module.
+"""What every kernel module shares: whether Triton can launch here, and how an op is registered.
 
-`impl="auto"` picks Triton for CUDA tensors and torch otherwise; `impl="triton"` on CPU tensors
-needs the Triton interpreter, which is only active when TRITON_INTERPRET=1 was set before this
-package was imported (Triton decides per kernel at definition time).
+Triton launches on CUDA tensors, and on CPU tensors only in its interpreter, which is active when
+TRITON_INTERPRET=1 was set before this package was imported (Triton decides per kernel at
+definition time). Which implementation a loss uses is decided by `tldr_fast.losses.resolve_impl`,
+not here: this package holds the ops only.
 """
 
 from __future__ import annotations
@@ -23,37 +24,22 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
     TRITON_AVAILABLE = False
     INTERPRETED = False
 
-IMPLS = ("auto", "triton", "torch")
-
-
-def resolve_impl(impl: str, tensor: torch.Tensor, supported_dtypes: tuple[torch.dtype, ...]) -> str:
-    """Return "triton" or "torch" for this tensor; raise a clear error for an impossible request."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return "torch"
-    runnable = TRITON_AVAILABLE and (tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu"))
-    if impl == "auto":
-        # Under torch.compile, "auto" takes the torch path: Inductor fuses it into its own kernels,
-        # and Dynamo (torch 2.13) cannot trace a custom autograd.Function inside nested torch.func
-        # transforms (grad of vmap, as in the engine's step). A trace-time constant, not a sync.
-        if torch.compiler.is_compiling():
-            return "torch"
-        return "triton" if tensor.is_cuda and runnable and tensor.dtype in supported_dtypes else "torch"
-    if not runnable:
-        raise RuntimeError(
-            f"impl='triton' needs a CUDA tensor or the Triton interpreter (set TRITON_INTERPRET=1 before "
-            f"importing tldr_fast.kernels); got a {tensor.device.type} tensor with the interpreter "
-            f"{'on' if INTERPRETED else 'off'} and triton {'installed' if TRITON_AVAILABLE else 'missing'}"
-        )
-    if tensor.dtype not in supported_dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in supported_dtypes)
-        raise TypeError(f"impl='triton' supports dtypes {names}; got {tensor.dtype}")
-    return "triton"
-
+# Input dtypes of every kernel; accumulation is fp32 for both.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 # tl.dot precision for fp32 operands: three TF32 passes on GPU keep fp32 accuracy on tensor cores.
 DOT_PRECISION = "ieee" if INTERPRETED else "tf32x3"
+
+
+def device_unsupported(tensor: torch.Tensor) -> str | None:
+    """None when the kernels can launch on this tensor's device, else one line saying why not."""
+    if TRITON_AVAILABLE and (tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu")):
+        return None
+    return (
+        f"impl='triton' needs a CUDA tensor or the Triton interpreter (set TRITON_INTERPRET=1 before "
+        f"importing tldr_fast.kernels); got a {tensor.device.type} tensor with the interpreter "
+        f"{'on' if INTERPRETED else 'off'} and triton {'installed' if TRITON_AVAILABLE else 'missing'}"
+    )
 
 
 def fold_vmapped(batch_size: int, in_dims, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -89,15 +75,25 @@ def vmap_by_folding(op, info, in_dims, *args):
     return out, (0,) * len(out)
 
 
+def traced_input(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as an autograd.Function input that torch.compile keeps a Function: Dynamo (torch
+    2.13) inlines the forward of a Function applied to a torch.func.grad argument itself, and the
+    op then meets the wrapped tensor and fails; a view of it is an intermediate, traced as a
+    Function with its backward. Free (a view) and harmless eagerly."""
+    return tensor.view_as(tensor)
+
+
 def refuse_double_backward(loss: str):
     raise NotImplementedError(f"double backward through the Triton {loss} loss; use impl='torch'")
 
 
 def kernel_op(name: str, fake):
     """Register a launcher as the custom op tldr_fast::NAME with its fake (shape) function and the
-    folding vmap rule. Opaque ops keep torch.compile away from the launch itself (so the
-    interpreter works under compile too), and their vmap rule is what lets the autograd Functions
-    around them use generate_vmap_rule, the form torch.compile accepts under vmap."""
+    folding vmap rule. An opaque op is one node of a torch.compile graph that calls the launcher at
+    run time (so the interpreter works under compile too, and a CUDA graph captures the launches);
+    its vmap rule is what lets the autograd Functions around it use generate_vmap_rule. Autograd
+    stays in those Functions: torch.func.grad accepts an autograd.Function with setup_context, not
+    an op's registered autograd formula."""
 
     def register(launcher):
         op = torch.library.custom_op(f"tldr_fast::{name}", launcher, mutates_args=())

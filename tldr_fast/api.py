@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
-from tldr_fast import conditioning, engine, serialization
+from tldr_fast import conditioning, distributed, engine, serialization
 from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import generate
@@ -200,6 +200,7 @@ def _run(
     trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume, progress=progress)
     train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
+    shard = distributed.current_shard(config.batch_size)  # the images are the same on every rank
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
     result = Result(
         kind=config.kind,
@@ -213,10 +214,11 @@ def _run(
         image_shape=tuple(int(s) for s in image_shape),
         train_seconds=train_seconds,
         compile_seconds=trained.compile_seconds,
+        extra=distributed.run_record(shard),
         **meta,
     )
     if run_dir is not None:
-        result.save_to(run_dir)
+        distributed.rank_zero(shard, lambda: result.save_to(run_dir))
     return result
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,8 @@ def train_run(run_dir: Path, steps: int, **overrides):
 
 def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         torch.save(SCENARIOS[scenario](rank, Path(out)), Path(out) / f"rank{rank}.pt")
     finally:
@@ -114,15 +116,37 @@ def _scenario_mismatch(rank, out):
     return {"error": None}
 
 
-SCENARIOS = {"float64": _scenario_float64, "train": _scenario_train, "mismatch": _scenario_mismatch}
+def _scenario_killed(rank, out):
+    """Rank 1 dies in step 3, after the checkpoint of step 2."""
+    if rank == 1:
+        sum_over_ranks, calls = distributed.sum_over_ranks, []
+
+        def dying(*args):
+            calls.append(None)
+            if len(calls) == 3:
+                os._exit(KILLED_EXIT)
+            return sum_over_ranks(*args)
+
+        distributed.sum_over_ranks = dying
+    train_run(out / "run", steps=4)
+    return {}
+
+
+SCENARIOS = {"float64": _scenario_float64, "train": _scenario_train, "mismatch": _scenario_mismatch,
+             "killed": _scenario_killed}
+COLLECTIVE_TIMEOUT_S = 60
+KILLED_EXIT = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_ranks(scenario: str, out: Path, world: int = 2) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, port, scenario, str(out)), nprocs=world)
+    mp.spawn(_worker, args=(world, _free_port(), scenario, str(out)), nprocs=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -192,3 +216,25 @@ def test_two_ranks_train_like_one_process_and_only_rank_zero_writes(tmp_path):
 def test_a_rank_with_another_config_is_refused_naming_it(tmp_path):
     for got in run_ranks("mismatch", tmp_path):
         assert got["error"] is not None and got["error"].startswith("rank 1 has a different config than rank 0")
+
+
+def test_a_killed_rank_fails_the_other_and_leaves_a_resumable_checkpoint(tmp_path):
+    context = mp.get_context("spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    port = _free_port()
+    ranks = [context.Process(target=_worker, args=(r, 2, port, "killed", str(tmp_path))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=COLLECTIVE_TIMEOUT_S + 120)
+    codes = [p.exitcode for p in ranks]
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+    assert codes[1] == KILLED_EXIT
+    assert codes[0] not in (None, 0), "rank 0 must fail, not hang or succeed, when its peer dies"
+    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == ["step-00000002.safetensors"]
+    resumed = api.reconstruct(make_classifier(), 10, SHAPE,
+                              ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
+                              run_dir=tmp_path / "run", resume=True, progress=False, samples_per_class=1)
+    assert len(resumed.history["total"]) == 4 and torch.isfinite(resumed.images).all()

@@ -174,12 +174,6 @@ def sum_over_ranks(shard: Shard, grads: dict[str, torch.Tensor], report: dict[st
     return dict(zip(names, leaves[: len(names)], strict=True)), dict(zip(report, leaves[len(names):], strict=True))
 
 
-def bytes_per_step(grads: dict[str, torch.Tensor], stats, report: dict[str, torch.Tensor]) -> int:
-    """Bytes each rank contributes to the step's all-reduces: statistics, gradients and values."""
-    leaves = tree_flatten(stats)[0] + list(grads.values()) + list(report.values())
-    return sum(t.numel() * t.element_size() for t in leaves)
-
-
 # -- refusing mismatched ranks ------------------------------------------------------------------
 
 

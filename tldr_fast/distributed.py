@@ -177,13 +177,14 @@ def sum_over_ranks(shard: Shard, grads: dict[str, torch.Tensor], report: dict[st
 # -- refusing mismatched ranks ------------------------------------------------------------------
 
 
-def check_identical(shard: Shard | None, config: dict, classifier_sha256: str) -> None:
+def check_identical(shard: Shard | None, config: dict, classifier_sha256: str, device: torch.device) -> None:
     """Refuse to start when a rank's config or classifier weights differ from rank 0's: the
-    sha256 of each is all-gathered (tensors: nothing is unpickled) and compared on every rank."""
+    sha256 of each is all-gathered (tensors on the rank's device, as NCCL needs: nothing is
+    unpickled) and compared on every rank."""
     if shard is None:
         return
     digests = [hashlib.sha256(json.dumps(config, sort_keys=True).encode()).digest(), bytes.fromhex(classifier_sha256)]
-    mine = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8)
+    mine = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).to(device)
     gathered = [torch.empty_like(mine) for _ in range(shard.world_size)]
     dist.all_gather(gathered, mine)
     for what, part in (("config", slice(0, 32)), ("classifier weights", slice(32, 64))):

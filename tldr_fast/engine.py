@@ -315,7 +315,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     cfg = problem.config
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
-    distributed.check_identical(problem.shard, cfg.to_dict(), fingerprint)
+    distributed.check_identical(problem.shard, cfg.to_dict(), fingerprint, problem.labels.device)
     torch.manual_seed(cfg.seed)
     state = AdamState.zeros_like(params)
     last_checkpoint = None

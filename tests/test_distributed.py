@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 from relative_error import rel_rms
 
 from tldr_fast import api, conditioning, distributed, engine, losses, objective, serialization
+from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.models import PaperCNN
 
@@ -132,8 +135,24 @@ def _scenario_killed(rank, out):
     return {}
 
 
+def _scenario_compiled(rank, out):
+    """One step eager and one traced into a single graph (aot_eager: Dynamo and AOTAutograd, no code
+    generation), the per-sample gradient norm off to keep the trace short."""
+    cfg = ReconstructionConfig(**{**TINY, "eta_grad": 0.0})
+    template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
+    labels = conditioning.balanced_labels(cfg.batch_size, 10).expand(cfg.num_generators, -1).contiguous()
+    problem = objective.Problem(template, make_classifier(), cfg, labels, distributed.current_shard(cfg.batch_size))
+    step = engine.make_step(problem, buffers)
+    state = engine.AdamState.zeros_like(params)
+    torch.manual_seed(0)
+    eager, _, _ = step(params, state)
+    torch.manual_seed(0)
+    compiled, _, _ = CompiledStep(step, backend="aot_eager")(params, state)
+    return {"eager": eager, "compiled": compiled}
+
+
 SCENARIOS = {"float64": _scenario_float64, "train": _scenario_train, "mismatch": _scenario_mismatch,
-             "killed": _scenario_killed}
+             "killed": _scenario_killed, "compiled": _scenario_compiled}
 COLLECTIVE_TIMEOUT_S = 60
 KILLED_EXIT = 3
 
@@ -238,3 +257,36 @@ def test_a_killed_rank_fails_the_other_and_leaves_a_resumable_checkpoint(tmp_pat
                               ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
                               run_dir=tmp_path / "run", resume=True, progress=False, samples_per_class=1)
     assert len(resumed.history["total"]) == 4 and torch.isfinite(resumed.images).all()
+
+
+def _torchrun(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    model = tmp_path / "model.safetensors"
+    if not model.exists():
+        serialization.save(model, make_classifier())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "tldr_fast", "reconstruct", "--model", str(model),
+               "--steps", "2", "--generators", "2", "--set", "latent_dim=6", "--set", "generator_width=4",
+               "--no-progress", "--samples-per-class", "1", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_cli_runs_data_parallel_and_refuses_a_batch_smaller_than_the_world(tmp_path):
+    done = _torchrun(tmp_path, "--out", str(tmp_path / "run"), "--batch-size", "5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 alone reports
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["world_size"] == 2 and record["rank_batch_sizes"] == [2, 3]
+    # One image per generator (no diversity terms, which need two): fewer than the 2 ranks.
+    refused = _torchrun(tmp_path, "--out", str(tmp_path / "small"), "--batch-size", "1", "--set", "gamma=0",
+                        "--set", "delta=0")
+    assert refused.returncode != 0
+    assert "batch_size 1 is smaller than the world size 2" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.compile
+def test_the_data_parallel_step_traces_into_one_graph_with_its_collectives(tmp_path):
+    for got in run_ranks("compiled", tmp_path):
+        for name, p in got["eager"].items():
+            assert rel_rms(got["compiled"][name], p) < 1e-5, name

@@ -218,7 +218,7 @@ def _run(
         **meta,
     )
     if run_dir is not None:
-        distributed.rank_zero(shard, lambda: result.save_to(run_dir))
+        distributed.rank_zero(shard, result.save_to, run_dir)
     return result
 
 

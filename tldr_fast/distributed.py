@@ -94,12 +94,12 @@ def is_writer(shard: Shard | None) -> bool:
     return shard is None or shard.rank == 0
 
 
-def rank_zero(shard: Shard | None, write):
-    """write() on rank 0 while the others wait at a barrier; write's result on rank 0, else None."""
-    result = write() if is_writer(shard) else None
+def rank_zero(shard: Shard | None, write, *args) -> None:
+    """write(*args) on rank 0 (or the only process) while the others wait at a barrier."""
+    if is_writer(shard):
+        write(*args)
     if shard is not None:
         dist.barrier()
-    return result
 
 
 def run_record(shard: Shard | None) -> dict:

@@ -340,7 +340,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
                 pending = []
             if at_checkpoint:
                 # Rank 0 writes the (global) state; every rank knows the file's name.
-                distributed.rank_zero(problem.shard, lambda: save_checkpoint(run_dir, trained, state, fingerprint))
+                distributed.rank_zero(problem.shard, save_checkpoint, run_dir, trained, state, fingerprint)
                 last_checkpoint = _checkpoint_path(run_dir, trained.steps_done)
     finally:
         if bar is not None:

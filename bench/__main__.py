@@ -14,6 +14,7 @@ from bench.common import environment, print_table, write_json
 SUITES: dict[str, str] = {
     "evaluate": "bench.evaluate",
     "gradnorm": "bench.grad_norm",
+    "distributed": "bench.distributed",
     "kernels": "bench.kernels",
     "step": "bench.step",
 }

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
-from tldr_fast import conditioning, engine, serialization
+from tldr_fast import conditioning, distributed, engine, serialization
 from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfig, config_from_dict
 from tldr_fast.features import FeatureSpec, with_features
 from tldr_fast.models.generator import Generator
@@ -257,6 +257,7 @@ def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, res
                            overwrite=overwrite, progress=progress)
     train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
+    shard = distributed.current_shard(config.batch_size)  # the images are the same on every rank
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
     result = Result(
         kind=config.kind,
@@ -271,11 +272,11 @@ def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, res
         train_seconds=train_seconds,
         compile_seconds=trained.compile_seconds,
         # A layer name is recorded so the evaluation reads the same features; a callable cannot be.
-        extra={"features": features} if isinstance(features, str) else {},
+        extra={**distributed.run_record(shard), **({"features": features} if isinstance(features, str) else {})},
         **meta,
     )
     if run_dir is not None:
-        result.save_to(run_dir)
+        distributed.rank_zero(shard, result.save_to, run_dir)
     return result
 
 

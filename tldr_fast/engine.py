@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tldr_fast import conditioning
+from tldr_fast import conditioning, distributed
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import RESUMABLE_FIELDS, _EngineConfig, config_from_dict
 from tldr_fast.models.generator import Generator
@@ -118,6 +118,8 @@ def make_step(problem: Problem, buffers: dict[str, torch.Tensor]):
     def step(params, state: AdamState):
         noise = draw_noise(problem)
         grads, (_, report) = grad_and_report(params, buffers, noise, problem)
+        if problem.shard is not None:  # the global batch's gradient and values from the ranks' shares
+            grads, report = distributed.sum_over_ranks(problem.shard, grads, report)
         params, state = adam_update(params, grads, state, cfg.lr, cfg.adam_beta1, cfg.adam_beta2)
         return params, state, report
 
@@ -335,7 +337,8 @@ def train(
     device = _device_of(classifier)
     template, params, buffers = build_generators(config, num_classes, image_shape, device)
     labels = conditioning.balanced_labels(config.batch_size, num_classes, device)
-    problem = Problem(template, classifier, config, labels.expand(config.num_generators, -1).contiguous())
+    problem = Problem(template, classifier, config, labels.expand(config.num_generators, -1).contiguous(),
+                      distributed.current_shard(config.batch_size))
 
     frozen = [(p, p.requires_grad) for p in classifier.parameters()]
     was_training = classifier.training
@@ -353,6 +356,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     cfg = problem.config
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
+    distributed.check_identical(problem.shard, cfg.to_dict(), fingerprint, problem.labels.device)
     torch.manual_seed(cfg.seed)
     (state, run_id), last_checkpoint = (
         resume_newest(run_dir, partial(load_checkpoint, trained=trained, fingerprint=fingerprint))
@@ -362,7 +366,7 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     step_fn = make_step(problem, trained.buffers)
     if cfg.compile:
         step_fn = CompiledStep(step_fn)
-    bar = _progress_bar(cfg, trained.steps_done, progress)
+    bar = _progress_bar(cfg, trained.steps_done, progress and distributed.is_writer(problem.shard))
     pending: list[dict[str, torch.Tensor]] = []
     try:
         while trained.steps_done < cfg.steps:
@@ -374,7 +378,9 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
                 _flush(pending, trained, last_checkpoint, bar)
                 pending = []
             if at_checkpoint:
-                last_checkpoint = save_checkpoint(run_dir, trained, state, fingerprint, run_id)
+                # Rank 0 writes the (global) state; every rank knows the file's name.
+                distributed.rank_zero(problem.shard, save_checkpoint, run_dir, trained, state, fingerprint, run_id)
+                last_checkpoint = checkpoint_path(run_dir, trained.steps_done)
     finally:
         if bar is not None:
             bar.close()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vjp, vmap
 
-from tldr_fast import conditioning, losses
+from tldr_fast import conditioning, distributed, losses
 from tldr_fast.config import _EngineConfig
 from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm_and_forward, safe_sqrt
 from tldr_fast.models.generator import Generator
@@ -73,6 +73,7 @@ class Problem:
     classifier: nn.Module
     config: _EngineConfig
     labels: torch.Tensor  # (K, B) int64: each generator's fixed, balanced conditioning labels
+    shard: distributed.Shard | None = None  # data-parallel: this rank's images of each batch
 
     @property
     def num_classes(self) -> int:
@@ -235,6 +236,8 @@ def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float):
     stats: dict[str, object] = {}
     if problem.needs_features:
         stats["feat"] = extras["feat"][: k * n].view(k, n, -1)  # perturbed rows may follow
+        if problem.shard is not None:  # ranks combine the diversity losses' additive sums
+            stats["div"] = distributed.diversity_sums(stats.pop("feat"), problem.config.ortho_normalized)
     if bn_layers:
         stats["bn"] = _bn_channel_sums(bn_layers, [a[: k * n] for a in extras["bn"]], k)
     if _batch_grad_norm(problem):
@@ -251,6 +254,8 @@ def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.
     if "feat" in stats:
         values["cos"], values["ortho"] = losses.stacked_diversity_losses(
             stats["feat"], normalized=problem.config.ortho_normalized, impl=problem.config.impl)
+    if "div" in stats:
+        values["cos"], values["ortho"] = distributed.diversity_from_sums(stats["div"], problem.labels.shape[1])
     if "bn" in stats:
         values.update(_feature_statistics_from_sums(bn_layers, counts, stats["bn"]))
     if "grad" in stats:
@@ -315,11 +320,16 @@ def objective(params, buffers, noise, problem: Problem):
     vectors = condition(problem, noise)
     x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
-    values, stats, positions = _chunk_terms(problem, x, vectors, noise.get("perturb"), bn_layers, 0, b)
-    values.update(_batch_terms(problem, bn_layers, [b * p for p in positions], stats))
+    s, e = _local_range(problem)
+    values, stats, positions = _chunk_terms(problem, _local_images(problem, x), vectors, noise.get("perturb"),
+                                            bn_layers, s, e)
+    batch_values = _batch_terms(problem, bn_layers, [b * p for p in positions],
+                                distributed.sum_statistics(problem.shard, stats))
+    values.update(batch_values)
     if "tv" in problem.terms or "pix" in problem.terms:
-        values.update(_image_terms(problem, x))
-    return _weighted_sum(problem, values).sum(), _report(problem, values)
+        values.update(_local_image_terms(problem, x))
+    return _weighted_sum(problem, values).sum(), _report(problem, distributed.report_shares(problem.shard, values,
+                                                                                           batch_values))
 
 
 def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size: int):
@@ -339,21 +349,22 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
     x, pull_back = vjp(lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors), params)
-    chunks = [(s, min(s + chunk_size, b)) for s in range(0, b, chunk_size)]
+    first, stop = _local_range(problem)
+    chunks = [(s, min(s + chunk_size, stop)) for s in range(first, stop, chunk_size)]
     perturb_noise = noise.get("perturb")
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
     values: dict[str, torch.Tensor] = {}
     x_grad = torch.zeros_like(x)
     if "tv" in problem.terms or "pix" in problem.terms:
-        x_grad, image_values = _weighted_grad(problem, partial(_image_terms, problem), x)
+        x_grad, image_values = _weighted_grad(problem, partial(_local_image_terms, problem), x)
         values.update(image_values)
-    stats_grad = None
+    stats_grad, batch_values = None, {}
     if problem.needs_features or bn_layers or _batch_grad_norm(problem):
         parts = []
         for s, e in chunks:
             _, extras = _classify(problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1))
             parts.append(_statistics(problem, bn_layers, x[:, s:e], problem.labels[:, s:e], extras, (e - s) / b))
-        stats = _combine([part for part, _ in parts])
+        stats = distributed.sum_statistics(problem.shard, _combine([part for part, _ in parts]))
         counts = [b * p for p in parts[0][1]]
         stats_grad, batch_values = _weighted_grad(problem, partial(_batch_terms, problem, bn_layers, counts), stats)
         values.update(batch_values)
@@ -371,8 +382,9 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
         x_chunk_grads.append(g)
         for term, value in chunk_values.items():
             values[term] = values[term] + value if term in values else value
-    (param_grads,) = pull_back(x_grad + torch.cat(x_chunk_grads, dim=1))
-    return param_grads, (_weighted_sum(problem, values).sum().detach(), _report(problem, values))
+    (param_grads,) = pull_back(x_grad + _embed_local(problem, torch.cat(x_chunk_grads, dim=1)))
+    return param_grads, (_weighted_sum(problem, values).sum().detach(),
+                         _report(problem, distributed.report_shares(problem.shard, values, batch_values)))
 
 
 # Statistics of each image (chunks concatenate them along the batch dim); the others add up.
@@ -401,6 +413,38 @@ def _inner(a, b) -> torch.Tensor:
         return (a * b).sum()
     pairs = zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
     return sum(_inner(x, y) for x, y in pairs)
+
+
+# -- data-parallel: this rank's images (problem.shard; all of them in a single process) ------------
+
+
+def _local_range(problem: Problem) -> tuple[int, int]:
+    """[start, stop) of this rank's images of each generator's batch."""
+    shard = problem.shard
+    return (0, problem.labels.shape[1]) if shard is None else (shard.start, shard.stop)
+
+
+def _local_images(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+    """This rank's images of x (K, B, ...)."""
+    return x if problem.shard is None else x[:, problem.shard.start : problem.shard.stop]
+
+
+def _embed_local(problem: Problem, local: torch.Tensor) -> torch.Tensor:
+    """(K, B, ...) zeros with this rank's images replaced by local (K, stop - start, ...)."""
+    if problem.shard is None:
+        return local
+    k, b = problem.labels.shape
+    before = local.new_zeros(k, problem.shard.start, *local.shape[2:])
+    after = local.new_zeros(k, b - problem.shard.stop, *local.shape[2:])
+    return torch.cat([before, local, after], dim=1)
+
+
+def _local_image_terms(problem: Problem, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`_image_terms` of this rank's images of x, weighted by their share of the batch."""
+    if problem.shard is None:
+        return _image_terms(problem, x)
+    share = (problem.shard.stop - problem.shard.start) / problem.labels.shape[1]
+    return {term: share * value for term, value in _image_terms(problem, _local_images(problem, x)).items()}
 
 
 def grad_and_report(params, buffers, noise, problem: Problem):

@@ -10,7 +10,8 @@ atomic writer's stale temporary files, and checks the directory against the inte
     "existing"   update a finished run (the evaluation writes its metrics next to it)
 
 Claims are re-entrant within a process (the CLI claims before loading data, the engine again
-inside): the inner claim is a no-op. Checkpoint files live in RUN_DIR/checkpoints as
+inside): the inner claim is a no-op. In a torch.distributed job rank 0 is the owner: the other
+ranks' claims check the path and hold nothing, since they never write. Checkpoint files live in RUN_DIR/checkpoints as
 step-XXXXXXXX.safetensors; each names its run (a random id drawn when the run starts, kept on
 resume), and rotation deletes only older checkpoints of the same run, never the newest one.
 `check_checkpoint_header` is the schema of a checkpoint's header (its tensors are checked by the
@@ -71,6 +72,9 @@ def claim(run_dir: str | os.PathLike, intent: str = "new", name: str = "run_dir"
     if intent == "existing" and not path.is_dir():
         raise FileNotFoundError(f"{name} {path} is not a directory")
     check_output_dir(path, name)
+    if _follower_rank():
+        yield path  # rank 0 of the job holds the directory and alone writes into it
+        return
     key = path.resolve()
     if key in _held:
         _held[key] += 1
@@ -89,6 +93,16 @@ def claim(run_dir: str | os.PathLike, intent: str = "new", name: str = "run_dir"
     finally:
         _held.pop(key, None)
         os.close(fd)  # releases the flock
+
+
+def _follower_rank() -> bool:
+    """Whether this process is a rank other than 0 of a torch.distributed job (torchrun sets RANK
+    before the process group exists)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() != 0
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def _lock(path: Path) -> int:

@@ -108,7 +108,7 @@ def _parse_value(raw: str, default):
 
 
 def _train_and_report(kind: str, classifier, config, args, **meta):
-    from tldr_fast import api
+    from tldr_fast import api, distributed
     from tldr_fast.engine import NonFiniteLossError
     from tldr_fast.evaluate import fidelity
 
@@ -123,6 +123,8 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
     except NonFiniteLossError as err:
         print(f"tldr-fast {kind}: error: {err}", file=sys.stderr)
         return None
+    if not distributed.is_writer(distributed.current_shard(config.batch_size)):
+        return result  # under torchrun rank 0 reports
     seconds = time.perf_counter() - start
     scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes,
                       features=args.features)
@@ -145,9 +147,22 @@ def _load_classifier(path: str):
 
 
 def _run_kind(args) -> int:
+    from tldr_fast import distributed
+
+    device = distributed.init_from_env()  # launched by torchrun: join its process group
+    try:
+        return _reconstruct_from_file(args, device)
+    finally:
+        if device is not None:
+            distributed.dist.destroy_process_group()
+
+
+def _reconstruct_from_file(args, device) -> int:
     from tldr_fast.config import InversionConfig, ReconstructionConfig
 
     classifier = _load_classifier(args.model)
+    if device is not None:
+        classifier = classifier.to(device)
     config = _config(args, InversionConfig if args.kind == "invert" else ReconstructionConfig)
     meta = getattr(classifier, "metadata", {}) or {}
     result = _train_and_report(

@@ -1,0 +1,257 @@
+"""Which module serves which chosen parameter in the ghost backend, and the checks that make a
+silently wrong decomposition impossible.
+
+Two probe forwards (on the meta device: no compute) at batch B and B + 1 record, for every module
+call, the shapes of its tensor inputs and outputs, and, through a TorchFunctionMode, which module
+calls were active whenever a chosen parameter entered a torch function. From them:
+- a tensor's batch dimension is the one dimension whose size goes from B to B + 1 (none: the tensor
+  is shared by all samples; another change, such as B T -> (B + 1) T, or several: the batch is
+  merged with other dimensions and no per-sample split exists there);
+- a parameter is served by the innermost module call that encloses all its uses, is called once per
+  forward and has batched outputs (its owner, normally; an attention module for an out_proj it
+  uses without calling; the parametrised module for a weight_norm parametrisation);
+- that module uses its registered rule when the parameters are its own and used only in its own
+  call, it has no forward hooks of its own (they may change its output), its output is one tensor
+  and its batch dimension is where the rule's layout wants it (dim 0, or any leading dimension for
+  "features_last" layers such as Linear on (T, N, D)); otherwise it is vmapped over its batch
+  dimensions (`ghost._module_vmap_squared_norms`).
+A parameter no probe sees, one shared between modules, or one whose only enclosing call is the
+whole model makes the plan fail (GhostUnsupported, with the reason): `auto` then vmaps the whole
+model and `ghost` refuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from tldr_fast.grad_norm.registry import NormRule, rule_for
+from tldr_fast.module_hooks import temporary_forward_hooks, temporary_forward_pre_hooks
+
+MERGED = "merged"  # a batch dimension merged with others: sizes change, but not from B to B + 1
+
+
+class GhostUnsupported(ValueError):
+    """The model breaks an assumption of the ghost decomposition; the vmap backend handles it."""
+
+
+@dataclass
+class _Call:
+    count: int = 0
+    inputs: list = field(default_factory=list)  # per leaf of (args, kwargs): shape, or None if not a tensor
+    outputs: list = field(default_factory=list)  # per leaf of the output: (shape, dtype), or None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module serving chosen parameters, and how."""
+
+    path: str
+    module: nn.Module
+    names: tuple[str, ...]  # relative to the module
+    rule: NormRule | None
+    input_batch_dims: tuple  # per leaf of (args, kwargs): int, or None (not batched / not a tensor)
+    output_batch_dims: tuple  # per leaf of the output: int, or None (not probed)
+    output_specs: tuple  # per leaf of the output: (shape, dtype) at batch B, or None
+    why_vmap: str  # empty when the rule serves the layer
+
+    @property
+    def where(self) -> str:
+        return f"model.{self.path}" if self.path else "model"
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Records, per chosen parameter, the stacks of module paths active at each of its uses."""
+
+    def __init__(self, names_by_id: dict[int, str], stack: list[str]):
+        super().__init__()
+        self.names_by_id, self.stack = names_by_id, stack
+        self.uses: dict[str, list[tuple[str, ...]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in tree_flatten((args, kwargs))[0]:
+            name = self.names_by_id.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if name is not None:
+                self.uses.setdefault(name, []).append(tuple(self.stack))
+        return func(*args, **kwargs)
+
+
+def _leaf_specs(tree, with_dtype: bool) -> list:
+    leaves = tree_flatten(tree)[0]
+    return [((v.shape, v.dtype) if with_dtype else v.shape) if isinstance(v, torch.Tensor) else None
+            for v in leaves]
+
+
+def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[str, ...], track_uses: bool):
+    """({path: _Call}, {name: [stacks]}) from one forward at this batch size."""
+    paths = [p for p, _ in model.named_modules()]
+    modules = [model.get_submodule(p) for p in paths]
+    calls = {p: _Call() for p in paths}
+    stack: list[str] = []
+
+    def push_for(i):
+        def push(module, args, kwargs):
+            stack.append(paths[i])
+        return push
+
+    def pop_for(i):
+        def pop(module, args, kwargs, output):
+            stack.pop()
+            call = calls[paths[i]]
+            call.count += 1
+            call.inputs, call.outputs = _leaf_specs((args, kwargs), False), _leaf_specs(output, True)
+        return pop
+
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Fake tensors under torch.func cannot run BatchNorm on meta ("ambiguous autogradother
+        # kernel"); a real no-grad forward traces, and its unused values are dead code.
+        state = dict(model.named_parameters())
+        probe = x.detach() if batch == x.shape[0] else torch.cat([x.detach(), x.detach()[:1]])
+    else:
+        state = {n: torch.empty_like(t, device="meta")
+                 for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        probe = torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
+    uses = _ParameterUses({id(state[n]): n for n in names}, stack)
+    with temporary_forward_pre_hooks(modules, push_for), temporary_forward_hooks(modules, pop_for), \
+            torch.no_grad():
+        if track_uses:
+            with uses:
+                _run(model, state, probe, compiling)
+        else:
+            _run(model, state, probe, compiling)
+    return calls, uses.uses
+
+
+def _run(model, state, probe, compiling):
+    if compiling:
+        model(probe)
+    else:
+        functional_call(model, state, (probe,))
+
+
+def _batch_dim(at_b, at_b1, batch: int):
+    """The dim whose size goes from batch to batch + 1, None if no size changes, else MERGED."""
+    if at_b is None or at_b1 is None:
+        return None
+    if len(at_b) != len(at_b1):
+        return MERGED
+    changed = [d for d, (m, n) in enumerate(zip(at_b, at_b1, strict=True)) if m != n]
+    if not changed:
+        return None
+    if len(changed) == 1 and at_b[changed[0]] == batch and at_b1[changed[0]] == batch + 1:
+        return changed[0]
+    return MERGED
+
+
+def _common_prefix(stacks: list[tuple[str, ...]]) -> tuple[str, ...]:
+    prefix = stacks[0]
+    for s in stacks[1:]:
+        n = 0
+        while n < min(len(prefix), len(s)) and prefix[n] == s[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def _where(path: str) -> str:
+    return f"model.{path}" if path else "model"
+
+
+def _check_unshared(model: nn.Module, names: tuple[str, ...]) -> None:
+    owners: dict[int, list[str]] = {}
+    for full_name, tensor in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(tensor), []).append(full_name)
+    named = dict(model.named_parameters())
+    for full_name in names:
+        shared = owners[id(named[full_name])]
+        if len(shared) > 1:
+            raise GhostUnsupported(f"parameter {full_name} is shared as {', '.join(shared)}")
+
+
+def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[Layer]:
+    """The layers serving the chosen parameters (see the module docstring); raises GhostUnsupported."""
+    _check_unshared(model, names)
+    batch = x.shape[0]
+    calls, uses = _probe_forward(model, x, batch, names, track_uses=True)
+    calls_next, _ = _probe_forward(model, x, batch + 1, names, track_uses=False)
+
+    def dims(path):
+        call, nxt = calls[path], calls_next[path]
+        inputs = tuple(_batch_dim(a, b, batch) for a, b in zip(call.inputs, nxt.inputs, strict=True))
+        outputs = tuple(_batch_dim(a and a[0], b and b[0], batch) for a, b in zip(call.outputs, nxt.outputs,
+                                                                                   strict=True))
+        return inputs, outputs
+
+    def unfit(path) -> str:
+        """Why the module at path cannot serve parameters in the decomposition ('' if it can)."""
+        call = calls[path]
+        if call.count == 0:
+            return f"{_where(path)} is never called"
+        if call.count > 1:
+            return f"{_where(path)} runs more than once per forward"
+        if calls_next[path].count != 1 or len(calls_next[path].outputs) != len(call.outputs) \
+                or len(calls_next[path].inputs) != len(call.inputs):
+            return f"{_where(path)} is called differently at another batch size"
+        inputs, outputs = dims(path)
+        probed = [d for d, spec in zip(outputs, call.outputs, strict=True)
+                  if spec is not None and spec[1].is_floating_point]
+        if not probed:
+            return f"{_where(path)} returns no floating-point tensor"
+        if MERGED in inputs or MERGED in outputs:
+            return f"{_where(path)} merges the batch with other dimensions (e.g. (B T, D) rows)"
+        if None in probed:
+            return f"{_where(path)} returns a tensor without a batch dimension"
+        return ""
+
+    assigned: dict[str, list[str]] = {}
+    for name in names:
+        owner = name.rpartition(".")[0]
+        if name not in uses:
+            raise GhostUnsupported(f"parameter {name} is never used by a torch function in a forward "
+                                   f"({unfit(owner) or 'its module is called, but not on it'})")
+        enclosing = _common_prefix(uses[name])
+        # The whole model serves only its own parameters: for a submodule's, it would be the
+        # whole-model vmap, which is the fallback's to choose.
+        chosen = next((p for p in reversed(enclosing) if (p or not owner) and not unfit(p)), None)
+        if chosen is None:
+            innermost = enclosing[-1] if enclosing else ""
+            reason = unfit(owner) or unfit(innermost) or f"it is used outside {_where(owner)}'s call"
+            raise GhostUnsupported(f"parameter {name} cannot be split per sample: {reason}")
+        assigned.setdefault(chosen, []).append(name)
+
+    layers = []
+    for path, full_names in assigned.items():
+        module = model.get_submodule(path)
+        local = tuple(n[len(path) + 1:] if path else n for n in full_names)
+        inputs, outputs = dims(path)
+        call = calls[path]
+        rule, why = _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call)
+        layers.append(Layer(path, module, local, rule, inputs, outputs,
+                            tuple(spec if d is not None else None for d, spec in zip(outputs, call.outputs,
+                                                                                      strict=True)), why))
+    return layers
+
+
+def _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call):
+    rule = rule_for(module)
+    kind = type(module).__name__
+    if rule is None:
+        return None, f"no registered rule covers this {kind}"
+    if any("." in n for n in local) or any(stack[-1] != path for n in full_names for stack in uses[n]):
+        return None, "it serves parameters of its submodules or uses them in nested calls"
+    if module._forward_hooks:
+        return None, "it carries forward hooks, which may change its output"
+    if len(call.outputs) != 1 or not inputs or call.inputs[0] is None:
+        return None, "its input or output is not a single tensor"
+    a_dim, out_dim = inputs[0], outputs[0]
+    wanted = out_dim == 0 if rule.layout == "batch_first" else out_dim is not None
+    if a_dim != out_dim or not wanted:
+        return None, f"its batch dimension ({out_dim} of the output, {a_dim} of the input) does not fit the rule"
+    return rule, ""

@@ -1,12 +1,12 @@
 """Which module serves which chosen parameter in the ghost backend, and the checks that make a
 silently wrong decomposition impossible.
 
-Two probe forwards (on the meta device: no compute) at batch B and B + 1 record, for every module
-call, the shapes of its tensor inputs and outputs, and, through a TorchFunctionMode, which module
-calls were active whenever a chosen parameter entered a torch function. From them:
-- a tensor's batch dimension is the one dimension whose size goes from B to B + 1 (none: the tensor
-  is shared by all samples; another change, such as B T -> (B + 1) T, or several: the batch is
-  merged with other dimensions and no per-sample split exists there);
+Two no-grad probe forwards on 2 and 3 samples of x record, for every module call, the shapes of
+its tensor inputs and outputs, and, through a TorchFunctionMode, which module calls were active
+whenever a chosen parameter entered a torch function. From them:
+- a tensor's batch dimension is the one dimension whose size goes from 2 to 3 (none: the tensor
+  is shared by all samples; another change, such as 2 T -> 3 T, or several: the batch is merged
+  with other dimensions and no per-sample split exists there); its shape at batch B follows;
 - a parameter is served by the innermost module call that encloses all its uses, is called once per
   forward and has batched outputs (its owner, normally; an attention module for an out_proj it
   uses without calling; the parametrised module for a weight_norm parametrisation);
@@ -22,18 +22,20 @@ model and `ghost` refuses.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from tldr_fast.grad_norm.registry import NormRule, rule_for
 from tldr_fast.module_hooks import temporary_forward_hooks, temporary_forward_pre_hooks
 
-MERGED = "merged"  # a batch dimension merged with others: sizes change, but not from B to B + 1
+MERGED = "merged"
+# The probe forwards' batch sizes are this and one more (not 1: squeeze() would drop the batch).
+_PROBE_BATCH = 2  # a batch dimension merged with others: sizes change, but not from B to B + 1
 
 
 class GhostUnsupported(ValueError):
@@ -75,21 +77,30 @@ class _ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for leaf in tree_flatten((args, kwargs))[0]:
+        for leaf in _leaves((args, kwargs)):
             name = self.names_by_id.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
             if name is not None:
                 self.uses.setdefault(name, []).append(tuple(self.stack))
         return func(*args, **kwargs)
 
 
-def _leaf_specs(tree, with_dtype: bool) -> list:
-    leaves = tree_flatten(tree)[0]
+def _leaves(args_and_kwargs) -> list:
+    """tree_flatten(...)[0], without its cost for the common case of positional tensors only."""
+    args, kwargs = args_and_kwargs
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args)
+    return tree_flatten(args_and_kwargs)[0]
+
+
+def _leaf_specs(leaves, with_dtype: bool) -> list:
     return [((v.shape, v.dtype) if with_dtype else v.shape) if isinstance(v, torch.Tensor) else None
             for v in leaves]
 
 
 def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[str, ...], track_uses: bool):
-    """({path: _Call}, {name: [stacks]}) from one forward at this batch size."""
+    """({path: _Call}, {name: [stacks]}) from one no-grad forward on `batch` samples of x (repeated
+    if x holds fewer). A real forward on a few samples costs less than one on the meta device,
+    whose Python decompositions take ~0.1 s for a small CNN, and traces under torch.compile."""
     paths = [p for p, _ in model.named_modules()]
     modules = [model.get_submodule(p) for p in paths]
     calls = {p: _Call() for p in paths}
@@ -105,35 +116,17 @@ def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[s
             stack.pop()
             call = calls[paths[i]]
             call.count += 1
-            call.inputs, call.outputs = _leaf_specs((args, kwargs), False), _leaf_specs(output, True)
+            outputs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
+            call.inputs, call.outputs = _leaf_specs(_leaves((args, kwargs)), False), _leaf_specs(outputs, True)
         return pop
 
-    compiling = torch.compiler.is_compiling()
-    if compiling:
-        # Fake tensors under torch.func cannot run BatchNorm on meta ("ambiguous autogradother
-        # kernel"); a real no-grad forward traces, and its unused values are dead code.
-        state = dict(model.named_parameters())
-        probe = x.detach() if batch == x.shape[0] else torch.cat([x.detach(), x.detach()[:1]])
-    else:
-        state = {n: torch.empty_like(t, device="meta")
-                 for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        probe = torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
-    uses = _ParameterUses({id(state[n]): n for n in names}, stack)
+    named = dict(model.named_parameters())
+    uses = _ParameterUses({id(named[n]): n for n in names}, stack)
+    samples = x.detach()[torch.arange(batch, device=x.device) % x.shape[0]]
     with temporary_forward_pre_hooks(modules, push_for), temporary_forward_hooks(modules, pop_for), \
-            torch.no_grad():
-        if track_uses:
-            with uses:
-                _run(model, state, probe, compiling)
-        else:
-            _run(model, state, probe, compiling)
+            torch.no_grad(), uses if track_uses else nullcontext():
+        model(samples)
     return calls, uses.uses
-
-
-def _run(model, state, probe, compiling):
-    if compiling:
-        model(probe)
-    else:
-        functional_call(model, state, (probe,))
 
 
 def _batch_dim(at_b, at_b1, batch: int):
@@ -148,6 +141,10 @@ def _batch_dim(at_b, at_b1, batch: int):
     if len(changed) == 1 and at_b[changed[0]] == batch and at_b1[changed[0]] == batch + 1:
         return changed[0]
     return MERGED
+
+
+def _with_size(shape, dim: int, size: int) -> torch.Size:
+    return torch.Size([size if d == dim else n for d, n in enumerate(shape)])
 
 
 def _common_prefix(stacks: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -178,7 +175,7 @@ def _check_unshared(model: nn.Module, names: tuple[str, ...]) -> None:
 def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[Layer]:
     """The layers serving the chosen parameters (see the module docstring); raises GhostUnsupported."""
     _check_unshared(model, names)
-    batch = x.shape[0]
+    batch = _PROBE_BATCH
     calls, uses = _probe_forward(model, x, batch, names, track_uses=True)
     calls_next, _ = _probe_forward(model, x, batch + 1, names, track_uses=False)
 
@@ -233,9 +230,9 @@ def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> li
         inputs, outputs = dims(path)
         call = calls[path]
         rule, why = _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call)
-        layers.append(Layer(path, module, local, rule, inputs, outputs,
-                            tuple(spec if d is not None else None for d, spec in zip(outputs, call.outputs,
-                                                                                      strict=True)), why))
+        specs = tuple(None if d is None or not spec[1].is_floating_point else (_with_size(spec[0], d, x.shape[0]), spec[1])
+                      for d, spec in zip(outputs, call.outputs, strict=True))
+        layers.append(Layer(path, module, local, rule, inputs, outputs, specs, why))
     return layers
 
 

@@ -14,7 +14,7 @@ x^ is written out here in plain tensor ops, so its second derivatives are autogr
 `decomposed_normalisations(module)` makes LayerNorm and InstanceNorm modules compute that same
 y = w x^ + b while a vmap backend runs: differentiating torch.func.vmap(grad with respect to the
 norm's weight) with respect to the input goes wrong for ATen's fused layer_norm and instance-norm
-kernels (d/dx off by tens of percent, values exact; pinned in tests/test_torch_func_pins.py),
+kernels (d/dx off by tens of percent, values exact; pinned in tests/test_grad_norm_torch_func.py),
 while the written-out form is exact.
 """
 

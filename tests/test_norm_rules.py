@@ -12,7 +12,12 @@ import torch
 from grad_norm_cases import Spec, assert_matches_loop, family_model
 from torch import nn
 
-from tldr_fast.grad_norm import explain_grad_norm, per_sample_grad_norm, register_norm_rule, registered_types
+from tldr_fast.grad_norm import (
+    explain_grad_norm,
+    per_sample_grad_norm,
+    register_norm_rule,
+    registered_types,
+)
 from tldr_fast.grad_norm.registry import rule_for
 
 BACKENDS = ("auto", "ghost", "vmap")

@@ -26,7 +26,11 @@ from torch import nn
 
 # Importing the rule modules registers the built-in rules.
 from tldr_fast.grad_norm import batch_norm, conv, embedding, linear, normalization  # noqa: F401
-from tldr_fast.grad_norm.ghost import ForwardWithExtras, ghost_squared_norms, ghost_squared_norms_and_outputs
+from tldr_fast.grad_norm.ghost import (
+    ForwardWithExtras,
+    ghost_squared_norms,
+    ghost_squared_norms_and_outputs,
+)
 from tldr_fast.grad_norm.loop import loop_batch_gradient, loop_squared_norms
 from tldr_fast.grad_norm.plan import GhostUnsupported, plan_layers
 from tldr_fast.grad_norm.refusals import check_backend_limits

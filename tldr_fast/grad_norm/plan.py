@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from tldr_fast.grad_norm.registry import NormRule, rule_for
+from tldr_fast.grad_norm.registry import NormRule, registered_types, rule_for
 from tldr_fast.module_hooks import temporary_forward_hooks, temporary_forward_pre_hooks
 
 MERGED = "merged"
@@ -240,7 +240,9 @@ def _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call
     rule = rule_for(module)
     kind = type(module).__name__
     if rule is None:
-        return None, f"no registered rule covers this {kind}"
+        if type(module) in registered_types():
+            return None, f"the rule registered for {kind} does not cover this configuration"
+        return None, f"no rule is registered for {kind}"
     if any("." in n for n in local) or any(stack[-1] != path for n in full_names for stack in uses[n]):
         return None, "it serves parameters of its submodules or uses them in nested calls"
     if module._forward_hooks:

@@ -36,9 +36,6 @@ from tldr_fast.module_hooks import temporary_forward_hooks
 # forward(x) -> (logits, extras): the model's forward, plus any tensors (a pytree) to hand back.
 ForwardWithExtras = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
 
-__all__ = ["ForwardWithExtras", "GhostUnsupported", "ghost_squared_norms", "ghost_squared_norms_and_outputs"]
-
-
 def _probed_forward(layers: list[Layer], x, y, loss_fn, forward):
     """Output gradients (per layer, per probed output leaf), every layer's input leaves (tensors
     only, as torch.func aux must be) and forward's outputs; the non-tensor input leaves and their

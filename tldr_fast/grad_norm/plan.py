@@ -230,7 +230,8 @@ def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> li
         inputs, outputs = dims(path)
         call = calls[path]
         rule, why = _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call)
-        specs = tuple(None if d is None or not spec[1].is_floating_point else (_with_size(spec[0], d, x.shape[0]), spec[1])
+        specs = tuple(None if d is None or not spec[1].is_floating_point
+                      else (_with_size(spec[0], d, x.shape[0]), spec[1])
                       for d, spec in zip(outputs, call.outputs, strict=True))
         layers.append(Layer(path, module, local, rule, inputs, outputs, specs, why))
     return layers

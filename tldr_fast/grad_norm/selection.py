@@ -2,7 +2,8 @@
 model-state checks that make per-sample gradients well defined.
 
 Checks look only at Python values, shapes and dtypes (no host synchronisation), so they are safe
-inside `torch.func` transforms and `torch.compile`.
+inside `torch.func` transforms and `torch.compile`; the one exception, `check_labels`, reads two
+numbers from y on the host and skips itself where that is not possible.
 """
 
 from __future__ import annotations

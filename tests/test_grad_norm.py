@@ -11,18 +11,18 @@ from torch import nn
 from tldr_fast.grad_norm import (
     BACKENDS,
     batch_mean_gradient,
-    layers,
+    conv,
+    explain_grad_norm,
     per_sample_grad_norm,
     per_sample_grad_norm_and_forward,
 )
-from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
-from tldr_fast.grad_norm.ghost import fully_closed_form
-from tldr_fast.grad_norm.layers import (
+from tldr_fast.grad_norm.conv import (
     patch_gram_from_input,
     per_sample_conv_weight_gradients,
-    summed_outer_squared_norm,
     unfolded_patches,
 )
+from tldr_fast.grad_norm.frozen import conv_input_gradient, eval_batch_norm, probed_output
+from tldr_fast.grad_norm.outer import summed_outer_squared_norm
 from tldr_fast.models import MLP, PaperCNN
 from tldr_fast.module_hooks import temporary_forward_hooks
 
@@ -307,8 +307,8 @@ def test_patch_gram_from_input_is_the_patches_gram_with_derivatives(kernel, dila
 def test_conv_routes_for_the_paper_cnn():
     """PaperCNN on 28 x 28 (channels 1 -> 32 -> 64 -> 128, 3 x 3 kernels, positions 784, 196, 49)."""
     shapes = [(784, 32, 1), (196, 64, 32), (49, 128, 64)]
-    on_cpu = [layers._conv_route(p, p, m, c, 9, cpu_eager=True) for p, m, c in shapes]
-    elsewhere = [layers._conv_route(p, p, m, c, 9, cpu_eager=False) for p, m, c in shapes]
+    on_cpu = [conv._conv_route(p, p, m, c, 9, cpu_eager=True) for p, m, c in shapes]
+    elsewhere = [conv._conv_route(p, p, m, c, 9, cpu_eager=False) for p, m, c in shapes]
     assert on_cpu == ["materialise", "materialise", "input_gram"]
     assert elsewhere == ["materialise", "materialise", "patch_gram"]
 
@@ -316,7 +316,7 @@ def test_conv_routes_for_the_paper_cnn():
 @pytest.mark.parametrize("route", ["materialise", "patch_gram", "input_gram"])
 @pytest.mark.parametrize("name", ["paper_cnn", "conv_variety", "sequence_layers"])
 def test_every_conv_route_matches_loop(name, route, monkeypatch):
-    monkeypatch.setattr(layers, "_conv_route", lambda *args, **kwargs: route)
+    monkeypatch.setattr(conv, "_conv_route", lambda *args, **kwargs: route)
     model, x, y = make(name, 3)
     norms, dx = norms_and_input_grad(model, x, y, backend="ghost")
     expected_norms, expected_dx = norms_and_input_grad(model, x, y, backend="loop")
@@ -361,7 +361,7 @@ def test_cheaper_routes_under_torch_func_grad_and_vmap_match_loop(name, route, m
     """The autograd Functions (frozen convolutions; on CPUs the per-sample weight gradients and the
     tap sums) differentiated by torch.func.grad, vmapped over scales (the engine's K generators)."""
     if route is not None:
-        monkeypatch.setattr(layers, "_conv_route", lambda *args, **kwargs: route)
+        monkeypatch.setattr(conv, "_conv_route", lambda *args, **kwargs: route)
     model, x, y = make(name, 3)
     x = x.detach()
 
@@ -376,13 +376,16 @@ def test_cheaper_routes_under_torch_func_grad_and_vmap_match_loop(name, route, m
         assert rel_rms(g, expected) < 1e-9
 
 
-def test_auto_uses_ghost_only_for_closed_form_layers():
-    for name in ("paper_cnn", "mlp", "conv_variety", "sequence_layers"):
-        model, _, _ = make(name, 1)
-        assert fully_closed_form(model, tuple(dict(model.named_parameters())))
-    model, _, _ = make("residual_groupnorm", 1)
-    assert not fully_closed_form(model, tuple(dict(model.named_parameters())))
-    assert fully_closed_form(model, ("head.weight", "stem.bias"))
+def test_auto_serves_every_layer_of_the_test_models_by_a_rule():
+    for name in MODELS:
+        model, x, _ = make(name, 2)
+        routes = explain_grad_norm(model, x)
+        assert sorted(n for r in routes for n in r.params) == sorted(dict(model.named_parameters()))
+        assert all(r.served_by.startswith("rule tldr_fast.grad_norm.") for r in routes), routes
+    model, x, _ = make("residual_groupnorm", 2)
+    routes = explain_grad_norm(model, x, params=("head.weight", "stem.bias"))
+    assert sorted((r.module, r.params) for r in routes) == [("model.head", ("head.weight",)),
+                                                            ("model.stem", ("stem.bias",))]
 
 
 class CalledTwice(nn.Module):
@@ -411,7 +414,8 @@ def test_tied_weights_ghost_refuses_auto_falls_back():
     model[2].weight = model[0].weight
     x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 4, (3,))
-    assert not fully_closed_form(model, tuple(dict(model.named_parameters())))
+    assert explain_grad_norm(model, x)[0].served_by.startswith("the whole-model vmap backend: parameter 0.weight "
+                                                                "is shared")
     with pytest.raises(ValueError, match="parameter 0.weight is shared as 0.weight, 2.weight"):
         per_sample_grad_norm(model, x, y, backend="ghost")
     got, dx = norms_and_input_grad(model, x, y, backend="auto")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tldr_fast.grad_norm.layers import explicit_zero_padding
+from tldr_fast.grad_norm.conv import explicit_zero_padding
 from tldr_fast.transposed_conv import transposed_convolution_to
 
 # probed_output(module, input a, module output y, probe) -> y + probe

@@ -1,176 +1,139 @@
 """The `ghost` backend: per-sample norms from each layer's input and output gradient, without
 materialising per-sample gradients of the whole model.
 
-One batched forward adds a zero "probe" tensor to the output of every layer that owns a chosen
-parameter; torch.func.grad of sum_i l_i with respect to the probes gives every layer's output
-gradient g (row i = dl_i/dout_i, since samples do not interact) in one backward, in a way that
-composes with outer torch.func transforms and torch.compile, and keeps the graph to x. Each
-layer's squared norm then comes from `layers.closed_form_rule`, or, for other parameterised
-modules (GroupNorm, custom ones), from torch.func.vmap(grad) of <module(a_i), g_i> over that
-module's own parameters. The per-sample squared norm is the sum over layers, which holds because
-each chosen parameter belongs to exactly one module that runs exactly once per forward. Frozen
-convolutions and eval BatchNorm add their probe through `frozen.probed_output`, the same value by
-a route with a cheaper double backward.
+`plan.plan_layers` assigns every chosen parameter to the module that serves it and checks the
+decomposition. One batched forward then adds a zero "probe" tensor to every output of each serving
+module; torch.func.grad of sum_i l_i with respect to the probes gives every layer's output gradient
+g (sample i's slice = dl_i/dout_i, since samples do not interact) in one backward, in a way that
+composes with outer torch.func transforms and torch.compile, and keeps the graph to x. Each layer's
+squared norm then comes from its registered rule (`registry`), with the batch moved to dim 0, or,
+for other modules, from torch.func.vmap(grad) of <module(a_i), g_i> over that module's own chosen
+parameters, vmapped over each input's and output's batch dimension. The per-sample squared norm is
+the sum over layers, which holds because each chosen parameter is served by exactly one module call
+that encloses all its uses. Frozen convolutions and eval BatchNorm add their probe through
+`frozen.probed_output`, the same value by a route with a cheaper double backward.
+
+Every rule's result is checked to be (B,); where it is not, the layer is vmapped instead
+(`strict=False`, the `auto` backend) or the call is refused naming the rule and the layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tldr_fast.grad_norm.frozen import ProbedOutput, probed_output
-from tldr_fast.grad_norm.layers import Rule, closed_form_rule
+from tldr_fast.grad_norm.frozen import probed_output
+from tldr_fast.grad_norm.normalization import decomposed_normalisations
+from tldr_fast.grad_norm.plan import GhostUnsupported, Layer, plan_layers
+from tldr_fast.grad_norm.refusals import vmap_limit
 from tldr_fast.grad_norm.selection import PerSampleLoss, sum_of_squares
 from tldr_fast.module_hooks import temporary_forward_hooks
 
 # forward(x) -> (logits, extras): the model's forward, plus any tensors (a pytree) to hand back.
 ForwardWithExtras = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
 
-
-class GhostUnsupported(ValueError):
-    """The model breaks an assumption of the ghost decomposition (shared weights, a module called
-    twice, a non-tensor output); the vmap backend handles it."""
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A module owning chosen parameters (directly, not through children), and how to norm them."""
-
-    path: str
-    module: nn.Module
-    names: tuple[str, ...]
-    rule: Rule | None
-    probed_output: ProbedOutput | None
-
-
-def plan_layers(model: nn.Module, names: tuple[str, ...]) -> list[Layer]:
-    """Group the chosen parameters by owning module; refuse parameters shared between modules."""
-    owners: dict[int, list[str]] = {}
-    for full_name, tensor in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(tensor), []).append(full_name)
-    named = dict(model.named_parameters())
-    local: dict[str, list[str]] = {}
-    for full_name in names:
-        shared = owners[id(named[full_name])]
-        if len(shared) > 1:
-            raise GhostUnsupported(f"parameter {full_name} is shared as {', '.join(shared)}")
-        path, _, attr = full_name.rpartition(".")
-        local.setdefault(path, []).append(attr)
-    modules = {path: model.get_submodule(path) for path in local}
-    return [Layer(path, modules[path], tuple(attrs), closed_form_rule(modules[path]),
-                  probed_output(modules[path]))
-            for path, attrs in local.items()]
-
-
-def fully_closed_form(model: nn.Module, names: tuple[str, ...]) -> bool:
-    """True when every chosen parameter sits in a layer with a closed-form rule (what `auto` needs)."""
-    try:
-        return all(layer.rule is not None for layer in plan_layers(model, names))
-    except GhostUnsupported:
-        return False
-
-
-def _output_specs(model: nn.Module, layers: list[Layer], x: torch.Tensor) -> list:
-    """(shape, dtype) of each layer's output, from a forward on the meta device (no compute; a
-    dead-code forward under torch.compile), or None for a layer the forward does not reach."""
-    specs: list = [None] * len(layers)
-
-    def hook_for(i):
-        def record(module, args, kwargs, output):
-            if not isinstance(output, torch.Tensor):
-                raise GhostUnsupported(f"model.{layers[i].path} returns {type(output).__name__}, not a tensor")
-            if specs[i] is not None:
-                raise GhostUnsupported(f"model.{layers[i].path} runs more than once per forward")
-            specs[i] = (output.shape, output.dtype)
-        return record
-
-    with temporary_forward_hooks([layer.module for layer in layers], hook_for):
-        if torch.compiler.is_compiling():
-            # Fake tensors under torch.func cannot run BatchNorm on meta ("ambiguous autogradother
-            # kernel"); a real no-grad forward traces, and its unused values are dead code.
-            with torch.no_grad():
-                model(x.detach())
-        else:
-            state = {n: torch.empty_like(t, device="meta")
-                     for n, t in [*model.named_parameters(), *model.named_buffers()]}
-            functional_call(model, state, (torch.empty(x.shape, dtype=x.dtype, device="meta"),))
-    return specs
-
-
-def _probed_forward(model, layers, specs, x, y, loss_fn, forward):
-    """Output gradients g_l, the flattened inputs of every reached layer and forward's outputs;
-    non-tensor input leaves and their structure come back separately (torch.func aux must be
-    tensors only)."""
+def _probed_forward(layers: list[Layer], x, y, loss_fn, forward):
+    """Output gradients (per layer, per probed output leaf), every layer's input leaves (tensors
+    only, as torch.func aux must be) and forward's outputs; the non-tensor input leaves and their
+    structure come back separately."""
     structure: dict[int, tuple] = {}
 
     def summed_loss(probes):
         inputs: dict[int, list[torch.Tensor]] = {}
 
         def hook_for(i):
-            def add_probe(module, args, kwargs, output):
+            layer = layers[i]
+
+            def add_probes(module, args, kwargs, output):
                 leaves, spec = tree_flatten((args, kwargs))
                 inputs[i] = [v for v in leaves if isinstance(v, torch.Tensor)]
                 structure[i] = (leaves, spec)
-                if layers[i].probed_output is not None:
-                    return layers[i].probed_output(module, inputs[i][0], output, probes[i])
-                return output + probes[i]
-            return add_probe
+                cheaper = probed_output(module) if layer.rule is not None else None
+                if cheaper is not None:
+                    return cheaper(module, inputs[i][0], output, probes[i][0])
+                out_leaves, out_spec = tree_flatten(output)
+                return tree_unflatten([v + probes[i][j] if j in probes[i] else v
+                                       for j, v in enumerate(out_leaves)], out_spec)
+            return add_probes
 
         with temporary_forward_hooks([layer.module for layer in layers], hook_for):
             logits, extras = forward(x)
         return loss_fn(logits, y).sum(), (inputs, (logits, extras))
 
-    reached = {i: spec for i, spec in enumerate(specs) if spec is not None}
     # Zero probes as broadcast views of one scalar: no memory and no fill pass over the activations.
-    probes = {i: torch.zeros((), dtype=dtype, device=x.device).expand(shape) for i, (shape, dtype) in reached.items()}
+    probes = {i: {j: torch.zeros((), dtype=spec[1], device=x.device).expand(spec[0])
+                  for j, spec in enumerate(layer.output_specs) if spec is not None}
+              for i, layer in enumerate(layers)}
     output_grads, (inputs, outputs) = grad(summed_loss, has_aux=True)(probes)
     return output_grads, inputs, structure, outputs
 
 
-def _module_vmap_squared_norms(layer: Layer, tensors, structure, g, chunk_size) -> torch.Tensor:
-    """||grad_theta <module(a_i), g_i>||^2 per sample, theta = the layer's own chosen parameters."""
+def module_vmap_squared_norms(layer: Layer, tensors, structure, grads: dict[int, torch.Tensor]) -> torch.Tensor:
+    """||grad_theta sum_j <out_j(a_i), g_ij>||^2 per sample over the layer's chosen parameters theta,
+    the module run on one sample at a time (each tensor keeps a size-1 batch dimension where it had
+    one, so the module sees its usual layout)."""
+    reason = vmap_limit(layer.module, layer.path)
+    if reason is not None:
+        raise ValueError(reason)
     leaves, spec = structure
-    batch = g.shape[0]
-    batched = [t.dim() > 0 and t.shape[0] == batch for t in tensors]
+    tensor_dims = [d for v, d in zip(leaves, layer.input_batch_dims, strict=True) if isinstance(v, torch.Tensor)]
+    probed = sorted(grads)
 
-    def contribution(theta, g_i, *sample_tensors):
-        it = iter(t.unsqueeze(0) if b else t for t, b in zip(sample_tensors, batched, strict=True))
+    def contribution(theta, sample_grads, *sample_tensors):
+        it = iter(t if d is None else t.unsqueeze(d) for t, d in zip(sample_tensors, tensor_dims, strict=True))
         args, kwargs = tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
-        return (functional_call(layer.module, theta, args, kwargs) * g_i.unsqueeze(0)).sum()
+        out_leaves = tree_flatten(functional_call(layer.module, theta, args, kwargs))[0]
+        return sum((out_leaves[j] * g.unsqueeze(layer.output_batch_dims[j])).sum()
+                   for j, g in zip(probed, sample_grads, strict=True))
 
-    theta = {n: getattr(layer.module, n) for n in layer.names}
-    in_dims = (None, 0, *[0 if b else None for b in batched])
-    per_sample = vmap(grad(contribution), in_dims=in_dims, chunk_size=chunk_size)(theta, g, *tensors)
+    theta = {n: layer.module.get_parameter(n) for n in layer.names}
+    in_dims = (None, [layer.output_batch_dims[j] for j in probed], *tensor_dims)
+    with decomposed_normalisations(layer.module):
+        per_sample = vmap(grad(contribution), in_dims=in_dims)(theta, [grads[j] for j in probed], *tensors)
     return sum_of_squares(per_sample.values())
 
 
+def _rule_squared_norms(layer: Layer, a: torch.Tensor, g: torch.Tensor, batch: int) -> torch.Tensor | str:
+    """The layer's rule on (a, g) with the batch moved to dim 0, or why its result is unusable."""
+    d = layer.output_batch_dims[0]
+    result = layer.rule.rule(layer.module, layer.names, a.movedim(d, 0), g.movedim(d, 0))
+    if not isinstance(result, torch.Tensor) or result.shape != (batch,):
+        shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        return f"rule {layer.rule.name} for {layer.where} returned {shape}, not ({batch},)"
+    return result
+
+
 def ghost_squared_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                        names: tuple[str, ...], chunk_size: int | None = None) -> torch.Tensor:
+                        names: tuple[str, ...], chunk_size: int | None = None, strict: bool = True) -> torch.Tensor:
     """(B,) squared per-sample gradient norms of the chosen parameters; raises GhostUnsupported."""
     if chunk_size is not None and chunk_size < x.shape[0]:
         return torch.cat([ghost_squared_norms(model, x[s : s + chunk_size], y[s : s + chunk_size], loss_fn,
-                                              names) for s in range(0, x.shape[0], chunk_size)])
-    return ghost_squared_norms_and_outputs(model, x, y, loss_fn, names, lambda v: (model(v), ()))[0]
+                                              names, strict=strict) for s in range(0, x.shape[0], chunk_size)])
+    return ghost_squared_norms_and_outputs(model, x, y, loss_fn, names, lambda v: (model(v), ()), strict)[0]
 
 
 def ghost_squared_norms_and_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                                    names: tuple[str, ...], forward: ForwardWithExtras):
+                                    names: tuple[str, ...], forward: ForwardWithExtras, strict: bool = True):
     """((B,) squared norms, forward(x)) from one pass: the logits whose loss is differentiated, and
     any extra tensors forward captured on the way (features, hooked activations), all keeping their
     graph to x, so a caller that needs them too does not run the model a second time."""
-    layers = plan_layers(model, names)
-    specs = _output_specs(model, layers, x)
-    output_grads, inputs, structure, outputs = _probed_forward(model, layers, specs, x, y, loss_fn, forward)
-    total = x.new_zeros(x.shape[0])
-    for i, g in output_grads.items():
-        layer = layers[i]
+    layers = plan_layers(model, x, names)
+    output_grads, inputs, structure, outputs = _probed_forward(layers, x, y, loss_fn, forward)
+    batch = x.shape[0]
+    total = x.new_zeros(batch)
+    for i, layer in enumerate(layers):
+        squared = None
         if layer.rule is not None:
-            total = total + layer.rule(layer.module, layer.names, inputs[i][0], g)
-        else:
-            total = total + _module_vmap_squared_norms(layer, inputs[i], structure[i], g, None)
+            squared = _rule_squared_norms(layer, inputs[i][0], output_grads[i][0], batch)
+            if isinstance(squared, str):
+                if strict:
+                    raise GhostUnsupported(squared)
+                squared = None
+        if squared is None:
+            squared = module_vmap_squared_norms(layer, inputs[i], structure[i], output_grads[i])
+        total = total + squared
     return total, outputs

@@ -2,7 +2,8 @@
 model-state checks that make per-sample gradients well defined.
 
 Checks look only at Python values, shapes and dtypes (no host synchronisation), so they are safe
-inside `torch.func` transforms and `torch.compile`.
+inside `torch.func` transforms and `torch.compile`; the one exception, `check_labels`, reads two
+numbers from y on the host and skips itself where that is not possible.
 """
 
 from __future__ import annotations
@@ -97,3 +98,25 @@ def check_samples_independent(model: nn.Module) -> None:
 def sum_of_squares(grads) -> torch.Tensor:
     """Per-sample squared norm of a collection of per-sample gradients, each (B, ...)."""
     return sum(g.pow(2).flatten(1).sum(1) for g in grads)
+
+
+def number_of_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The size of the logits' last dimension, from a no-grad forward on one sample."""
+    with torch.no_grad():
+        return model(x.detach()[:1]).shape[-1]
+
+
+def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse class labels outside [0, num_classes), naming y, the value and the range.
+
+    Reads y's extremes on the host, so it is skipped inside torch.compile and when y is batched by
+    an enclosing torch.func transform (cross-entropy itself then fails on a bad label).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y):
+        return
+    classes = number_of_classes(model, x)
+    low, high = int(y.min()), int(y.max())
+    bad = low if low < 0 else high
+    if low < 0 or high >= classes:
+        raise ValueError(f"y must hold class labels in [0, {classes}) for the model's {classes} logits, "
+                         f"got {bad}")

@@ -1,51 +1,24 @@
-"""Closed-form per-sample squared weight-gradient norms of one layer, from the layer's input a and
-the gradient g of the summed loss with respect to its output (sample i's row of g is dl_i/dout_i).
+"""Ghost rule for nn.Conv1d / nn.Conv2d with explicit zero padding (any stride, dilation, groups).
 
-- Linear, 2-D input: grad W_i = g_i a_i^T, so ||grad W_i||^2 = ||g_i||^2 ||a_i||^2; ||grad b_i||^2 = ||g_i||^2.
-- Linear on sequences and Conv (positions p, unfolded patches a_p): grad W_i = sum_p g_p a_p^T, whose
-  squared norm is either materialised (cost ~ P m n per sample) or taken from the Gram identity
-  ||sum_p g_p a_p^T||^2 = sum_{p,q} (g_p . g_q)(a_p . a_q) (cost ~ P^2 (m + n)), whichever is cheaper.
-  Grouped convolutions split channels into independent (g, a) pairs. grad b_i = sum_p g_p. On a
-  CPU outside torch.compile, convolutions have two more routes: the materialised one differentiated
-  through two convolutions with the batch folded into the groups (`per_sample_conv_weight_gradients`),
-  and the Gram identity with the patches' Gram taken from the input's own
-  (`patch_gram_from_input`, cost ~ (H W)^2 C_in + P^2 (m + taps)).
-- BatchNorm in eval mode: y = w x^ + b with x^ = (x - running_mean) / sqrt(running_var + eps), so
-  grad w_i = sum_positions g x^ and grad b_i = sum_positions g, per channel.
-Every formula is plain tensor code, so the norms stay differentiable with respect to a and g (and
-hence x).
+Positions p with unfolded patches a_p: grad W_i = sum_p g_p a_p^T and grad b_i = sum_p g_p. The
+weight term's squared norm is materialised (cost ~ P m n per sample) or taken from the Gram identity
+(cost ~ P^2 (m + n)), whichever is cheaper (see `outer`); grouped convolutions split channels into
+independent (g, a) pairs. On a CPU outside torch.compile there are two more routes: the materialised
+one differentiated through two convolutions with the batch folded into the groups
+(`per_sample_conv_weight_gradients`), and the Gram identity with the patches' Gram taken from the
+input's own (`patch_gram_from_input`, cost ~ (H W)^2 C_in + P^2 (m + taps)). Other padding modes
+("same", "valid" as strings, circular, reflect) have no rule here and are vmapped per layer.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tldr_fast.grad_norm.outer import gram_squared_norm, materialised_squared_norm
+from tldr_fast.grad_norm.registry import register_norm_rule
 from tldr_fast.transposed_conv import transposed_convolution_to
-
-# rule(module, parameter names chosen on this module, input a, output gradient g) -> (B,)
-Rule = Callable[[nn.Module, tuple[str, ...], torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _materialised_squared_norm(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    # (a g^T) rather than (g a^T): the backward then hands a contiguous gradient to the (larger) a.
-    return torch.bmm(a, g.transpose(1, 2)).pow(2).sum((1, 2))
-
-
-def _gram_squared_norm(g: torch.Tensor, a_gram: torch.Tensor) -> torch.Tensor:
-    """sum_{p,q} (g_p . g_q) a_gram[p, q] for g (N, m, P) and a_gram (N, P, P)."""
-    return (torch.bmm(g.transpose(1, 2), g) * a_gram).sum((1, 2))
-
-
-def summed_outer_squared_norm(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """||sum_p g_p a_p^T||_F^2 for channel-major g (N, m, P) and a (N, n, P), by the cheaper route."""
-    positions, m, n = g.shape[2], g.shape[1], a.shape[1]
-    if positions * (m + n) < m * n:
-        return _gram_squared_norm(g, torch.bmm(a.transpose(1, 2), a))
-    return _materialised_squared_norm(g, a)
 
 
 class _Patches(torch.autograd.Function):
@@ -133,16 +106,6 @@ def per_sample_conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, kernel, d
                                                tuple(stride), groups)
 
 
-def linear_rule(module: nn.Linear, names, a, g) -> torch.Tensor:
-    if a.dim() == 2:
-        g_sq = g.pow(2).sum(1)
-        weight = g_sq * a.pow(2).sum(1) if "weight" in names else 0
-        return weight + (g_sq if "bias" in names else 0)
-    a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, T, features)
-    weight = summed_outer_squared_norm(g.transpose(1, 2), a.transpose(1, 2)) if "weight" in names else 0
-    return weight + (g.sum(1).pow(2).sum(1) if "bias" in names else 0)
-
-
 def _tap_slices(kernel, dilation, stride, out_size):
     """Per kernel tap t, the slices (rows, columns) of the padded image that tap reads for every
     output position: s p + d t."""
@@ -211,6 +174,13 @@ def _conv_route(positions: int, input_positions: int, m: int, channels: int, tap
     return min(costs, key=costs.get)
 
 
+def explicit_zero_padding(conv: nn.Conv1d | nn.Conv2d) -> bool:
+    """Zero padding given as numbers (not "same"/"valid" or another padding mode): what the
+    unfold and transposed-convolution formulas assume."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+@register_norm_rule(nn.Conv1d, nn.Conv2d, applies=explicit_zero_padding)
 def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
     if isinstance(module, nn.Conv1d):  # as a Conv2d over a (1, L) image
         a, g = a.unsqueeze(2), g.unsqueeze(2)
@@ -236,46 +206,9 @@ def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
     if route == "input_gram":
         a_gram = patch_gram_from_input(a.reshape(batch * groups, c_in // groups, height, width), kernel,
                                        dilation, padding, stride)
-        squared = _gram_squared_norm(g, a_gram)
+        squared = gram_squared_norm(g, a_gram)
     else:
         patches = unfolded_patches(a, kernel, dilation, padding, stride).reshape(batch * groups, -1, positions)
-        squared = (_gram_squared_norm(g, torch.bmm(patches.transpose(1, 2), patches)) if route == "patch_gram"
-                   else _materialised_squared_norm(g, patches))
+        squared = (gram_squared_norm(g, torch.bmm(patches.transpose(1, 2), patches)) if route == "patch_gram"
+                   else materialised_squared_norm(g, patches))
     return total + squared.view(batch, groups).sum(1)
-
-
-def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names, a, g) -> torch.Tensor:
-    batch, channels = a.shape[0], a.shape[1]
-    g = g.reshape(batch, channels, -1)
-    g_sum = g.sum(2)
-    total = g_sum.pow(2).sum(1) if "bias" in names else 0
-    if "weight" not in names:
-        return total
-    # sum_p g_p x^_p = (sum_p g_p a_p - running_mean sum_p g_p) / sqrt(running_var + eps): one pass
-    # over the activations instead of normalising them first.
-    weight = ((g * a.reshape(batch, channels, -1)).sum(2) - module.running_mean * g_sum) * torch.rsqrt(
-        module.running_var + module.eps)
-    return total + weight.pow(2).sum(1)
-
-
-def explicit_zero_padding(conv: nn.Conv1d | nn.Conv2d) -> bool:
-    """Zero padding given as numbers (not "same"/"valid" or another padding mode): what the
-    unfold and transposed-convolution formulas assume."""
-    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-
-
-def closed_form_rule(module: nn.Module) -> Rule | None:
-    """The closed-form rule for this exact module type, or None (the caller then vmaps the module).
-
-    Exact types only: a subclass may override forward and break the formula.
-    """
-    kind = type(module)
-    if kind is nn.Linear:
-        return linear_rule
-    if kind in (nn.Conv1d, nn.Conv2d):
-        if explicit_zero_padding(module):
-            return conv_rule
-        return None
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        return batch_norm_rule
-    return None

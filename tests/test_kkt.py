@@ -177,3 +177,15 @@ def test_kkt_recipe_rejects_bad_values(name, value):
     model = KKTMLP(1, 8, 28, hidden=(4,))
     with pytest.raises(ValueError, match=name):
         train_kkt_recipe(model, x, y, steps=1, progress=False, **{name: value})
+
+
+def test_cli_train_recipe_kkt_writes_a_kkt_target(tmp_path, capsys):
+    out = tmp_path / "kkt.safetensors"
+    code = main(["train", "--recipe", "kkt", "--dataset", "mnist-bundled", "--subset", "20", "--kkt-hidden", "8",
+                 "--kkt-steps", "5", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert code == 0
+    model = serialization.load(out)
+    assert isinstance(model, KKTMLP) and model.hidden == (8,)
+    assert model.metadata["recipe"] == "kkt" and model.metadata["subset"] == 20
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert "test accuracy" in capsys.readouterr().out

@@ -5,7 +5,8 @@ A spec (JSON, or TOML read with tomllib) declares the grid and the budgets:
     {"dataset": "mnist", "train_sizes": [100, 500], "archs": ["kkt-mlp"],
      "methods": ["inversion", "tldr", "kkt"], "seeds": [0, 1],
      "budgets": {"train_epochs": 15, "kkt_train_steps": 2000, "kkt_hidden": [256],
-                 "inversion_steps": 100, "tldr_steps": 100, "kkt_steps": 500, "generators": 3},
+                 "inversion_steps": 100, "tldr_steps": 100, "kkt_steps": 500, "generators": 3,
+                 "batch_size": 100},
      "bootstrap": 1000}
 
 archs: "mlp" and "cnn" are trained by `tldr-fast train` (mini-batch Adam), "kkt-mlp" by the KKT
@@ -36,7 +37,7 @@ ARCHS = ("mlp", "cnn", "kkt-mlp")
 METHODS = ("inversion", "tldr", "tldr+prior", "kkt")
 DEFAULT_BUDGETS = {
     "train_epochs": 15, "kkt_train_steps": 5000, "kkt_hidden": [1000],
-    "inversion_steps": 500, "tldr_steps": 500, "kkt_steps": 1500, "generators": 3,
+    "inversion_steps": 500, "tldr_steps": 500, "kkt_steps": 1500, "generators": 3, "batch_size": 100,
 }
 ROW_FIELDS = (
     "method", "arch", "train_size", "seed", "test_accuracy",
@@ -196,10 +197,13 @@ def attack_cell(spec: dict, cell: dict, target, model_path: Path, run_dir: Path,
     k = b["generators"]
     samples = math.ceil(2 * n / (k * target.num_classes))
     if cell["method"] == "inversion":
-        config, entry = InversionConfig.preset("paper", steps=b["inversion_steps"], num_generators=k, seed=seed), api.invert
+        config = InversionConfig.preset("paper", steps=b["inversion_steps"], num_generators=k, seed=seed,
+                                        batch_size=b["batch_size"])
+        entry = api.invert
     else:
         extra = {"eta_bn": PRIOR_ETA_BN} if cell["method"] == "tldr+prior" else {}
-        config = ReconstructionConfig.preset("paper", steps=b["tldr_steps"], num_generators=k, seed=seed, **extra)
+        config = ReconstructionConfig.preset("paper", steps=b["tldr_steps"], num_generators=k, seed=seed,
+                                             batch_size=b["batch_size"], **extra)
         entry = api.reconstruct
     return entry(target, target.num_classes, target.input_shape, config, run_dir=run_dir, progress=progress,
                  samples_per_class=samples, **meta)

@@ -283,8 +283,11 @@ def plot(rows: list[dict]):
         left.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=f"{method} ({arch})")
         right.plot(xs, [r["nn_count_train"] for r in mine], "o", label=f"{method} ({arch})")
     left.axhline(0, color="grey", lw=0.8)
+    sizes = sorted({r["train_size"] for r in rows})
     for ax, ylabel in ((left, "gap: mean best SSIM, train - held-out"), (right, "training images with best SSIM > 0.4")):
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training-set size")
         ax.set_ylabel(ylabel)
     left.set_title("leakage gap (95% bootstrap CI)")

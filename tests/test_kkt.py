@@ -13,7 +13,14 @@ from torch.func import functional_call
 
 from tldr_fast import datasets, serialization
 from tldr_fast.attacks.kkt import (
-    KKTMLP, KKTConfig, attack, candidate_labels, kkt_loss, lambdas_from, margins, unit_parameters,
+    KKTMLP,
+    KKTConfig,
+    attack,
+    candidate_labels,
+    kkt_loss,
+    lambdas_from,
+    margins,
+    unit_parameters,
 )
 from tldr_fast.cli import main
 from tldr_fast.ssim import ssim_matrix

@@ -81,6 +81,12 @@ def test_cells_cover_the_grid_in_target_order():
     assert [study.target_name(c) for c in grid[:2]] == ["kkt-mlp-n10-s0"] * 2
 
 
+def test_grid_leaves_out_the_prior_on_targets_without_batchnorm():
+    spec = study.check_spec({**SPEC, "archs": ["mlp", "kkt-mlp"], "methods": ["tldr+prior", "kkt"], "seeds": [0]})
+    pairs = {(c["method"], c["arch"]) for c in study.cells(spec)}
+    assert pairs == {("tldr+prior", "mlp"), ("kkt", "mlp"), ("kkt", "kkt-mlp")}
+
+
 @pytest.mark.parametrize("change, match", [
     ({"methods": ["tldr", "dream"]}, "methods"),
     ({"train_sizes": [0]}, "train_sizes"),

@@ -159,6 +159,10 @@ def test_cli_attack_writes_a_run_directory_evaluate_reads(tmp_path):
     assert images["images"].shape == (20, 1, 28, 28) and torch.bincount(images["labels"]).tolist() == [2] * 10
     assert float(images["images"].min()) >= 0 and float(images["images"].max()) <= 1
     assert isinstance(serialization.load(model_path), KKTMLP)
+    loaded = serialization.load(out)
+    assert torch.equal(loaded.images, images["images"]) and loaded.config == KKTConfig(steps=3)
+    assert loaded.lambdas.shape == (20,) and float(loaded.lambdas.min()) >= loaded.config.lambda_min
+    assert loaded.model == str(model_path.resolve()) and len(loaded.history["kkt"]) == 2  # steps 0 and 2
 
 
 def test_cli_attack_without_train_size_is_a_usage_error(tmp_path, capsys):

@@ -29,7 +29,7 @@ A result is saved as a run directory that `tldr-fast evaluate` scores:
 
     RUN_DIR/images.safetensors   "images" (m, C, H, W) float32 in [0, 1] (the candidates, clamped),
                                  "labels" (m,), "generator_index" (m,) zeros, "lambdas" (m,)
-    RUN_DIR/config.json          {"format": "tldr-fast/run", "kind": "kkt", "config", "num_classes",
+    RUN_DIR/config.json          {"format": "tldr-fast/kkt-run", "kind": "kkt", "config", "num_classes",
                                   "image_shape", "model", "dataset", "subset", "seed", "train_seconds"}
     RUN_DIR/history.json         {"steps": n, "terms": {"kkt": [...], "prior": [...], "loss": [...]}}
     RUN_DIR/grid.png             rows = classes, columns = candidates
@@ -37,6 +37,7 @@ A result is saved as a run directory that `tldr-fast evaluate` scores:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,10 +49,11 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from tldr_fast.models.classifiers import ImageClassifier, _pair
-from tldr_fast.serialization import register_architecture, write_json_atomic
+from tldr_fast.serialization import register_architecture, register_format, write_json_atomic
 from tldr_fast.validation import check_labels, check_nonnegative, check_positive_int
 
-RUN_FORMAT = "tldr-fast/run"
+RUN_FORMAT = "tldr-fast/kkt-run"
+LAMBDAS_FORMAT = "tldr-fast/kkt-lambdas"
 KIND = "kkt"
 
 
@@ -153,7 +155,7 @@ class KKTResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_images(run_dir / "images.safetensors", self)
         write_safetensors_atomic(run_dir / "lambdas.safetensors", {"lambdas": self.lambdas.contiguous()},
-                                 {"format": "tldr-fast/kkt-lambdas"})
+                                 {"format": LAMBDAS_FORMAT})
         write_json_atomic(run_dir / "history.json", {"steps": len(self.history["loss"]), "terms": self.history})
         write_json_atomic(run_dir / "config.json", {
             "format": RUN_FORMAT, "kind": KIND, "config": asdict(self.config), "num_classes": self.num_classes,
@@ -163,6 +165,29 @@ class KKTResult:
         grid = class_grid(self.images, self.labels, per_class=20, scale=1)
         atomic_write(run_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         return run_dir
+
+    @classmethod
+    def load_from(cls, run_dir: str | Path) -> KKTResult:
+        """Read a run directory written by save_to (registered with `tldr_fast.serialization.load`)."""
+        from tldr_fast.serialization import read_safetensors
+
+        run_dir = Path(run_dir)
+        header = json.loads((run_dir / "config.json").read_text())
+        images, _ = read_safetensors(run_dir / "images.safetensors")
+        lambdas, _ = read_safetensors(run_dir / "lambdas.safetensors")
+        known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
+                 "train_seconds"}
+        return cls(
+            images=images["images"], labels=images["labels"], lambdas=lambdas["lambdas"],
+            history=json.loads((run_dir / "history.json").read_text())["terms"],
+            config=KKTConfig(**header["config"]), num_classes=header["num_classes"],
+            image_shape=tuple(header["image_shape"]), train_seconds=header["train_seconds"],
+            model=header.get("model"), dataset=header.get("dataset"), subset=header.get("subset"),
+            extra={k: v for k, v in header.items() if k not in known},
+        )
+
+
+register_format(RUN_FORMAT, KKTResult.load_from)
 
 
 # ------------------------------------------------------------------------------ the objective

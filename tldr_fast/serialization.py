@@ -62,7 +62,8 @@ def architectures() -> dict[str, type[nn.Module]]:
 
 
 # Modules whose classifiers are registered with @register_architecture when imported.
-_ARCHITECTURE_MODULES = ("tldr_fast.attacks.bnn_model", "tldr_fast.attacks.dp", "tldr_fast.attacks.split")
+_ARCHITECTURE_MODULES = ("tldr_fast.attacks.bnn_model", "tldr_fast.attacks.dp", "tldr_fast.attacks.kkt",
+                         "tldr_fast.attacks.split")
 
 
 def _register_builtin() -> None:

@@ -126,3 +126,63 @@ def progress_bar(iterable, enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+def train_kkt_recipe(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 5000,
+    lr: float = 5.0,
+    init_scale: float = 0.03,
+    target_loss: float = 1e-5,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Haim et al.'s training for KKT reconstruction: the initial weights multiplied by init_scale,
+    then full-batch gradient descent on cross-entropy, no momentum and no weight decay, until the
+    loss falls below target_loss or `steps` steps have run. Returns the model in eval mode with
+    `model.train_report` (epoch_losses holds the loss every 100 steps and the last one).
+
+    Small initialisation and a long run to near-zero loss are what bring the weights close to a
+    KKT point of margin maximisation, the condition the KKT attack inverts. The defaults suit
+    `tldr_fast.attacks.kkt.KKTMLP`, whose inputs have norm <= 1 (a larger step kills every ReLU
+    of a network whose inputs are not so scaled).
+    """
+    check_images(images, "images", getattr(model, "input_shape", None))
+    check_labels(labels, "labels", getattr(model, "num_classes", None) or int(labels.max()) + 1, batch=images.shape[0])
+    check_positive_int(steps, "steps")
+    for name, value in (("lr", lr), ("init_scale", init_scale), ("target_loss", target_loss)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(init_scale)
+    x, y = images.to(device), labels.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    report = TrainReport(train_accuracy=0.0, test_accuracy=None)
+    start = time.perf_counter()
+    model.train()
+    bar = progress_bar(range(steps), progress, desc=f"train {type(model).__name__} (kkt recipe)")
+    for step in bar:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach()) if step % 100 == 0 or step == steps - 1 else None
+        if value is not None:
+            report.epoch_losses.append(value)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{value:.2e}")
+        if value is not None and value < target_loss:
+            break
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    report.train_accuracy = evaluate_classifier(model, images, labels, device=device)
+    if test is not None:
+        report.test_accuracy = evaluate_classifier(model, *test, device=device)
+    model.train_report = report
+    return model

@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "tldr_fast.cli.attack_split",
     "tldr_fast.cli.attack_dfm",
     "tldr_fast.cli.attack_bnn",
+    "tldr_fast.cli.attack_kkt",
+    "tldr_fast.cli.study",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 ARCHS = {"cnn": "PaperCNN", "mlp": "MLP"}
+RECIPES = ("adam", "kkt")
 
 
 def register(commands, attacks) -> None:
@@ -16,6 +17,12 @@ def register(commands, attacks) -> None:
     )
     add_data_arguments(p)
     p.add_argument("--arch", choices=sorted(ARCHS), default="cnn", help="classifier architecture")
+    p.add_argument("--recipe", choices=RECIPES, default="adam",
+                   help="adam: mini-batch Adam on cross-entropy; kkt: the KKT attack's target (a bias-free "
+                        "ReLU MLP, small initialisation, full-batch gradient descent to near-zero loss, no "
+                        "weight decay; --arch, --epochs and --batch-size do not apply)")
+    p.add_argument("--kkt-steps", type=int, default=5000, help="kkt recipe: at most this many gradient-descent steps")
+    p.add_argument("--kkt-hidden", type=int, nargs="+", default=[1000], help="kkt recipe: hidden widths of the MLP")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -62,12 +69,44 @@ def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out
     return model, report
 
 
+def train_kkt_and_save(dataset: str, subset: int | None, out: str, seed: int = 0, hidden=(1000,), steps: int = 5000,
+                       data_root=None, device=None, progress: bool = True):
+    """`training.train_kkt_recipe` on a KKTMLP (seeded initialisation), tested and saved like `train_and_save`."""
+    import time
+
+    from tldr_fast import datasets, serialization, training
+    from tldr_fast.attacks.kkt import KKTMLP
+
+    start = time.perf_counter()
+    train = datasets.load_dataset(dataset, "train", root=data_root, subset=subset, seed=seed)
+    test = datasets.load_dataset(dataset, "test", root=data_root)
+    c, h, w = train.images.shape[1:]
+    model = training.build_seeded(
+        lambda: KKTMLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w), hidden=tuple(hidden)), seed)
+    training.train_kkt_recipe(model, train.images, train.labels, steps=steps, test=(test.images, test.labels),
+                              device=device, progress=progress)
+    report = model.train_report
+    serialization.save(out, model.cpu(), metadata={
+        "dataset": dataset, "subset": subset, "seed": seed, "recipe": "kkt", "steps": steps,
+        "final_loss": report.epoch_losses[-1],
+        "train_accuracy": report.train_accuracy, "test_accuracy": report.test_accuracy,
+    })
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
 def run(args) -> int:
-    model, report = train_and_save(
-        args.dataset, args.subset, args.arch, args.epochs, args.out, seed=args.seed,
-        batch_size=args.batch_size, lr=args.lr, data_root=args.data_root, device=args.device,
-        progress=not args.no_progress,
-    )
+    if args.recipe == "kkt":
+        model, report = train_kkt_and_save(
+            args.dataset, args.subset, args.out, seed=args.seed, hidden=args.kkt_hidden, steps=args.kkt_steps,
+            data_root=args.data_root, device=args.device, progress=not args.no_progress,
+        )
+    else:
+        model, report = train_and_save(
+            args.dataset, args.subset, args.arch, args.epochs, args.out, seed=args.seed,
+            batch_size=args.batch_size, lr=args.lr, data_root=args.data_root, device=args.device,
+            progress=not args.no_progress,
+        )
     print(f"{model.arch} on {args.dataset} (subset {args.subset or 'all'}): "
           f"train accuracy {report.train_accuracy:.4f}, test accuracy {report.test_accuracy:.4f}, "
           f"{report.seconds:.1f} s")

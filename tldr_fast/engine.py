@@ -21,6 +21,7 @@ import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch

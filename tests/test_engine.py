@@ -284,10 +284,17 @@ def _mean_within_class_ssim(result) -> float:
 
 @pytest.mark.slow
 def test_diversity_losses_lower_within_class_ssim(trained_classifier):
-    """Inversion with cosine + orthogonality gives more varied images than gamma = delta = 0."""
-    common = {**TINY, "num_generators": 1, "steps": 40, "batch_size": 20, "log_every": 10, "dropout": 0.0}
-    diverse = tf.invert(trained_classifier, 10, SHAPE, InversionConfig(**common, gamma=10, delta=7),
-                        progress=False, samples_per_class=4)
-    plain = tf.invert(trained_classifier, 10, SHAPE, InversionConfig(**common, gamma=0, delta=0),
-                      progress=False, samples_per_class=4)
-    assert _mean_within_class_ssim(diverse) < _mean_within_class_ssim(plain) - 0.02
+    """Inversion with cosine + orthogonality gives more varied images than gamma = delta = 0.
+
+    Averaged over three seeds: one run's difference depends on its trajectory, which the thread
+    count's summation order changes (measured at 80 steps: 0.02-0.18 per seed, 0.07-0.09 on average
+    at 1 and 2 threads)."""
+    diverse, plain = [], []
+    for seed in range(3):
+        common = {**TINY, "num_generators": 1, "steps": 80, "batch_size": 20, "log_every": 10, "dropout": 0.0,
+                  "seed": seed}
+        for weights, scores in (({"gamma": 10, "delta": 7}, diverse), ({"gamma": 0, "delta": 0}, plain)):
+            result = tf.invert(trained_classifier, 10, SHAPE, InversionConfig(**common, **weights),
+                               progress=False, samples_per_class=4)
+            scores.append(_mean_within_class_ssim(result))
+    assert sum(diverse) / 3 < sum(plain) / 3 - 0.02, (diverse, plain)

@@ -229,7 +229,7 @@ def _find_root(name: str, split: str, root, download: bool) -> dict[str, Path]:
         f"dataset {name!r} split {split!r}: files not found. Looked for:\n  "
         + "\n  ".join(looked)
         + f"\nGet them with tldr_fast.datasets.load({name!r}, download=True) (from {_MIRRORS[name]}), "
-        "or put them in one of those places, or set $TLDR_DATA to a directory holding them."
+        "or put them in one of those places, or point --data-root (root=) or $TLDR_DATA at a directory holding them."
     )
 
 

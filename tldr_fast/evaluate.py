@@ -357,8 +357,8 @@ def evaluate_run(
 ) -> dict:
     """Score a run directory against its target's training data; write metrics.json and report.html.
 
-    Defaults come from the target's model file header (dataset, subset, seed it was trained with),
-    then from RUN_DIR/config.json; `datasets.load_dataset(dataset, subset=..., seed=...)` rebuilds
+    Defaults come from the target's model file header (dataset, subset, seed and data root it was
+    trained with), then from RUN_DIR/config.json; `datasets.load_dataset(dataset, subset=..., seed=...)` rebuilds
     the same balanced subset. heldout_data: "test" (a balanced set from the test split, as large
     as the training set where the split allows), an (images, labels) pair, or None to skip the
     leakage gap. evaluator: a classifier module, a model-file path, False to skip, or None to train
@@ -382,6 +382,7 @@ def evaluate_run(
         raise ValueError(f"{run_dir}: no training dataset recorded in config.json or the model file; pass train_data")
     subset = subset if subset is not None else origin.get("subset")
     seed = seed if seed is not None else int(origin.get("seed") or 0)
+    data_root = data_root if data_root is not None else origin.get("data_root")
     train = datasets.load_dataset(train_data, "train", root=data_root, subset=subset, seed=seed)
     heldout, heldout_source = _heldout(heldout_data, train_data, len(train.labels), data_root, seed)
     evaluator, evaluator_info = _evaluator(evaluator, train, train_data, subset, data_root, seed, device, progress)

@@ -38,11 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.import_module('tldr_fast').__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of any error (also: TLDR_FAST_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    attack = commands.add_parser("attack", help="related attacks: split-model inversion, Data-from-Model, BNN by SAT")
+    attack = commands.add_parser(
+        "attack", help="related attacks: KKT reconstruction, split-model inversion, Data-from-Model, BNN by SAT")
     attacks = attack.add_subparsers(dest="attack", metavar="ATTACK", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands, attacks)
+    for sub in _subcommands(parser):
+        sub.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (None, False) or says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or action.nargs == 0 and default is True:
+            return text
+        if isinstance(default, (list, tuple)) and not default:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _subcommands(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subcommands(sub)
 
 
 # "file": a file to write (its directory is made); "dir": a directory to write into (made);

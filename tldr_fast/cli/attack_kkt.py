@@ -37,7 +37,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"--out": "dir"})
 
 
 def run(args) -> int:

@@ -34,25 +34,47 @@ def register(commands, attacks) -> None:
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--epochs", type=int, default=15, help="classifier training epochs (default 15)")
     demo.add_argument("--no-evaluate", action="store_true", help="skip the leakage evaluation at the end")
-    _add_engine_arguments(demo, "reconstruct")
+    _add_engine_arguments(demo, "reconstruct", base=DEMO_CONFIG)
     demo.set_defaults(func=_run_demo, kind="reconstruct", writes={"--out": "dir"})
 
 
-def _add_engine_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+def _preset_defaults(kind: str, base: dict | None = None):
+    """field -> "default: ..." text: the value `base` sets, else the field's value in each preset of `kind`."""
+    from tldr_fast.config import InversionConfig, ReconstructionConfig
+
+    cls = ReconstructionConfig if kind == "reconstruct" else InversionConfig
+    presets = {"paper": cls(), "authors": cls.authors()}
+
+    def text(field: str) -> str:
+        if base and field in base:
+            return f"default: {base[field]}"
+        values = {name: getattr(cfg, field) for name, cfg in presets.items()}
+        if len(set(values.values())) == 1:
+            return f"default: {values['paper']} in both presets"
+        return "default: " + ", ".join(f"{value} with --preset {name}" for name, value in values.items())
+
+    return text
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser, kind: str, base: dict | None = None) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--preset", choices=("paper", "authors"), default="paper",
                    help="paper (default): the paper's method; authors: the TLDR authors' code and its quirks")
-    g.add_argument("--steps", type=int, help="training steps")
-    g.add_argument("--batch-size", type=int, help="images per generator per step")
-    g.add_argument("--generators", type=int, dest="num_generators", help="K generators trained together")
-    g.add_argument("--lr", type=float, help="Adam learning rate")
-    g.add_argument("--seed", type=int, help="seed (seeded CPU runs are bit-for-bit reproducible)")
+    presets = _preset_defaults(kind, base)
+    g.add_argument("--steps", type=int, help=f"training steps ({presets('steps')})")
+    g.add_argument("--batch-size", type=int, help=f"images per generator per step ({presets('batch_size')})")
+    g.add_argument("--generators", type=int, dest="num_generators",
+                   help=f"K generators trained together ({presets('num_generators')})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate ({presets('lr')})")
+    g.add_argument("--seed", type=int, help=f"seed; seeded CPU runs are bit-for-bit reproducible ({presets('seed')})")
     if kind == "reconstruct":
-        g.add_argument("--eps", type=float, help="L-inf perturbation radius on the [0, 1] pixel scale")
+        g.add_argument("--eps", type=float,
+                       help=f"L-inf perturbation radius on the [0, 1] pixel scale ({presets('eps')})")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any config field, e.g. --set gamma=0 --set output_activation=tanh (repeatable)")
     g.add_argument("--samples-per-class", type=int, default=10, help="images per class per generator in the result")
-    g.add_argument("--checkpoint-every", type=int, help="checkpoint every n steps (0: never)")
+    g.add_argument("--checkpoint-every", type=int,
+                   help=f"checkpoint every n steps, 0: never ({presets('checkpoint_every')})")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest readable checkpoint in --out (falls back past damaged ones)")
     g.add_argument("--overwrite", action="store_true",
@@ -174,7 +196,7 @@ def _reconstruct_from_file(args, device) -> int:
 
 # The demo's reconstruction settings: sized to finish within minutes on two CPU cores, and with the
 # feature-statistics prior on (beyond the paper's nine terms): at this budget it is what turns
-# stripe and blob patterns into digits (measured: README, "The demo").
+# stripe and blob patterns into digits (measured: docs/method.md, "The feature-statistics prior").
 DEMO_CONFIG = {"steps": 300, "batch_size": 40, "checkpoint_every": 50, "eta_bn": 3.0}
 
 

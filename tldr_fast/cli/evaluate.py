@@ -18,7 +18,7 @@ def register(commands, attacks) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with images.safetensors and config.json")
-    p.add_argument("--train-data", default=None,
+    p.add_argument("--dataset", "--train-data", dest="train_data", metavar="NAME", default=None,
                    help="dataset the target was trained on (default: from the model file or config.json)")
     p.add_argument("--subset", type=int, default=None,
                    help="balanced training subset size the target used (default: from the model file or config.json)")

@@ -24,7 +24,7 @@ def register(commands, attacks) -> None:
     p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, writes={"--out": "dir", "--results": "dir"})
 
 
 def run(args) -> int:

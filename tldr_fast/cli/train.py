@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import argparse
 
 ARCHS = {"cnn": "PaperCNN", "mlp": "MLP"}
@@ -64,6 +66,8 @@ def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out
     serialization.save(out, model.cpu(), metadata={
         "dataset": dataset, "subset": subset, "seed": seed, "epochs": epochs,
         "train_accuracy": report.train_accuracy, "test_accuracy": report.test_accuracy,
+        # `evaluate` rebuilds the training set from the same files.
+        **({"data_root": str(Path(data_root).resolve())} if data_root is not None else {}),
     })
     report.seconds = time.perf_counter() - start
     return model, report

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    payload = {"environment": environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "suites": {}}
+    payload = {
+        "environment": environment(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "suites": {},
+    }
     for name, mod in modules.items():
         print(f"\n== {name} ({args.device}) ==")
         rows = mod.run(args)
@@ -47,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(mod, "print_rows"):
             mod.print_rows(rows)
         else:
-            print_table(rows, list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list)))))
+            print_table(
+                rows,
+                list(
+                    dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list)))
+                ),
+            )
     if args.json_path:
         write_json(args.json_path, payload)
         print(f"\nwrote {args.json_path}")

@@ -18,8 +18,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("variant", ["naive", "identity", "triton"])
 def test_diversity_fwd_bwd(benchmark, variant):
-    fn = {"naive": suite.naive_diversity, "identity": suite.identity_diversity,
-          "triton": suite.triton_diversity}[variant]
+    fn = {
+        "naive": suite.naive_diversity,
+        "identity": suite.identity_diversity,
+        "triton": suite.triton_diversity,
+    }[variant]
     feat = torch.randn(96, 32, device=DEVICE).abs() + 0.1
     (g,) = benchmark(suite._fwd_bwd(fn, feat))
     assert torch.isfinite(g).all()
@@ -29,9 +32,12 @@ def test_naive_matches_identity():
     feat = torch.randn(96, 32, dtype=torch.float64)
     for normalized in (True, False):
         naive = suite.naive_diversity(feat, normalized)
-        torch.testing.assert_close(torch.stack(naive).double(),
-                                   torch.stack(suite.losses.diversity_losses(feat, normalized)).double(),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.stack(naive).double(),
+            torch.stack(suite.losses.diversity_losses(feat, normalized)).double(),
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
 @pytest.mark.parametrize("variant", ["torch", "triton", "fused"])

@@ -50,8 +50,13 @@ def _seconds(fn: Callable[[], object], device) -> float:
     return time.perf_counter() - t0
 
 
-def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: int = 7,
-            max_seconds: float = 20.0) -> Timing:
+def time_fn(
+    fn: Callable[[], object],
+    device="cpu",
+    warmup: int = 2,
+    repeats: int = 7,
+    max_seconds: float = 20.0,
+) -> Timing:
     """Median wall time of fn() after warm-up; stops early once max_seconds have been spent."""
     for _ in range(warmup):
         fn()
@@ -64,8 +69,13 @@ def time_fn(fn: Callable[[], object], device="cpu", warmup: int = 2, repeats: in
     return Timing.of(times)
 
 
-def interleaved_times(fns: list[Callable[[], object]], device="cpu", warmup: int = 2, repeats: int = 7,
-                      max_seconds: float = 60.0) -> list[list[float]]:
+def interleaved_times(
+    fns: list[Callable[[], object]],
+    device="cpu",
+    warmup: int = 2,
+    repeats: int = 7,
+    max_seconds: float = 60.0,
+) -> list[list[float]]:
     """Per function, its wall times over rounds in which every function runs once, back to back,
     in an order rotated by one each round (round r starts with fns[r % n]), so that a machine whose
     speed drifts from round to round slows every function of a round alike."""
@@ -88,11 +98,19 @@ def median_ratio(times: list[float], reference_times: list[float]) -> float:
     return statistics.median(t / t_ref for t, t_ref in zip(times, reference_times, strict=True))
 
 
-def paired_ratio(fn: Callable[[], object], reference: Callable[[], object], device="cpu", warmup: int = 2,
-                 repeats: int = 7, max_seconds: float = 60.0) -> tuple[float, Timing, Timing]:
+def paired_ratio(
+    fn: Callable[[], object],
+    reference: Callable[[], object],
+    device="cpu",
+    warmup: int = 2,
+    repeats: int = 7,
+    max_seconds: float = 60.0,
+) -> tuple[float, Timing, Timing]:
     """(median over rounds of time(fn) / time(reference), fn's timing, reference's timing), the
     two timed back to back in every round, alternating which goes first (`interleaved_times`)."""
-    reference_times, times = interleaved_times([reference, fn], device, warmup, repeats, max_seconds)
+    reference_times, times = interleaved_times(
+        [reference, fn], device, warmup, repeats, max_seconds
+    )
     return median_ratio(times, reference_times), Timing.of(times), Timing.of(reference_times)
 
 
@@ -169,7 +187,10 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for row in cells:

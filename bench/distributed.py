@@ -31,9 +31,16 @@ CPU_BATCH, CPU_QUICK_BATCH = 64, 16
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributed suite")
-    g.add_argument("--dist-batch", type=int, default=None, help="global batch of the strong-scaling rows "
-                   "(default 64; --quick 16); the weak-scaling row on 2 ranks runs twice this")
-    g.add_argument("--dist-steps", type=int, default=None, help="timed steps per row (default 6; --quick 2)")
+    g.add_argument(
+        "--dist-batch",
+        type=int,
+        default=None,
+        help="global batch of the strong-scaling rows "
+        "(default 64; --quick 16); the weak-scaling row on 2 ranks runs twice this",
+    )
+    g.add_argument(
+        "--dist-steps", type=int, default=None, help="timed steps per row (default 6; --quick 2)"
+    )
 
 
 def _free_port() -> int:
@@ -51,7 +58,9 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
 
     torch.set_num_threads(1)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
     reduced_bytes = []
     original = distributed._all_reduce_sum
 
@@ -64,7 +73,9 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
         cfg = step_config(batch)
         template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE)
         labels = conditioning.balanced_labels(batch, NUM_CLASSES).expand(1, -1).contiguous()
-        problem = objective.Problem(template, bench_classifier("cpu"), cfg, labels, distributed.current_shard(batch))
+        problem = objective.Problem(
+            template, bench_classifier("cpu"), cfg, labels, distributed.current_shard(batch)
+        )
         step = make_step(problem, buffers)
         state = AdamState.zeros_like(params)
         torch.manual_seed(0)
@@ -78,8 +89,16 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
                 times.append(time.perf_counter() - start)
         if rank == 0:
             per_step = sum(reduced_bytes) // (steps + 1)
-            Path(out).write_text(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
-                                             "repeats": len(times), "allreduce_bytes": per_step}))
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        "median_s": statistics.median(times),
+                        "min_s": min(times),
+                        "repeats": len(times),
+                        "allreduce_bytes": per_step,
+                    }
+                )
+            )
     finally:
         distributed._all_reduce_sum = original
         if world > 1:
@@ -98,16 +117,30 @@ def _measure(world: int, batch: int, steps: int) -> dict:
 
 def run(args) -> list[dict]:
     if args.device != "cpu":
-        raise ValueError(f"the distributed suite runs gloo ranks on the CPU; got --device {args.device}")
+        raise ValueError(
+            f"the distributed suite runs gloo ranks on the CPU; got --device {args.device}"
+        )
     batch = args.dist_batch or (CPU_QUICK_BATCH if args.quick else CPU_BATCH)
     steps = args.dist_steps or (2 if args.quick else 6)
-    measured = {(w, b): _measure(w, b, steps) for w, b in ((1, batch), (2, batch), (1, 2 * batch), (2, 2 * batch))}
+    measured = {
+        (w, b): _measure(w, b, steps)
+        for w, b in ((1, batch), (2, batch), (1, 2 * batch), (2, 2 * batch))
+    }
     rows = []
     for (world, b), m in measured.items():
-        row = {"name": "distributed-step", "world_size": world, "threads_per_rank": 1, "global_batch": b,
-               "rank_batch": b // world, "median_s": m["median_s"], "min_s": m["min_s"], "repeats": m["repeats"],
-               "images_per_s": b / m["median_s"], "allreduce_bytes_per_step": m["allreduce_bytes"],
-               "allreduce_bytes_per_image": m["allreduce_bytes"] / b}
+        row = {
+            "name": "distributed-step",
+            "world_size": world,
+            "threads_per_rank": 1,
+            "global_batch": b,
+            "rank_batch": b // world,
+            "median_s": m["median_s"],
+            "min_s": m["min_s"],
+            "repeats": m["repeats"],
+            "images_per_s": b / m["median_s"],
+            "allreduce_bytes_per_step": m["allreduce_bytes"],
+            "allreduce_bytes_per_image": m["allreduce_bytes"] / b,
+        }
         if world == 2:
             row["strong_speedup"] = measured[1, b]["median_s"] / m["median_s"]
             if b == 2 * batch:

@@ -78,7 +78,9 @@ def render(spec: str, root: Path = ROOT) -> str:
     if "columns" in data and "rows" in data:
         decimals = data.get("decimals", {})
         fmts = [f".{decimals[c]}f" if c in decimals else None for c in data["columns"]]
-        return _markdown(data["columns"], [[_cell(v, f) for v, f in zip(row, fmts)] for row in data["rows"]])
+        return _markdown(
+            data["columns"], [[_cell(v, f) for v, f in zip(row, fmts)] for row in data["rows"]]
+        )
     rows = _benchmark_rows(data, options.get("suite"))
     for condition in filter(None, options.get("where", "").split(",")):
         field, _, value = condition.partition(":")
@@ -86,12 +88,17 @@ def render(spec: str, root: Path = ROOT) -> str:
     if "columns" not in options:
         raise ValueError(f"table {path}: a benchmark file needs columns=")
     fields = [c.partition("|") for c in options["columns"].split(",")]
-    return _markdown([f for f, _, _ in fields], [[_cell(r.get(f), fmt or None) for f, _, fmt in fields] for r in rows])
+    return _markdown(
+        [f for f, _, _ in fields],
+        [[_cell(r.get(f), fmt or None) for f, _, fmt in fields] for r in rows],
+    )
 
 
 def regenerate(text: str, root: Path = ROOT) -> str:
     """`text` with every marked table rendered afresh from its JSON."""
-    return MARKER.sub(lambda m: f"<!-- table: {m['spec']} -->\n{render(m['spec'], root)}<!-- /table -->", text)
+    return MARKER.sub(
+        lambda m: f"<!-- table: {m['spec']} -->\n{render(m['spec'], root)}<!-- /table -->", text
+    )
 
 
 def demo_table(metrics: dict, command: str = "tldr-fast demo") -> dict:
@@ -100,23 +107,39 @@ def demo_table(metrics: dict, command: str = "tldr-fast demo") -> dict:
     lo, hi = gap["mean_best_ssim"]["ci"]
     fidelity = metrics["fidelity"]
     rows = [
-        ["reconstructed (authors' protocol), train / held-out",
-         f"{gap['percent_reconstructed']['train']:.1f}% / {gap['percent_reconstructed']['heldout']:.1f}%"],
-        ["mean best-match SSIM, train / held-out",
-         f"{gap['mean_best_ssim']['train']:.3f} / {gap['mean_best_ssim']['heldout']:.3f}"],
-        [f"leakage gap [{100 * gap['confidence']:.0f}% interval]",
-         f"{gap['mean_best_ssim']['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"],
+        [
+            "reconstructed (authors' protocol), train / held-out",
+            f"{gap['percent_reconstructed']['train']:.1f}% / {gap['percent_reconstructed']['heldout']:.1f}%",
+        ],
+        [
+            "mean best-match SSIM, train / held-out",
+            f"{gap['mean_best_ssim']['train']:.3f} / {gap['mean_best_ssim']['heldout']:.3f}",
+        ],
+        [
+            f"leakage gap [{100 * gap['confidence']:.0f}% interval]",
+            f"{gap['mean_best_ssim']['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]",
+        ],
         ["independent evaluator's accuracy", f"{100 * fidelity['evaluator_accuracy']:.1f}%"],
-        ["target's mean confidence in the intended label", f"{fidelity['target_mean_confidence']:.3f}"],
+        [
+            "target's mean confidence in the intended label",
+            f"{fidelity['target_mean_confidence']:.3f}",
+        ],
     ]
     return {"source": command, "columns": ["statistic", "value"], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.docs", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="report stale files and exit 1 instead of writing")
-    parser.add_argument("--demo-metrics", metavar="METRICS_JSON",
-                        help="first write docs/results/demo.json from this run's metrics.json (tldr-fast demo)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.docs", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="report stale files and exit 1 instead of writing"
+    )
+    parser.add_argument(
+        "--demo-metrics",
+        metavar="METRICS_JSON",
+        help="first write docs/results/demo.json from this run's metrics.json (tldr-fast demo)",
+    )
     args = parser.parse_args(argv)
     if args.demo_metrics:
         table = demo_table(json.loads(Path(args.demo_metrics).read_text()))

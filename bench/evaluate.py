@@ -15,11 +15,21 @@ import torch
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--train-data", default="mnist", help="dataset whose whole training split is matched")
-    parser.add_argument("--recon", type=int, default=1000, help="number of reconstructions (balanced)")
-    parser.add_argument("--impl", default="auto", choices=("auto", "compiled", "eager"), help="SSIM pointwise path")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's); 1 is faster on an oversubscribed machine")
+    parser.add_argument(
+        "--train-data", default="mnist", help="dataset whose whole training split is matched"
+    )
+    parser.add_argument(
+        "--recon", type=int, default=1000, help="number of reconstructions (balanced)"
+    )
+    parser.add_argument(
+        "--impl", default="auto", choices=("auto", "compiled", "eager"), help="SSIM pointwise path"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's); 1 is faster on an oversubscribed machine",
+    )
 
 
 def run(args) -> list[dict]:
@@ -35,7 +45,9 @@ def run(args) -> list[dict]:
     n_recon = 200 if args.quick else getattr(args, "recon", 1000)
     train = datasets.load_dataset(train_data, "train")
     if args.quick:
-        train = datasets.balanced_subset(train, 6000 if train.num_classes == 10 else 60 * train.num_classes)
+        train = datasets.balanced_subset(
+            train, 6000 if train.num_classes == 10 else 60 * train.num_classes
+        )
     recon = datasets.load_dataset(train_data, "test", subset=n_recon, seed=1)
     impl = getattr(args, "impl", "auto")
     device = torch.device(args.device)
@@ -58,29 +70,42 @@ def run(args) -> list[dict]:
         cpu_seconds.append(time.process_time() - c0)
         return out, time.perf_counter() - t0
 
-    cm, t_matrices = timed(lambda: class_ssim_matrices(
-        recon.images, recon.labels, train.images, train.labels, train.num_classes, device=device, impl=impl))
+    cm, t_matrices = timed(
+        lambda: class_ssim_matrices(
+            recon.images,
+            recon.labels,
+            train.images,
+            train.labels,
+            train.num_classes,
+            device=device,
+            impl=impl,
+        )
+    )
     authors, t_hungarian = timed(lambda: authors_statistics(cm))
     _, t_nn = timed(lambda: nearest_neighbour_statistics(cm))
     pairs = sum(s.size for s in cm.ssim.values())
     total = t_matrices + t_hungarian
-    return [{
-        "name": "authors_protocol",
-        "train_data": train_data,
-        "recon": len(recon.labels),
-        "train": len(train.labels),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "impl": impl,
-        "pairs": pairs,
-        "matrices_s": t_matrices,
-        "hungarian_s": t_hungarian,
-        "nearest_neighbour_s": t_nn,
-        "total_s": total,
-        "process_cpu_s": sum(cpu_seconds),  # wall time is inflated when other jobs share the cores
-        "load_average_1min": os.getloadavg()[0],
-        "pairs_per_s": pairs / t_matrices,
-        "percent_reconstructed": authors["percent_reconstructed"],
-        "target_s": 180.0,
-        "meets_target": total < 180.0,
-    }]
+    return [
+        {
+            "name": "authors_protocol",
+            "train_data": train_data,
+            "recon": len(recon.labels),
+            "train": len(train.labels),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "impl": impl,
+            "pairs": pairs,
+            "matrices_s": t_matrices,
+            "hungarian_s": t_hungarian,
+            "nearest_neighbour_s": t_nn,
+            "total_s": total,
+            "process_cpu_s": sum(
+                cpu_seconds
+            ),  # wall time is inflated when other jobs share the cores
+            "load_average_1min": os.getloadavg()[0],
+            "pairs_per_s": pairs / t_matrices,
+            "percent_reconstructed": authors["percent_reconstructed"],
+            "target_s": 180.0,
+            "meets_target": total < 180.0,
+        }
+    ]

@@ -101,7 +101,10 @@ class CostModel:
         return cls(Cost(c1.flops - per.flops * b1, c1.bytes - per.bytes * b1), per)
 
     def at(self, batch: int) -> Cost:
-        return Cost(self.fixed.flops + self.per_image.flops * batch, self.fixed.bytes + self.per_image.bytes * batch)
+        return Cost(
+            self.fixed.flops + self.per_image.flops * batch,
+            self.fixed.bytes + self.per_image.bytes * batch,
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,11 @@ class Peaks:
         return max(cost.flops / rate, cost.bytes / self.copy_bytes_s)
 
     def as_row(self) -> dict:
-        return {"tf32_tflop_s": self.tf32_flop_s / 1e12, "bf16_tflop_s": self.bf16_flop_s / 1e12,
-                "copy_gb_s": self.copy_bytes_s / 1e9}
+        return {
+            "tf32_tflop_s": self.tf32_flop_s / 1e12,
+            "bf16_tflop_s": self.bf16_flop_s / 1e12,
+            "copy_gb_s": self.copy_bytes_s / 1e9,
+        }
 
 
 def gemm_rate(device, dtype: torch.dtype, size: int) -> float:
@@ -132,8 +138,11 @@ def gemm_rate(device, dtype: torch.dtype, size: int) -> float:
 def measure_peaks(device, tiny: bool = False) -> Peaks:
     """The GEMM probes (8192^3 on CUDA, 256^3 with `tiny` or on a CPU) and the copy probe."""
     size = 8192 if torch.device(device).type == "cuda" and not tiny else 256
-    return Peaks(gemm_rate(device, torch.float32, size), gemm_rate(device, torch.bfloat16, size),
-                 measure_copy_bandwidth(str(torch.device(device).type)))
+    return Peaks(
+        gemm_rate(device, torch.float32, size),
+        gemm_rate(device, torch.bfloat16, size),
+        measure_copy_bandwidth(str(torch.device(device).type)),
+    )
 
 
 # -- the work of each piece, built for a batch -------------------------------------------------
@@ -153,7 +162,9 @@ class StepPieces:
     @classmethod
     def build(cls, batch: int, classifier, device) -> StepPieces:
         cfg = step_config(batch)
-        template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
+        template, params, buffers = objective.build_generators(
+            cfg, NUM_CLASSES, IMAGE_SHAPE, device
+        )
         labels = conditioning.balanced_labels(batch, NUM_CLASSES, device)[None]
         problem = objective.Problem(template, classifier, cfg, labels)
         with torch.no_grad():
@@ -168,23 +179,40 @@ class StepPieces:
 
 def _generate(problem, params, buffers):
     noise = objective.draw_noise(problem)
-    return objective.generate(problem.template, params, buffers, noise["z"], problem.labels,
-                              objective.condition(problem, noise))
+    return objective.generate(
+        problem.template,
+        params,
+        buffers,
+        noise["z"],
+        problem.labels,
+        objective.condition(problem, noise),
+    )
 
 
 def _backward_to(inputs, fn):
     """fn(inputs) and the vector-Jacobian product of its (summed) outputs back to inputs."""
     out, pull_back = vjp(fn, inputs)
-    return pull_back(torch.ones_like(out) if isinstance(out, torch.Tensor) else
-                     tuple(torch.ones_like(o) for o in out))
+    return pull_back(
+        torch.ones_like(out)
+        if isinstance(out, torch.Tensor)
+        else tuple(torch.ones_like(o) for o in out)
+    )
 
 
 # The step's pieces; the perturbed images take one more `classifier` pass, and the ghost norms'
 # forward is the clean `classifier_with_features` pass, shared in the step. `ghost_norms` is also
 # the work of the gradient-norm suite's rows (the same call on images of the same shape), and
 # `classifier` that of its baseline (less the cross-entropy's few bytes per image).
-PIECES = ("generator", "classifier_with_features", "classifier", "ghost_norms", "kl_ce", "diversity", "tv_pixel",
-          "adam")
+PIECES = (
+    "generator",
+    "classifier_with_features",
+    "classifier",
+    "ghost_norms",
+    "kl_ce",
+    "diversity",
+    "tv_pixel",
+    "adam",
+)
 
 
 def piece_work(piece: str, pieces: StepPieces) -> Callable[[], object]:
@@ -194,17 +222,23 @@ def piece_work(piece: str, pieces: StepPieces) -> Callable[[], object]:
     p = pieces
     classifier = p.problem.classifier
     if piece == "generator":
-        return lambda: _backward_to(p.params, lambda params: _generate(p.problem, params, p.buffers))
+        return lambda: _backward_to(
+            p.params, lambda params: _generate(p.problem, params, p.buffers)
+        )
     if piece == "classifier_with_features":
         return lambda: _backward_to(p.images, classifier.forward_with_features)
     if piece == "classifier":
         return lambda: _backward_to(p.images, classifier)
     if piece == "ghost_norms":
         x = p.images.detach().requires_grad_()
-        return lambda: torch.autograd.grad(per_sample_grad_norm(classifier, x, p.labels, backend="ghost").mean(), x)
+        return lambda: torch.autograd.grad(
+            per_sample_grad_norm(classifier, x, p.labels, backend="ghost").mean(), x
+        )
     if piece == "kl_ce":
         vectors = F.one_hot(p.labels, NUM_CLASSES).float()
-        return lambda: _backward_to(p.logits, lambda z: losses.kl(z, vectors) + losses.ce(z, p.labels))
+        return lambda: _backward_to(
+            p.logits, lambda z: losses.kl(z, vectors) + losses.ce(z, p.labels)
+        )
     if piece == "diversity":
         return lambda: _backward_to(p.features, lambda f: sum(losses.diversity_losses(f)))
     if piece == "tv_pixel":
@@ -226,7 +260,9 @@ def ssim_pair_cost(device, size: int = 8) -> Cost:
 
     gen = torch.Generator().manual_seed(0)
     b = torch.rand(4 * size, *IMAGE_SHAPE, generator=gen).to(device)
-    small, large = (count(lambda m=m: ssim_matrix(b[:m], b, impl="eager")) for m in (size // 2, size))
+    small, large = (
+        count(lambda m=m: ssim_matrix(b[:m], b, impl="eager")) for m in (size // 2, size)
+    )
     pairs = (size - size // 2) * b.shape[0]
     return Cost((large.flops - small.flops) // pairs, (large.bytes - small.bytes) // pairs)
 
@@ -243,9 +279,13 @@ class Floors:
     def count_on(cls, classifier, device, batches=COUNT_BATCHES) -> Floors:
         """Counted at `batches`: above the features' dimension (256) for rows at larger batches, where
         the diversity identities take their D x D route (below it the N x N route is cheaper)."""
-        pieces = {piece: CostModel.fit(lambda b, piece=piece: piece_work(piece, StepPieces.build(b, classifier, device)),
-                                       batches)
-                  for piece in PIECES}
+        pieces = {
+            piece: CostModel.fit(
+                lambda b, piece=piece: piece_work(piece, StepPieces.build(b, classifier, device)),
+                batches,
+            )
+            for piece in PIECES
+        }
         return cls(
             step=CostModel.fit(lambda b: step_work(b, classifier, device), batches),
             pieces=pieces,
@@ -255,17 +295,30 @@ class Floors:
     def rows(self, peaks: Peaks) -> list[dict]:
         """Per image: FLOPs, bytes and floor (TF32 and BF16 peaks) of the step and of each piece."""
         models = itertools.chain([("step", self.step)], self.pieces.items())
-        return [{"piece": name, "flops_per_image": m.per_image.flops, "bytes_per_image": m.per_image.bytes,
-                 "fixed_flops": m.fixed.flops, "fixed_bytes": m.fixed.bytes,
-                 "floor_tf32_ns_per_image": 1e9 * peaks.floor_seconds(m.per_image, "tf32"),
-                 "floor_bf16_ns_per_image": 1e9 * peaks.floor_seconds(m.per_image, "bf16"),
-                 "bound": "compute" if m.per_image.flops / peaks.tf32_flop_s > m.per_image.bytes / peaks.copy_bytes_s
-                 else "memory"}
-                for name, m in models]
+        return [
+            {
+                "piece": name,
+                "flops_per_image": m.per_image.flops,
+                "bytes_per_image": m.per_image.bytes,
+                "fixed_flops": m.fixed.flops,
+                "fixed_bytes": m.fixed.bytes,
+                "floor_tf32_ns_per_image": 1e9 * peaks.floor_seconds(m.per_image, "tf32"),
+                "floor_bf16_ns_per_image": 1e9 * peaks.floor_seconds(m.per_image, "bf16"),
+                "bound": "compute"
+                if m.per_image.flops / peaks.tf32_flop_s > m.per_image.bytes / peaks.copy_bytes_s
+                else "memory",
+            }
+            for name, m in models
+        ]
 
 
 def set_against(row: dict, cost: Cost, seconds: float, peaks: Peaks, prefix: str = "") -> None:
     """Add the floor of `cost` and the % of it that `seconds` reaches to row (keys after prefix)."""
     floor_tf32, floor_bf16 = peaks.floor_seconds(cost, "tf32"), peaks.floor_seconds(cost, "bf16")
-    row.update({f"{prefix}floor_s": floor_tf32, f"{prefix}pct_of_floor": 100 * floor_tf32 / seconds,
-                f"{prefix}pct_of_bf16_floor": 100 * floor_bf16 / seconds})
+    row.update(
+        {
+            f"{prefix}floor_s": floor_tf32,
+            f"{prefix}pct_of_floor": 100 * floor_tf32 / seconds,
+            f"{prefix}pct_of_bf16_floor": 100 * floor_bf16 / seconds,
+        }
+    )

@@ -41,6 +41,7 @@ def _with_input_grad(loss_fn, x):
     def run():
         xi = x.detach().requires_grad_(True)
         loss_fn(xi).backward()
+
     return run
 
 
@@ -52,14 +53,21 @@ def measure_ratios(repeats: int = 5) -> dict[str, dict[str, float]]:
     labels = torch.arange(GRAD_NORM_BATCH) % NUM_CLASSES
     feat = torch.randn(*DIVERSITY_SHAPE)
     pairs = {
-        "step_fast_eager_vs_naive": (make_runner("fast-eager", STEP_BATCH, classifier, "cpu"),
-                                     make_runner("naive", STEP_BATCH, classifier, "cpu")),
+        "step_fast_eager_vs_naive": (
+            make_runner("fast-eager", STEP_BATCH, classifier, "cpu"),
+            make_runner("naive", STEP_BATCH, classifier, "cpu"),
+        ),
         "grad_norm_ghost_vs_vmap": (
-            _with_input_grad(lambda x: per_sample_grad_norm(classifier, x, labels, backend="ghost").mean(), images),
-            _with_input_grad(lambda x: naive_grad_norms(classifier, x, labels).mean(), images)),
+            _with_input_grad(
+                lambda x: per_sample_grad_norm(classifier, x, labels, backend="ghost").mean(),
+                images,
+            ),
+            _with_input_grad(lambda x: naive_grad_norms(classifier, x, labels).mean(), images),
+        ),
         "diversity_identity_vs_gram": (
             _with_input_grad(lambda f: sum(losses.diversity_losses(f, impl="torch")), feat),
-            _with_input_grad(lambda f: sum(naive_diversity(f)), feat)),
+            _with_input_grad(lambda f: sum(naive_diversity(f)), feat),
+        ),
     }
     results = {}
     for name, (fast, naive) in pairs.items():
@@ -79,15 +87,23 @@ def check(measured: dict[str, dict[str, float]], baseline: dict) -> list[str]:
         floor = (1 - tolerance) * entry["threshold"]
         value = measured[name]["ratio"]
         if value < floor:
-            failures.append(f"{name}: measured speedup {value:.2f}x is more than {tolerance:.0%} below the "
-                            f"threshold {entry['threshold']:.2f}x (floor {floor:.2f}x)")
+            failures.append(
+                f"{name}: measured speedup {value:.2f}x is more than {tolerance:.0%} below the "
+                f"threshold {entry['threshold']:.2f}x (floor {floor:.2f}x)"
+            )
     return failures
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", type=Path, default=BASELINE, help="thresholds (default: bench/baseline.json)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the measurements here")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--baseline", type=Path, default=BASELINE, help="thresholds (default: bench/baseline.json)"
+    )
+    parser.add_argument(
+        "--json", dest="json_path", default=None, help="write the measurements here"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median)")
     args = parser.parse_args(argv)
     baseline = json.loads(args.baseline.read_text())
@@ -101,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     for name, m in measured.items():
         threshold = baseline["ratios"].get(name, {}).get("threshold")
-        print(f"{name:30s} {m['ratio']:6.2f}x  (fast {m['fast_s']:.3f} s, naive {m['naive_s']:.3f} s CPU; "
-              f"threshold {threshold}x)")
+        print(
+            f"{name:30s} {m['ratio']:6.2f}x  (fast {m['fast_s']:.3f} s, naive {m['naive_s']:.3f} s CPU; "
+            f"threshold {threshold}x)"
+        )
     print(f"gate pass took {wall:.0f} s")
     if args.json_path:
-        write_json(args.json_path, {"environment": environment(), "ratios": measured, "wall_s": wall})
+        write_json(
+            args.json_path, {"environment": environment(), "ratios": measured, "wall_s": wall}
+        )
     failures = check(measured, baseline)
     for failure in failures:
         print(f"REGRESSION {failure}", file=sys.stderr)

@@ -40,19 +40,45 @@ TARGET_METHODS = ("ghost", "vmap", "opacus", "backpack")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--gn-batch", type=int, default=None,
-                        help="batch for ghost and vmap (default 256 on CPU, 4096 on CUDA, 32 with --quick)")
-    parser.add_argument("--gn-loop-batch", type=int, default=None,
-                        help="smaller batch for the loop backend (default 32 on CPU, 256 on CUDA, 8 with --quick)")
-    parser.add_argument("--gn-backends", default=",".join(BACKENDS), help="comma-separated backends")
-    parser.add_argument("--gn-threads", type=int, default=None, help="torch CPU threads (default: unchanged)")
-    parser.add_argument("--gn-compile", action="store_true", help="also time the torch.compile'd baseline, ghost and vmap")
-    parser.add_argument("--gn-max-batch", action="store_true",
-                        help="double the batch until each backend runs out of memory (CUDA)")
-    parser.add_argument("--gn-targets", default="",
-                        help=f"comma-separated extra models among {sorted(TARGETS)}: ghost, vmap, Opacus and BackPACK rows")
-    parser.add_argument("--gn-target-batch", type=int, default=None,
-                        help="batch of the --gn-targets rows (default 16 on CPU, 256 on CUDA, 4 with --quick)")
+    parser.add_argument(
+        "--gn-batch",
+        type=int,
+        default=None,
+        help="batch for ghost and vmap (default 256 on CPU, 4096 on CUDA, 32 with --quick)",
+    )
+    parser.add_argument(
+        "--gn-loop-batch",
+        type=int,
+        default=None,
+        help="smaller batch for the loop backend (default 32 on CPU, 256 on CUDA, 8 with --quick)",
+    )
+    parser.add_argument(
+        "--gn-backends", default=",".join(BACKENDS), help="comma-separated backends"
+    )
+    parser.add_argument(
+        "--gn-threads", type=int, default=None, help="torch CPU threads (default: unchanged)"
+    )
+    parser.add_argument(
+        "--gn-compile",
+        action="store_true",
+        help="also time the torch.compile'd baseline, ghost and vmap",
+    )
+    parser.add_argument(
+        "--gn-max-batch",
+        action="store_true",
+        help="double the batch until each backend runs out of memory (CUDA)",
+    )
+    parser.add_argument(
+        "--gn-targets",
+        default="",
+        help=f"comma-separated extra models among {sorted(TARGETS)}: ghost, vmap, Opacus and BackPACK rows",
+    )
+    parser.add_argument(
+        "--gn-target-batch",
+        type=int,
+        default=None,
+        help="batch of the --gn-targets rows (default 16 on CPU, 256 on CUDA, 4 with --quick)",
+    )
 
 
 def frozen_paper_cnn(device) -> PaperCNN:
@@ -82,8 +108,11 @@ def compiled_steps(model, x, y, backends):
     base = torch.compile(lambda x: torch.autograd.grad(F.cross_entropy(model(x), y), x))
 
     def compiled(backend):
-        step = torch.compile(lambda x: torch.autograd.grad(
-            per_sample_grad_norm(model, x, y, backend=backend).mean(), x))
+        step = torch.compile(
+            lambda x: torch.autograd.grad(
+                per_sample_grad_norm(model, x, y, backend=backend).mean(), x
+            )
+        )
         return lambda: step(x)
 
     return (lambda: base(x)), {backend: compiled(backend) for backend in backends}
@@ -91,8 +120,14 @@ def compiled_steps(model, x, y, backends):
 
 def measure(name: str, step, baseline, batch: int, device, repeats: int) -> dict:
     ratio, t, base_t = paired_ratio(step, baseline, device=device, repeats=repeats)
-    row = {"backend": name, "batch": batch, "median_s": t.median_s, "baseline_s": base_t.median_s,
-           "R": ratio, "repeats": t.repeats}
+    row = {
+        "backend": name,
+        "batch": batch,
+        "median_s": t.median_s,
+        "baseline_s": base_t.median_s,
+        "R": ratio,
+        "repeats": t.repeats,
+    }
     if torch.device(device).type == "cpu":
         base_cpu = cpu_seconds(baseline, repeats=repeats)
         cpu = cpu_seconds(step, repeats=min(repeats, t.repeats))
@@ -115,7 +150,9 @@ def opacus_norms(model):
     refuses BatchNorm, so the copy computes the same function as the eval-mode model."""
     from opacus import GradSampleModule
 
-    wrapped = GradSampleModule(copy.deepcopy(model).train().requires_grad_(True), loss_reduction="sum")
+    wrapped = GradSampleModule(
+        copy.deepcopy(model).train().requires_grad_(True), loss_reduction="sum"
+    )
     params = [p for p in wrapped.parameters() if p.requires_grad]
 
     def norms(x, y):
@@ -158,7 +195,10 @@ def target_norms(method: str, model):
             return opacus_norms(model), False
         return backpack_norms(model), True
     except Exception as err:  # the peer's own refusal (an unsupported layer) is the row's finding
-        return f"{method} refuses the model: {type(err).__name__}: {str(err).splitlines()[0][:160]}", False
+        return (
+            f"{method} refuses the model: {type(err).__name__}: {str(err).splitlines()[0][:160]}",
+            False,
+        )
 
 
 def target_rows(name: str, args, batch: int, repeats: int) -> list[dict]:
@@ -179,16 +219,25 @@ def target_rows(name: str, args, batch: int, repeats: int) -> list[dict]:
         for quantity, step in steps.items():
             row = {"backend": method, "quantity": quantity, "batch": batch}
             if step is None:
-                row["skipped"] = norms if isinstance(norms, str) else f"{method}'s norms carry no graph to x"
+                row["skipped"] = (
+                    norms if isinstance(norms, str) else f"{method}'s norms carry no graph to x"
+                )
             else:
                 row.update(measure(method, step, baseline, batch, args.device, repeats))
                 row["quantity"] = quantity
                 if method not in ("ghost", "vmap"):
                     diff = (norms(x.detach(), y).detach().double() - reference.double()).norm()
                     row["rel_diff_vs_ghost"] = float(diff / reference.double().norm())
-            rows.append(dict(row, suite="gradnorm", model=type(model).__name__,
-                             image="x".join(map(str, model.input_shape)), device=args.device,
-                             threads=torch.get_num_threads()))
+            rows.append(
+                dict(
+                    row,
+                    suite="gradnorm",
+                    model=type(model).__name__,
+                    image="x".join(map(str, model.input_shape)),
+                    device=args.device,
+                    threads=torch.get_num_threads(),
+                )
+            )
     return rows
 
 
@@ -208,7 +257,11 @@ def largest_batch(model, backend: str, start: int, device, limit: int = 1 << 22)
         finally:
             x = y = None
             torch.cuda.empty_cache()
-    return {"backend": backend, "max_batch": fits, "first_oom_batch": batch if batch <= limit else None}
+    return {
+        "backend": backend,
+        "max_batch": fits,
+        "first_oom_batch": batch if batch <= limit else None,
+    }
 
 
 def run(args) -> list[dict]:
@@ -228,12 +281,25 @@ def run(args) -> list[dict]:
     for backend in args.gn_backends.split(","):
         b = loop_batch if backend == "loop" else batch
         x, y = batch_for(model, b, device)
-        rows.append(measure(backend, grad_norm_step(model, x, y, backend), baseline_step(model, x, y), b,
-                            device, repeats))
+        rows.append(
+            measure(
+                backend,
+                grad_norm_step(model, x, y, backend),
+                baseline_step(model, x, y),
+                b,
+                device,
+                repeats,
+            )
+        )
     if args.gn_compile:
         x, y = batch_for(model, batch, device)
-        base, steps = compiled_steps(model, x, y, [b for b in args.gn_backends.split(",") if b != "loop"])
-        rows += [measure(f"{backend}+compile", step, base, batch, device, repeats) for backend, step in steps.items()]
+        base, steps = compiled_steps(
+            model, x, y, [b for b in args.gn_backends.split(",") if b != "loop"]
+        )
+        rows += [
+            measure(f"{backend}+compile", step, base, batch, device, repeats)
+            for backend, step in steps.items()
+        ]
     by_backend = {r["backend"]: r for r in rows}
     for suffix in ("", "+compile"):
         ghost, vmap = by_backend.get("ghost" + suffix), by_backend.get("vmap" + suffix)
@@ -242,12 +308,20 @@ def run(args) -> list[dict]:
                 if clock in ghost:
                     ghost[f"vmap_over_ghost_{clock}"] = vmap[clock] / ghost[clock]
     for r in rows:
-        r.update(suite="gradnorm", model="PaperCNN", image="1x28x28", device=device,
-                 threads=torch.get_num_threads())
+        r.update(
+            suite="gradnorm",
+            model="PaperCNN",
+            image="1x28x28",
+            device=device,
+            threads=torch.get_num_threads(),
+        )
     if args.gn_max_batch and on_cuda:
         # The loop's time grows linearly with the batch, so searching its memory limit is not practical.
-        rows += [dict(largest_batch(model, b, batch, device), suite="gradnorm", model="PaperCNN")
-                 for b in args.gn_backends.split(",") if b != "loop"]
+        rows += [
+            dict(largest_batch(model, b, batch, device), suite="gradnorm", model="PaperCNN")
+            for b in args.gn_backends.split(",")
+            if b != "loop"
+        ]
     target_batch_size = args.gn_target_batch or (4 if args.quick else 256 if on_cuda else 16)
     for name in targets:
         rows += target_rows(name, args, target_batch_size, repeats)

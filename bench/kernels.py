@@ -14,10 +14,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tldr_fast.kernels import diversity as kdiv
 
 from bench.common import is_oom, peak_memory_bytes, time_fn
 from tldr_fast import losses
-from tldr_fast.kernels import diversity as kdiv
 
 FULL_NS = (1024, 4096, 16384, 65536, 262144)
 FULL_DS = (64, 256, 1024)
@@ -122,8 +122,16 @@ def measure_matmul_rate(device: str) -> float:
     return 2 * size**3 / t.median_s
 
 
-def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops: int, rates,
-             once: bool = False) -> dict:
+def _measure(
+    row: dict,
+    run,
+    device: str,
+    quick: bool,
+    traffic_bytes: int,
+    flops: int,
+    rates,
+    once: bool = False,
+) -> dict:
     """Time and peak memory of run(); once=True (seconds-long CPU runs) times a single call."""
     if row["variant"].endswith("_graph"):
         try:
@@ -132,14 +140,21 @@ def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops
             row["skipped"] = f"CUDA graph capture failed: {type(err).__name__}: {str(err)[:120]}"
             return row
     try:
-        if once:  # one profiled call gives both numbers (profiler overhead is small next to seconds)
+        if (
+            once
+        ):  # one profiled call gives both numbers (profiler overhead is small next to seconds)
             start = time.perf_counter()
             row["peak_mem_mb"] = peak_memory_bytes(run, device=device) / 2**20
             elapsed = time.perf_counter() - start
             row.update(median_s=elapsed, min_s=elapsed, repeats=1)
         else:
-            timing = time_fn(run, device=device, warmup=1 if quick else 3, repeats=3 if quick else 15,
-                             max_seconds=10.0 if quick else 30.0)
+            timing = time_fn(
+                run,
+                device=device,
+                warmup=1 if quick else 3,
+                repeats=3 if quick else 15,
+                max_seconds=10.0 if quick else 30.0,
+            )
             row.update(median_s=timing.median_s, min_s=timing.min_s, repeats=timing.repeats)
             row["peak_mem_mb"] = peak_memory_bytes(run, device=device) / 2**20
     except Exception as err:  # an OOM is a result (the naive route at large N), anything else a bug
@@ -147,7 +162,9 @@ def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops
             raise
         row["skipped"] = "out of memory"
         return row
-    if row["variant"].endswith("_graph"):  # replays allocate nothing: memory lives in the graph pool
+    if row["variant"].endswith(
+        "_graph"
+    ):  # replays allocate nothing: memory lives in the graph pool
         row["peak_mem_mb"] = None
     if device == "cpu" and "compiled" in row["variant"]:
         # torch.profiler does not see inductor's CPU buffers: the number would read as ~0.
@@ -156,9 +173,13 @@ def _measure(row: dict, run, device: str, quick: bool, traffic_bytes: int, flops
     if device == "cuda":
         copy_bw, mm_rate = rates
         floor = max(traffic_bytes / copy_bw, flops / mm_rate)
-        row.update(bytes=traffic_bytes, gb_s=traffic_bytes / row["median_s"] / 1e9,
-                   pct_copy_bw=100 * traffic_bytes / row["median_s"] / copy_bw,
-                   floor_s=floor, pct_of_floor=100 * floor / row["median_s"])
+        row.update(
+            bytes=traffic_bytes,
+            gb_s=traffic_bytes / row["median_s"] / 1e9,
+            pct_copy_bw=100 * traffic_bytes / row["median_s"] / copy_bw,
+            floor_s=floor,
+            pct_of_floor=100 * floor / row["median_s"],
+        )
     return row
 
 
@@ -168,8 +189,11 @@ def diversity_rows(args, rates) -> list[dict]:
     quick = args.quick
     ns = args.kernels_n or ((QUICK_N[device],) if quick else FULL_NS)
     ds = args.kernels_d or ((256,) if quick else FULL_DS)
-    variants = {"naive": naive_diversity, "identity": identity_diversity,
-                "identity_compiled": torch.compile(identity_diversity)}
+    variants = {
+        "naive": naive_diversity,
+        "identity": identity_diversity,
+        "identity_compiled": torch.compile(identity_diversity),
+    }
     if device == "cuda":
         variants["triton"] = triton_diversity
         # Compiling fuses the few small torch ops around the kernels (loss assembly, partial sums).
@@ -180,18 +204,34 @@ def diversity_rows(args, rates) -> list[dict]:
             feat = (torch.randn(n, d, device=device).abs() + 0.1).to(dtype)
             feat_bytes = feat.numel() * feat.element_size()
             inner = min(n, d)
-            runs = [((name, pass_name), make(fn, feat)) for name, fn in variants.items()
-                    for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))]
+            runs = [
+                ((name, pass_name), make(fn, feat))
+                for name, fn in variants.items()
+                for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))
+            ]
             for (name, pass_name), run in _graph_runs(device, runs):
-                row = {"loss": "diversity", "variant": name, "pass": pass_name, "N": n, "D": d,
-                       "dtype": args.kernels_dtype, "feature_mb": feat_bytes / 2**20}
+                row = {
+                    "loss": "diversity",
+                    "variant": name,
+                    "pass": pass_name,
+                    "N": n,
+                    "D": d,
+                    "dtype": args.kernels_dtype,
+                    "feature_mb": feat_bytes / 2**20,
+                }
                 naive_bytes = (1 if pass_name == "fwd" else 3) * n * n * 4
                 if name == "naive" and naive_bytes > NAIVE_BYTES_LIMIT[device]:
                     row["skipped"] = f"N x N matrices need {naive_bytes / 2**30:.0f} GiB"
                     rows.append(row)
                     continue
                 # On CPU the naive backward at large N takes minutes: quick mode leaves it out.
-                if quick and device == "cpu" and name == "naive" and pass_name == "fwd_bwd" and n > 4096:
+                if (
+                    quick
+                    and device == "cpu"
+                    and name == "naive"
+                    and pass_name == "fwd_bwd"
+                    and n > 4096
+                ):
                     row["skipped"] = "quick mode"
                     rows.append(row)
                     continue
@@ -216,8 +256,10 @@ def tv_rows(args, rates) -> list[dict]:
     dtype = getattr(torch, args.kernels_dtype)
     batches = (QUICK_TV_BATCH[device],) if args.quick else FULL_TV_BATCHES
     shapes = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}
-    variants = {"torch": lambda x: losses.tv_pixel(x, impl="torch"),
-                "torch_compiled": torch.compile(lambda x: losses.tv_pixel(x, impl="torch"))}
+    variants = {
+        "torch": lambda x: losses.tv_pixel(x, impl="torch"),
+        "torch_compiled": torch.compile(lambda x: losses.tv_pixel(x, impl="torch")),
+    }
     if device == "cuda":
         variants["triton"] = lambda x: losses.tv_pixel(x, impl="triton")
         variants["triton_compiled"] = torch.compile(lambda x: losses.tv_pixel(x, impl="triton"))
@@ -228,13 +270,23 @@ def tv_rows(args, rates) -> list[dict]:
                 continue
             x = (torch.rand(b, *chw, device=device) * 1.4 - 0.2).to(dtype)
             x_bytes = x.numel() * x.element_size()
-            runs = [((name, pass_name), make(fn, x)) for name, fn in variants.items()
-                    for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))]
+            runs = [
+                ((name, pass_name), make(fn, x))
+                for name, fn in variants.items()
+                for pass_name, make in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd))
+            ]
             if device == "cuda":
                 runs.append((("triton", "fused"), _tv_fused(x)))
             for (name, pass_name), run in _graph_runs(device, runs):
-                row = {"loss": "tv_pixel", "variant": name, "pass": pass_name, "N": b, "image": image,
-                       "dtype": args.kernels_dtype, "feature_mb": x_bytes / 2**20}
+                row = {
+                    "loss": "tv_pixel",
+                    "variant": name,
+                    "pass": pass_name,
+                    "N": b,
+                    "image": image,
+                    "dtype": args.kernels_dtype,
+                    "feature_mb": x_bytes / 2**20,
+                }
                 # fwd reads x; fwd_bwd reads x twice and writes dL/dx; fused reads once, writes once.
                 traffic = x_bytes * {"fwd": 1, "fwd_bwd": 3, "fused": 2}[pass_name]
                 rows.append(_measure(row, run, device, args.quick, traffic, 0, rates))
@@ -249,7 +301,9 @@ def run(args) -> list[dict]:
         rates = (measure_copy_bandwidth(device), measure_matmul_rate(device))
         header.update(copy_gb_s=rates[0] / 1e9, matmul_tflops=rates[1] / 1e12)
     else:
-        header.update(copy_gb_s=measure_copy_bandwidth(device) / 1e9, threads=torch.get_num_threads())
+        header.update(
+            copy_gb_s=measure_copy_bandwidth(device) / 1e9, threads=torch.get_num_threads()
+        )
     rows = [header]
     rows += diversity_rows(args, rates)
     rows += tv_rows(args, rates)
@@ -259,23 +313,42 @@ def run(args) -> list[dict]:
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Ratios measured side by side: naive / identity (the CPU target) and best torch / Triton."""
-    timed = {(r.get("loss"), r.get("variant"), r.get("pass"), r.get("N"), r.get("D"), r.get("image")): r
-             for r in rows if "median_s" in r}
+    timed = {
+        (r.get("loss"), r.get("variant"), r.get("pass"), r.get("N"), r.get("D"), r.get("image")): r
+        for r in rows
+        if "median_s" in r
+    }
     out = []
     for (loss, variant, pass_name, n, d, image), row in timed.items():
         if variant not in ("identity", "triton", "triton_compiled", "triton_graph"):
             continue
-        ratio = {"loss": loss, "variant": f"speedup:{variant}", "pass": pass_name, "N": n, "D": d,
-                 "image": image}
+        ratio = {
+            "loss": loss,
+            "variant": f"speedup:{variant}",
+            "pass": pass_name,
+            "N": n,
+            "D": d,
+            "image": image,
+        }
         naive = timed.get((loss, "naive", pass_name, n, d, image))
         if variant == "identity" and naive:
             ratio["naive_over_identity"] = naive["median_s"] / row["median_s"]
         if variant.startswith("triton"):
-            torch_names = ("identity", "identity_compiled") if loss == "diversity" else ("torch", "torch_compiled")
+            torch_names = (
+                ("identity", "identity_compiled")
+                if loss == "diversity"
+                else ("torch", "torch_compiled")
+            )
             # The fused TV pass (loss and gradient) competes with torch's forward + backward.
             torch_pass = "fwd_bwd" if pass_name == "fused" else pass_name
-            best = min((timed[(loss, t, torch_pass, n, d, image)]["median_s"] for t in torch_names
-                        if (loss, t, torch_pass, n, d, image) in timed), default=None)
+            best = min(
+                (
+                    timed[(loss, t, torch_pass, n, d, image)]["median_s"]
+                    for t in torch_names
+                    if (loss, t, torch_pass, n, d, image) in timed
+                ),
+                default=None,
+            )
             if best:
                 ratio["best_torch_over_triton"] = best / row["median_s"]
         if len(ratio) > 6:

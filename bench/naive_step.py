@@ -20,8 +20,14 @@ from tldr_fast.config import ReconstructionConfig
 from tldr_fast.objective import TERM_WEIGHTS, make_generator
 
 
-def naive_terms(generator: nn.Module, classifier: nn.Module, config: ReconstructionConfig,
-                labels: torch.Tensor, z: torch.Tensor, perturb_noise: torch.Tensor) -> dict[str, torch.Tensor]:
+def naive_terms(
+    generator: nn.Module,
+    classifier: nn.Module,
+    config: ReconstructionConfig,
+    labels: torch.Tensor,
+    z: torch.Tensor,
+    perturb_noise: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """The nine loss terms for one generator's batch, each a 0-d tensor."""
     n = labels.shape[0]
     vectors = F.one_hot(labels, classifier.num_classes).float()
@@ -38,13 +44,19 @@ def naive_terms(generator: nn.Module, classifier: nn.Module, config: Reconstruct
         "ce_pert": F.cross_entropy(logits_pert, labels),
         "cos": cos,
         "ortho": ortho,
-        "tv": ((x[:, :, 1:] - x[:, :, :-1]).pow(2).sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum()) / n,
+        "tv": (
+            (x[:, :, 1:] - x[:, :, :-1]).pow(2).sum()
+            + (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum()
+        )
+        / n,
         "pix": (F.relu(-x) + F.relu(x - 1)).sum() / n,
         "grad": naive_grad_norms(classifier, x, labels).mean(),
     }
 
 
-def naive_diversity(feat: torch.Tensor, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_diversity(
+    feat: torch.Tensor, normalized: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cosine, ortho) diversity from the N x N Gram matrices of the features."""
     n = feat.shape[0]
     unit = F.normalize(feat, dim=1, eps=1e-12)
@@ -69,21 +81,32 @@ def naive_grad_norms(classifier: nn.Module, x: torch.Tensor, labels: torch.Tenso
 class NaiveStep:
     """One generator trained with torch.optim.Adam on the naive objective; call it to take a step."""
 
-    def __init__(self, classifier: nn.Module, config: ReconstructionConfig, image_shape, device=None):
+    def __init__(
+        self, classifier: nn.Module, config: ReconstructionConfig, image_shape, device=None
+    ):
         self.classifier = classifier.eval().requires_grad_(False)
         self.config = config
         self.generator = make_generator(config, classifier.num_classes, image_shape).to(device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr,
-                                          betas=(config.adam_beta1, config.adam_beta2))
-        self.labels = conditioning.balanced_labels(config.batch_size, classifier.num_classes, device)
+        self.optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2)
+        )
+        self.labels = conditioning.balanced_labels(
+            config.batch_size, classifier.num_classes, device
+        )
         self.weights = {term: getattr(config, name) for term, name in TERM_WEIGHTS.items()}
 
     def __call__(self) -> torch.Tensor:
         b, shape = self.config.batch_size, self.generator.image_shape
         device = self.labels.device
         z = torch.randn(b, self.config.latent_dim, device=device)
-        terms = naive_terms(self.generator, self.classifier, self.config, self.labels, z,
-                            torch.randn(b, *shape, device=device))
+        terms = naive_terms(
+            self.generator,
+            self.classifier,
+            self.config,
+            self.labels,
+            z,
+            torch.randn(b, *shape, device=device),
+        )
         loss = sum(w * terms[t] for t, w in self.weights.items() if w > 0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

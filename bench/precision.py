@@ -40,8 +40,15 @@ def matmul_precision(name: str, device_type: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def loss_trajectory(precision: str, batch: int, steps: int, device, classifier=None, variant: str = "fast-eager",
-                    seed: int = 0) -> list[float]:
+def loss_trajectory(
+    precision: str,
+    batch: int,
+    steps: int,
+    device,
+    classifier=None,
+    variant: str = "fast-eager",
+    seed: int = 0,
+) -> list[float]:
     """Total loss (mean over generators) after each of `steps` steps of `bench.step`'s `variant`."""
     device = torch.device(device)
     classifier = classifier if classifier is not None else bench_classifier(device)
@@ -55,15 +62,29 @@ def relative_deviation(trajectory: list[float], reference: list[float]) -> list[
     return [abs(a - b) / abs(b) for a, b in zip(trajectory, reference, strict=True)]
 
 
-def deviation_rows(batch: int, steps: int, device, precisions=("tf32", "bf16"), variant: str = "fast-eager") -> list[dict]:
+def deviation_rows(
+    batch: int, steps: int, device, precisions=("tf32", "bf16"), variant: str = "fast-eager"
+) -> list[dict]:
     """One row per precision (and "fp32-repeat") against the fp32 trajectory of the same seed."""
     classifier = bench_classifier(device)
     reference = loss_trajectory("fp32", batch, steps, device, classifier, variant)
     rows = []
     for label in ("fp32-repeat", *precisions):
-        trajectory = loss_trajectory(label.removesuffix("-repeat"), batch, steps, device, classifier, variant)
+        trajectory = loss_trajectory(
+            label.removesuffix("-repeat"), batch, steps, device, classifier, variant
+        )
         deviation = relative_deviation(trajectory, reference)
-        rows.append({"precision": label, "variant": variant, "batch": batch, "steps": steps,
-                     "max_rel_dev": max(deviation), "mean_rel_dev": sum(deviation) / steps,
-                     "final_rel_dev": deviation[-1], "final_loss": trajectory[-1], "fp32_final_loss": reference[-1]})
+        rows.append(
+            {
+                "precision": label,
+                "variant": variant,
+                "batch": batch,
+                "steps": steps,
+                "max_rel_dev": max(deviation),
+                "mean_rel_dev": sum(deviation) / steps,
+                "final_rel_dev": deviation[-1],
+                "final_loss": trajectory[-1],
+                "fp32_final_loss": reference[-1],
+            }
+        )
     return rows

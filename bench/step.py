@@ -59,26 +59,50 @@ GPU_CHUNKS = {"fast-eager": 4096, "fast-compiled": 16384, "fast-compiled-kernels
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("step suite")
-    g.add_argument("--step-batches", type=int, nargs="+", default=None,
-                   help="images per step (default: 256 on CPU, 1024 8192 65536 on CUDA; --quick: 64 / 1024)")
-    g.add_argument("--step-variants", nargs="+", choices=VARIANTS, default=None,
-                   help="default: all four on CUDA, the first three on a CPU (fast-compiled-kernels is "
-                        "CUDA only); with --quick on a CPU naive and fast-eager (a cold compile of the "
-                        "step takes minutes there)")
-    g.add_argument("--step-max-batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="double each variant's batch until out of memory (default: on CUDA without --quick)")
-    g.add_argument("--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here")
-    g.add_argument("--step-chunk", type=int, default=None,
-                   help="classifier_chunk_size of the fast variants when the batch is larger (default on CUDA: "
-                        "4096 eager, 16384 compiled; none on CPU); the naive reference never chunks")
-    g.add_argument("--step-cache-check", action="store_true",
-                   help="compile time in two fresh processes sharing an empty compile cache")
+    g.add_argument(
+        "--step-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="images per step (default: 256 on CPU, 1024 8192 65536 on CUDA; --quick: 64 / 1024)",
+    )
+    g.add_argument(
+        "--step-variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="default: all four on CUDA, the first three on a CPU (fast-compiled-kernels is "
+        "CUDA only); with --quick on a CPU naive and fast-eager (a cold compile of the "
+        "step takes minutes there)",
+    )
+    g.add_argument(
+        "--step-max-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="double each variant's batch until out of memory (default: on CUDA without --quick)",
+    )
+    g.add_argument(
+        "--step-max-batch-limit", type=int, default=1 << 20, help="stop the doubling here"
+    )
+    g.add_argument(
+        "--step-chunk",
+        type=int,
+        default=None,
+        help="classifier_chunk_size of the fast variants when the batch is larger (default on CUDA: "
+        "4096 eager, 16384 compiled; none on CPU); the naive reference never chunks",
+    )
+    g.add_argument(
+        "--step-cache-check",
+        action="store_true",
+        help="compile time in two fresh processes sharing an empty compile cache",
+    )
 
 
 def step_config(batch: int, chunk: int | None = None, impl: str = "auto") -> ReconstructionConfig:
     """The paper preset with all nine terms on (eta_pix is 0 in the preset) and one generator."""
-    return ReconstructionConfig(num_generators=1, batch_size=batch, eta_pix=1.0, classifier_chunk_size=chunk,
-                                impl=impl)
+    return ReconstructionConfig(
+        num_generators=1, batch_size=batch, eta_pix=1.0, classifier_chunk_size=chunk, impl=impl
+    )
 
 
 def bench_classifier(device) -> torch.nn.Module:
@@ -91,7 +115,9 @@ def make_runner(variant: str, batch: int, classifier, device, chunk: int | None 
     if variant == "naive":
         return NaiveStep(classifier, step_config(batch), IMAGE_SHAPE, device)
     if variant == "fast-compiled-kernels" and torch.device(device).type != "cuda":
-        raise ValueError(f"the fast-compiled-kernels variant runs on CUDA only, got device {device}")
+        raise ValueError(
+            f"the fast-compiled-kernels variant runs on CUDA only, got device {device}"
+        )
     # make_step takes the whole-batch path when chunk >= batch
     cfg = step_config(batch, chunk, impl="triton" if variant == "fast-compiled-kernels" else "auto")
     template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE, device)
@@ -126,13 +152,25 @@ def _ready_runner(variant: str, batch: int, classifier, device, chunk: int | Non
 
 
 def _record(row: dict, batch: int, timing: Timing) -> dict:
-    row.update(status="ok", median_s=timing.median_s, min_s=timing.min_s, repeats=timing.repeats,
-               images_per_s=batch / timing.median_s)
+    row.update(
+        status="ok",
+        median_s=timing.median_s,
+        min_s=timing.min_s,
+        repeats=timing.repeats,
+        images_per_s=batch / timing.median_s,
+    )
     return row
 
 
-def measure(variant: str, batch: int, classifier, device, quick: bool, searching: bool = False,
-            chunk: int | None = None) -> dict:
+def measure(
+    variant: str,
+    batch: int,
+    classifier,
+    device,
+    quick: bool,
+    searching: bool = False,
+    chunk: int | None = None,
+) -> dict:
     """One row: median step time and images/s, or status 'oom'.
 
     searching: while looking for the largest batch, any failure counts as not fitting (status
@@ -142,8 +180,13 @@ def measure(variant: str, batch: int, classifier, device, quick: bool, searching
     runner = None
     try:
         runner = _ready_runner(variant, batch, classifier, device, chunk, row)
-        timing = time_fn(runner, device=device, warmup=1, repeats=3 if quick else 5,
-                         max_seconds=10 if quick else 60)
+        timing = time_fn(
+            runner,
+            device=device,
+            warmup=1,
+            repeats=3 if quick else 5,
+            max_seconds=10 if quick else 60,
+        )
     except Exception as err:
         if not (is_oom(err) or searching):
             raise
@@ -156,17 +199,25 @@ def measure(variant: str, batch: int, classifier, device, quick: bool, searching
     return _record(row, batch, timing)
 
 
-def measure_interleaved(variants: list[str], batch: int, classifier, device, quick: bool,
-                        chunk=lambda variant: None) -> list[dict]:
+def measure_interleaved(
+    variants: list[str], batch: int, classifier, device, quick: bool, chunk=lambda variant: None
+) -> list[dict]:
     """One row per variant, all timed in the same rounds (`bench.common.interleaved_times`: each
     round runs every variant's step once, in rotated order); speedup_vs_naive is the median over
     rounds of the naive step's time over the variant's, so the machine's drift between rounds
     cancels out of it."""
     rows = [_new_row(v, batch, device, chunk(v)) for v in variants]
-    runners = [_ready_runner(v, batch, classifier, device, chunk(v), row)
-               for v, row in zip(variants, rows, strict=True)]
-    times = interleaved_times(runners, device, warmup=1, repeats=3 if quick else 7,
-                              max_seconds=(10 if quick else 60) * len(variants))
+    runners = [
+        _ready_runner(v, batch, classifier, device, chunk(v), row)
+        for v, row in zip(variants, rows, strict=True)
+    ]
+    times = interleaved_times(
+        runners,
+        device,
+        warmup=1,
+        repeats=3 if quick else 7,
+        max_seconds=(10 if quick else 60) * len(variants),
+    )
     for row, ts in zip(rows, times, strict=True):
         _record(row, batch, Timing.of(ts))
     if "naive" in variants:
@@ -178,19 +229,36 @@ def measure_interleaved(variants: list[str], batch: int, classifier, device, qui
 
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_naive = images/s over the naive variant's at the same batch (same run)."""
-    naive = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "naive" and r["status"] == "ok"}
+    naive = {
+        r["batch"]: r["images_per_s"]
+        for r in rows
+        if r["variant"] == "naive" and r["status"] == "ok"
+    }
     for r in rows:
         if r["status"] == "ok" and r["batch"] in naive:
             r["speedup_vs_naive"] = r["images_per_s"] / naive[r["batch"]]
 
 
-def largest_batch(variant: str, start: int, limit: int, classifier, device, chunk: int | None = None) -> dict:
+def largest_batch(
+    variant: str, start: int, limit: int, classifier, device, chunk: int | None = None
+) -> dict:
     """Double the batch from `start` (which fits) until out of memory or past `limit`."""
     fits, batch = start, 2 * start
-    while batch <= limit and measure(variant, batch, classifier, device, quick=True, searching=True, chunk=chunk)["status"] == "ok":
+    while (
+        batch <= limit
+        and measure(variant, batch, classifier, device, quick=True, searching=True, chunk=chunk)[
+            "status"
+        ]
+        == "ok"
+    ):
         fits, batch = batch, 2 * batch
-    return {"variant": variant, "device": str(device), "batch": fits, "status": "largest",
-            "limit_reached": batch > limit}
+    return {
+        "variant": variant,
+        "device": str(device),
+        "batch": fits,
+        "status": "largest",
+        "limit_reached": batch > limit,
+    }
 
 
 def compile_probe(batch: int, device: str) -> None:
@@ -206,10 +274,19 @@ def cache_check(batch: int, device: str) -> list[dict]:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         code = f"from bench.step import compile_probe; compile_probe({batch}, {device!r})"
         for run in ("cold cache", "warm cache"):
-            out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+            )
             seconds = json.loads(out.stdout.strip().splitlines()[-1])["compile_s"]
-            rows.append({"variant": "fast-compiled", "device": device, "batch": batch, "status": run,
-                         "compile_s": seconds})
+            rows.append(
+                {
+                    "variant": "fast-compiled",
+                    "device": device,
+                    "batch": batch,
+                    "status": run,
+                    "compile_s": seconds,
+                }
+            )
     return rows
 
 
@@ -217,27 +294,55 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     batches = args.step_batches or (
-        (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if on_gpu else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES))
-    variants = args.step_variants or (VARIANTS if on_gpu else CPU_VARIANTS[:2] if args.quick else CPU_VARIANTS)
+        (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES)
+        if on_gpu
+        else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES)
+    )
+    variants = args.step_variants or (
+        VARIANTS if on_gpu else CPU_VARIANTS[:2] if args.quick else CPU_VARIANTS
+    )
     if not on_gpu and "fast-compiled-kernels" in variants:
-        raise ValueError("--step-variants fast-compiled-kernels needs --device cuda: on a CPU the Triton "
-                         "interpreter is for correctness only and is not timed")
+        raise ValueError(
+            "--step-variants fast-compiled-kernels needs --device cuda: on a CPU the Triton "
+            "interpreter is for correctness only and is not timed"
+        )
     classifier = bench_classifier(device)
+
     def chunk(variant):
-        return args.step_chunk if args.step_chunk is not None else (GPU_CHUNKS.get(variant) if on_gpu else None)
+        return (
+            args.step_chunk
+            if args.step_chunk is not None
+            else (GPU_CHUNKS.get(variant) if on_gpu else None)
+        )
 
     if on_gpu:
-        rows = [measure(v, b, classifier, device, args.quick, chunk=chunk(v)) for b in batches for v in variants]
+        rows = [
+            measure(v, b, classifier, device, args.quick, chunk=chunk(v))
+            for b in batches
+            for v in variants
+        ]
         add_speedups(rows)
     else:
-        rows = [row for b in batches
-                for row in measure_interleaved(list(variants), b, classifier, device, args.quick, chunk)]
+        rows = [
+            row
+            for b in batches
+            for row in measure_interleaved(list(variants), b, classifier, device, args.quick, chunk)
+        ]
     search = args.step_max_batch if args.step_max_batch is not None else (on_gpu and not args.quick)
     if search:
         for variant in variants:
             fitting = [r["batch"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
             if fitting:
-                rows.append(largest_batch(variant, max(fitting), args.step_max_batch_limit, classifier, device, chunk(variant)))
+                rows.append(
+                    largest_batch(
+                        variant,
+                        max(fitting),
+                        args.step_max_batch_limit,
+                        classifier,
+                        device,
+                        chunk(variant),
+                    )
+                )
     if args.step_cache_check:
         rows += cache_check(min(batches), str(device))
     return rows

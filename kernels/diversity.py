@@ -27,7 +27,6 @@ and the normalisation backward, fp32 scratch only when D spans several tiles).
 from __future__ import annotations
 
 import torch
-
 from tldr_fast.kernels.runtime import (
     DOT_PRECISION,
     INTERPRETED,
@@ -57,8 +56,19 @@ def _next_pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
 if triton is not None:
 
     @triton.jit
-    def _row_norms_kernel(F, r_ptr, nrm2_ptr, N, D, stride_fb, stride_fn, stride_fd,
-                          EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_norms_kernel(
+        F,
+        r_ptr,
+        nrm2_ptr,
+        N,
+        D,
+        stride_fb,
+        stride_fn,
+        stride_fd,
+        EPS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """r_i = 1 / max(||f_i||, eps) and ||f_i||^2, fp32."""
         b = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,19 +77,36 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(base + cols[None, :] * stride_fd,
-                        mask=row_ok[:, None] & (cols[None, :] < D), other=0.0).to(tl.float32)
+            x = tl.load(
+                base + cols[None, :] * stride_fd,
+                mask=row_ok[:, None] & (cols[None, :] < D),
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.sum(x * x, 1)
         norm = tl.maximum(tl.sqrt(acc), EPS, propagate_nan=tl.PropagateNan.ALL)
         tl.store(r_ptr + b * N + rows, 1.0 / norm, mask=row_ok)
         tl.store(nrm2_ptr + b * N + rows, acc, mask=row_ok)
 
     @triton.jit
-    def _gram_kernel(X, r_ptr, out_ptr, s_ptr, K, M, k_per_prog,
-                     stride_xb, stride_xk, stride_xm,
-                     SCALE_K: tl.constexpr, SCALE_M: tl.constexpr, WRITE_S: tl.constexpr,
-                     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _gram_kernel(
+        X,
+        r_ptr,
+        out_ptr,
+        s_ptr,
+        K,
+        M,
+        k_per_prog,
+        stride_xb,
+        stride_xk,
+        stride_xm,
+        SCALE_K: tl.constexpr,
+        SCALE_M: tl.constexpr,
+        WRITE_S: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
         """Partial Gram out[b, c] = X_c^T X_c over the c-th chunk of the K axis (tile pair ti <= tj).
 
         X[b, k, m] is F (k = sample, m = feature) on the feature route and F^T on the sample route;
@@ -105,10 +132,16 @@ if triton is not None:
                 k_ok = ks < K
                 koff = ks.to(tl.int64)[None, :] * stride_xk
                 # Both operands loaded as [BLOCK_M, BLOCK_K] (the transposed view of X's tile).
-                xa = tl.load(x_base + koff + offs_a[:, None] * stride_xm,
-                             mask=a_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                xb = tl.load(x_base + koff + offs_b[:, None] * stride_xm,
-                             mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                xa = tl.load(
+                    x_base + koff + offs_a[:, None] * stride_xm,
+                    mask=a_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                xb = tl.load(
+                    x_base + koff + offs_b[:, None] * stride_xm,
+                    mask=b_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 if SCALE_K or WRITE_S:
                     rk = tl.load(r_ptr + b * K + ks, mask=k_ok, other=0.0)
                 if WRITE_S:  # s sums unit rows even for the raw Gram
@@ -134,12 +167,36 @@ if triton is not None:
                     tl.store(s_ptr + (b * n_chunks + c) * M + offs_a, s_acc, mask=a_ok)
 
     @triton.jit
-    def _grad_tile(A, Bm, F, s_ptr, b, rows, row_ok, r, c1, cols, K, D,
-                   stride_ab, stride_an, stride_ak, stride_bb, stride_bk, stride_bd,
-                   stride_fb, stride_fn, stride_fd,
-                   ALPHA_R: tl.constexpr, PROJECT_U: tl.constexpr, DOT_BF16: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+    def _grad_tile(
+        A,
+        Bm,
+        F,
+        s_ptr,
+        b,
+        rows,
+        row_ok,
+        r,
+        c1,
+        cols,
+        K,
+        D,
+        stride_ab,
+        stride_an,
+        stride_ak,
+        stride_bb,
+        stride_bk,
+        stride_bd,
+        stride_fb,
+        stride_fn,
+        stride_fd,
+        ALPHA_R: tl.constexpr,
+        PROJECT_U: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """For one [rows, cols] tile: w = r g (+ u if unprojected), f^, and the partial f^ . g."""
         col_ok = cols < D
         a_base = A + b.to(tl.int64) * stride_ab + rows.to(tl.int64)[:, None] * stride_an
@@ -148,9 +205,14 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            a = tl.load(a_base + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bm = tl.load(b_base + ks.to(tl.int64)[:, None] * stride_bk,
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a = tl.load(
+                a_base + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            bm = tl.load(
+                b_base + ks.to(tl.int64)[:, None] * stride_bk,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             if DOT_BF16:
                 u = tl.dot(a.to(tl.bfloat16), bm.to(tl.bfloat16), u)
             else:
@@ -158,8 +220,14 @@ if triton is not None:
         if ALPHA_R:
             u = u * r[:, None]
         ok = row_ok[:, None] & col_ok[None, :]
-        f = tl.load(F + b.to(tl.int64) * stride_fb + rows.to(tl.int64)[:, None] * stride_fn
-                    + cols[None, :] * stride_fd, mask=ok, other=0.0).to(tl.float32)
+        f = tl.load(
+            F
+            + b.to(tl.int64) * stride_fb
+            + rows.to(tl.int64)[:, None] * stride_fn
+            + cols[None, :] * stride_fd,
+            mask=ok,
+            other=0.0,
+        ).to(tl.float32)
         fh = f * r[:, None]
         s = tl.load(s_ptr + b * D + cols, mask=col_ok, other=0.0)
         g = c1 * (s[None, :] - fh)
@@ -171,12 +239,37 @@ if triton is not None:
         return w, fh, tl.sum(fh * g, 1)
 
     @triton.jit
-    def _grad_kernel(A, Bm, F, r_ptr, s_ptr, c1_ptr, scratch, out, N, K, D,
-                     stride_ab, stride_an, stride_ak, stride_bb, stride_bk, stride_bd,
-                     stride_fb, stride_fn, stride_fd,
-                     EPS: tl.constexpr, ALPHA_R: tl.constexpr, PROJECT_U: tl.constexpr,
-                     DOT_BF16: tl.constexpr, PRECISION: tl.constexpr, SINGLE_TILE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _grad_kernel(
+        A,
+        Bm,
+        F,
+        r_ptr,
+        s_ptr,
+        c1_ptr,
+        scratch,
+        out,
+        N,
+        K,
+        D,
+        stride_ab,
+        stride_an,
+        stride_ak,
+        stride_bb,
+        stride_bk,
+        stride_bd,
+        stride_fb,
+        stride_fn,
+        stride_fd,
+        EPS: tl.constexpr,
+        ALPHA_R: tl.constexpr,
+        PROJECT_U: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+        PRECISION: tl.constexpr,
+        SINGLE_TILE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """dL/dF for a row block: r (g - [||f|| > eps] f^ (f^ . g)) (+ u on the raw-Gram route).
 
         u = alpha (A @ B) is the Gram term (A = F, B = c2 (G - I) on the feature route; A = the
@@ -192,32 +285,96 @@ if triton is not None:
         out_rows = b.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D
         if SINGLE_TILE:
             cols = tl.arange(0, BLOCK_D)
-            w, fh, fg = _grad_tile(A, Bm, F, s_ptr, b, rows, row_ok, r, c1, cols, K, D,
-                                   stride_ab, stride_an, stride_ak, stride_bb, stride_bk, stride_bd,
-                                   stride_fb, stride_fn, stride_fd, ALPHA_R, PROJECT_U, DOT_BF16,
-                                   PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+            w, fh, fg = _grad_tile(
+                A,
+                Bm,
+                F,
+                s_ptr,
+                b,
+                rows,
+                row_ok,
+                r,
+                c1,
+                cols,
+                K,
+                D,
+                stride_ab,
+                stride_an,
+                stride_ak,
+                stride_bb,
+                stride_bk,
+                stride_bd,
+                stride_fb,
+                stride_fn,
+                stride_fd,
+                ALPHA_R,
+                PROJECT_U,
+                DOT_BF16,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCK_D,
+            )
             res = w - (r * radial * fg)[:, None] * fh
-            tl.store(out + out_rows + cols[None, :], res.to(out.dtype.element_ty),
-                     mask=row_ok[:, None] & (cols[None, :] < D))
+            tl.store(
+                out + out_rows + cols[None, :],
+                res.to(out.dtype.element_ty),
+                mask=row_ok[:, None] & (cols[None, :] < D),
+            )
         else:
             fg = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
-                w, fh, part = _grad_tile(A, Bm, F, s_ptr, b, rows, row_ok, r, c1, cols, K, D,
-                                         stride_ab, stride_an, stride_ak, stride_bb, stride_bk,
-                                         stride_bd, stride_fb, stride_fn, stride_fd, ALPHA_R,
-                                         PROJECT_U, DOT_BF16, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                w, fh, part = _grad_tile(
+                    A,
+                    Bm,
+                    F,
+                    s_ptr,
+                    b,
+                    rows,
+                    row_ok,
+                    r,
+                    c1,
+                    cols,
+                    K,
+                    D,
+                    stride_ab,
+                    stride_an,
+                    stride_ak,
+                    stride_bb,
+                    stride_bk,
+                    stride_bd,
+                    stride_fb,
+                    stride_fn,
+                    stride_fd,
+                    ALPHA_R,
+                    PROJECT_U,
+                    DOT_BF16,
+                    PRECISION,
+                    BLOCK_N,
+                    BLOCK_K,
+                    BLOCK_D,
+                )
                 fg += part
-                tl.store(scratch + out_rows + cols[None, :], w,
-                         mask=row_ok[:, None] & (cols[None, :] < D))
+                tl.store(
+                    scratch + out_rows + cols[None, :],
+                    w,
+                    mask=row_ok[:, None] & (cols[None, :] < D),
+                )
             # The second sweep reads what other threads of this program stored.
             tl.debug_barrier()
             coef = r * radial * fg
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
                 ok = row_ok[:, None] & (cols[None, :] < D)
-                f = tl.load(F + b.to(tl.int64) * stride_fb + rows.to(tl.int64)[:, None] * stride_fn
-                            + cols[None, :] * stride_fd, mask=ok, other=0.0).to(tl.float32)
+                f = tl.load(
+                    F
+                    + b.to(tl.int64) * stride_fb
+                    + rows.to(tl.int64)[:, None] * stride_fn
+                    + cols[None, :] * stride_fd,
+                    mask=ok,
+                    other=0.0,
+                ).to(tl.float32)
                 w = tl.load(scratch + out_rows + cols[None, :], mask=ok, other=0.0)
                 res = w - coef[:, None] * (f * r[:, None])
                 tl.store(out + out_rows + cols[None, :], res.to(out.dtype.element_ty), mask=ok)
@@ -240,8 +397,17 @@ def _row_norms(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nrm2 = torch.empty_like(r)
     block_n = 64
     _row_norms_kernel[(triton.cdiv(n, block_n), nb)](
-        feat, r, nrm2, n, d, *feat.stride(), EPS=EPS, BLOCK_N=block_n,
-        BLOCK_D=_next_pow2(d, hi=64), num_warps=8)
+        feat,
+        r,
+        nrm2,
+        n,
+        d,
+        *feat.stride(),
+        EPS=EPS,
+        BLOCK_N=block_n,
+        BLOCK_D=_next_pow2(d, hi=64),
+        num_warps=8,
+    )
     return r, nrm2
 
 
@@ -260,10 +426,23 @@ def _gram(x: torch.Tensor, r: torch.Tensor, scale_k: bool, scale_m: bool, write_
     part = torch.empty(nb, chunks, m, m, device=x.device, dtype=torch.float32)
     s_part = torch.empty(nb, chunks, m, device=x.device, dtype=torch.float32) if write_s else part
     _gram_kernel[(n_tiles * n_tiles, chunks, nb)](
-        x, r, part, s_part, k, m, k_per_prog, *x.stride(),
-        SCALE_K=scale_k, SCALE_M=scale_m, WRITE_S=write_s, DOT_BF16=_bf16_dot(x),
-        PRECISION=DOT_PRECISION, BLOCK_K=block_k, BLOCK_M=block_m,
-        num_warps=8)
+        x,
+        r,
+        part,
+        s_part,
+        k,
+        m,
+        k_per_prog,
+        *x.stride(),
+        SCALE_K=scale_k,
+        SCALE_M=scale_m,
+        WRITE_S=write_s,
+        DOT_BF16=_bf16_dot(x),
+        PRECISION=DOT_PRECISION,
+        BLOCK_K=block_k,
+        BLOCK_M=block_m,
+        num_warps=8,
+    )
     return part.sum(1), (s_part.sum(1) if write_s else None)
 
 
@@ -306,14 +485,37 @@ def _backward(feat, r, s, gram, g_cos, g_ortho, normalized: bool) -> torch.Tenso
     if not single:
         block_d = 128
     block_n, block_k = (128, 128) if INTERPRETED else (32 if single else 16, 32)
-    scratch = out if single or feat.dtype == torch.float32 else torch.empty(
-        nb, n, d, device=feat.device, dtype=torch.float32)
+    scratch = (
+        out
+        if single or feat.dtype == torch.float32
+        else torch.empty(nb, n, d, device=feat.device, dtype=torch.float32)
+    )
     _grad_kernel[(triton.cdiv(n, block_n), nb)](
-        a, bmat, feat, r.contiguous(), s.contiguous(), c1.contiguous(), scratch, out, n, k, d,
-        *a.stride(), *bmat.stride(), *feat.stride(),
-        EPS=EPS, ALPHA_R=alpha_r, PROJECT_U=normalized, DOT_BF16=_bf16_dot(feat),
-        PRECISION=DOT_PRECISION, SINGLE_TILE=single, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_D=block_d, num_warps=8 if single else 4)
+        a,
+        bmat,
+        feat,
+        r.contiguous(),
+        s.contiguous(),
+        c1.contiguous(),
+        scratch,
+        out,
+        n,
+        k,
+        d,
+        *a.stride(),
+        *bmat.stride(),
+        *feat.stride(),
+        EPS=EPS,
+        ALPHA_R=alpha_r,
+        PROJECT_U=normalized,
+        DOT_BF16=_bf16_dot(feat),
+        PRECISION=DOT_PRECISION,
+        SINGLE_TILE=single,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=8 if single else 4,
+    )
     return out
 
 
@@ -321,8 +523,13 @@ def _forward_fake(feat, normalized):
     nb, n, d = feat.shape
     m = n if uses_sample_route(n, d) else d
     loss = feat.new_empty(nb, dtype=torch.float32)
-    return (loss, loss.clone(), feat.new_empty(nb, n, dtype=torch.float32),
-            feat.new_empty(nb, d, dtype=torch.float32), feat.new_empty(nb, m, m, dtype=torch.float32))
+    return (
+        loss,
+        loss.clone(),
+        feat.new_empty(nb, n, dtype=torch.float32),
+        feat.new_empty(nb, d, dtype=torch.float32),
+        feat.new_empty(nb, m, m, dtype=torch.float32),
+    )
 
 
 def _backward_fake(feat, r, s, gram, g_cos, g_ortho, normalized):
@@ -330,14 +537,22 @@ def _backward_fake(feat, r, s, gram, g_cos, g_ortho, normalized):
 
 
 @kernel_op("diversity_forward", _forward_fake)
-def _forward_op(feat: torch.Tensor, normalized: bool) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_op(
+    feat: torch.Tensor, normalized: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(feat, normalized)
 
 
 @kernel_op("diversity_backward", _backward_fake)
-def _backward_op(feat: torch.Tensor, r: torch.Tensor, s: torch.Tensor, gram: torch.Tensor,
-                 g_cos: torch.Tensor, g_ortho: torch.Tensor, normalized: bool) -> torch.Tensor:
+def _backward_op(
+    feat: torch.Tensor,
+    r: torch.Tensor,
+    s: torch.Tensor,
+    gram: torch.Tensor,
+    g_cos: torch.Tensor,
+    g_ortho: torch.Tensor,
+    normalized: bool,
+) -> torch.Tensor:
     return _backward(feat, r, s, gram, g_cos, g_ortho, normalized)
 
 
@@ -389,7 +604,9 @@ class _Diversity(torch.autograd.Function):
         return _DiversityGrad.apply(feat, r, s, gram, g_cos, g_ortho, ctx.normalized), None
 
 
-def diversity_losses(feats: torch.Tensor, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def diversity_losses(
+    feats: torch.Tensor, normalized: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Cos, Ortho), each (P,), of P independent problems feats (P, N, D) in one launch per kernel;
     see the module docstring for the math. The caller checks the input
     (`tldr_fast.losses.stacked_diversity_losses` is the entry point, with the torch reference).

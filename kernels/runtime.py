@@ -64,7 +64,9 @@ def vmap_by_folding(op, info, in_dims, *args):
     """The vmap rule of a kernel op whose tensor arguments and outputs all lead with a problem dim:
     fold the vmapped dim into it, call the op once, split it out again (out_dims 0)."""
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    folded = fold_vmapped(info.batch_size, [in_dims[i] for i in positions], *(args[i] for i in positions))
+    folded = fold_vmapped(
+        info.batch_size, [in_dims[i] for i in positions], *(args[i] for i in positions)
+    )
     args = list(args)
     for i, tensor in zip(positions, folded, strict=True):
         args[i] = tensor

@@ -19,7 +19,6 @@ weights up front and writes loss and gradient in the forward pass.
 from __future__ import annotations
 
 import torch
-
 from tldr_fast.kernels.runtime import INTERPRETED, kernel_op, refuse_double_backward, traced_input
 
 try:
@@ -34,10 +33,23 @@ _TILE_ELEMENTS = 1 << 14 if INTERPRETED else 4096  # elements per program
 if triton is not None:
 
     @triton.jit
-    def _tv_pixel_kernel(X, part_tv, part_pix, grad, w_tv_ptr, w_pix_ptr,
-                         n_planes, HW, H, W, planes_per_group,
-                         WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    def _tv_pixel_kernel(
+        X,
+        part_tv,
+        part_pix,
+        grad,
+        w_tv_ptr,
+        w_pix_ptr,
+        n_planes,
+        HW,
+        H,
+        W,
+        planes_per_group,
+        WRITE_LOSS: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+    ):
         """Per-plane partial TV / Pix sums of one [planes, pixels] tile and/or its gradient.
 
         HW (= H * W) is its own argument so that Triton's divisible-by-16 specialisation of integer
@@ -59,8 +71,9 @@ if triton is not None:
         dy = tl.where(down, tl.load(ptrs + W, mask=down, other=0.0).to(tl.float32) - x, 0.0)
         if WRITE_LOSS:
             # propagate_nan keeps a NaN pixel visible in Pix too (relu(NaN) = NaN in torch).
-            outside = (tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                       + tl.maximum(x - 1.0, 0.0, propagate_nan=tl.PropagateNan.ALL))
+            outside = tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.maximum(
+                x - 1.0, 0.0, propagate_nan=tl.PropagateNan.ALL
+            )
             n_hw = tl.num_programs(1)
             dst = planes * n_hw + pid_hw
             tl.store(part_tv + dst, tl.sum(dx * dx + dy * dy, 1), mask=planes < n_planes)
@@ -73,10 +86,14 @@ if triton is not None:
             group = planes // planes_per_group
             w_tv = tl.load(w_tv_ptr + group, mask=planes < n_planes, other=0.0)
             w_pix = tl.load(w_pix_ptr + group, mask=planes < n_planes, other=0.0)
-            g = (2.0 * w_tv[:, None] * (dl - dx + du - dy)
-                 + w_pix[:, None] * (tl.where(x > 1.0, 1.0, 0.0) - tl.where(x < 0.0, 1.0, 0.0)))
-            tl.store(grad + planes.to(tl.int64)[:, None] * hw + k[None, :],
-                     g.to(grad.dtype.element_ty), mask=ok)
+            g = 2.0 * w_tv[:, None] * (dl - dx + du - dy) + w_pix[:, None] * (
+                tl.where(x > 1.0, 1.0, 0.0) - tl.where(x < 0.0, 1.0, 0.0)
+            )
+            tl.store(
+                grad + planes.to(tl.int64)[:, None] * hw + k[None, :],
+                g.to(grad.dtype.element_ty),
+                mask=ok,
+            )
 
 
 def _launch(x: torch.Tensor, w_tv=None, w_pix=None, write_loss: bool = True):
@@ -96,9 +113,23 @@ def _launch(x: torch.Tensor, w_tv=None, w_pix=None, write_loss: bool = True):
     else:
         w_tv = w_pix = part_tv
     _tv_pixel_kernel[grid](
-        x, part_tv, part_pix, grad, w_tv, w_pix, n_planes, hw, h, w, n * c,
-        WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BLOCK_P=block_p, BLOCK_HW=block_hw,
-        num_warps=8)
+        x,
+        part_tv,
+        part_pix,
+        grad,
+        w_tv,
+        w_pix,
+        n_planes,
+        hw,
+        h,
+        w,
+        n * c,
+        WRITE_LOSS=write_loss,
+        WRITE_GRAD=write_grad,
+        BLOCK_P=block_p,
+        BLOCK_HW=block_hw,
+        num_warps=8,
+    )
     losses = None
     if write_loss:
         losses = tuple(p.view(groups, -1).sum(-1) / n for p in (part_tv, part_pix))
@@ -125,8 +156,9 @@ def _weighted_fake(x, w_tv, w_pix):
 
 
 @kernel_op("tv_pixel_weighted", _weighted_fake)
-def _weighted_op(x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weighted_op(
+    x: torch.Tensor, w_tv: torch.Tensor, w_pix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (tv, pix), grad = _launch(x, w_tv, w_pix)
     return w_tv * tv + w_pix * pix, tv, pix, grad
 

@@ -19,8 +19,21 @@ VALUE_TOL, GRAD_TOL = 1e-10, 1e-9
 # d/dx entries below this (in float64, for O(1) inputs) count as structurally zero.
 ABSOLUTE_FLOOR = 1e-13
 
-FAMILIES = ("linear", "linear_seq", "conv1d", "conv2d", "conv_circular", "batch_norm", "group_norm",
-            "layer_norm", "instance_norm", "instance_norm_running", "rms_norm", "embedding", "attention")
+FAMILIES = (
+    "linear",
+    "linear_seq",
+    "conv1d",
+    "conv2d",
+    "conv_circular",
+    "batch_norm",
+    "group_norm",
+    "layer_norm",
+    "instance_norm",
+    "instance_norm_running",
+    "rms_norm",
+    "embedding",
+    "attention",
+)
 # families whose layer acts on trailing features, so it may be fed time-major (T, N, ...)
 TIME_MAJOR_FAMILIES = ("linear_seq", "layer_norm", "rms_norm", "embedding", "attention")
 
@@ -49,13 +62,17 @@ def _layer_and_sample_shape(spec: Spec):
         return nn.Linear(c, 3), (n, c)
     if f in ("conv1d", "conv2d", "conv_circular"):
         groups = c if spec.grouped else 1
-        kwargs = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=groups)
+        kwargs = dict(
+            stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=groups
+        )
         reach = spec.dilation * (spec.kernel - 1) + 1
         size = n + reach
         if f == "conv2d":
             return nn.Conv2d(c, 2 * c, spec.kernel, **kwargs), (c, size, size + 1)
         if f == "conv_circular":
-            return nn.Conv1d(c, 2 * c, spec.kernel, padding=spec.padding, padding_mode="circular"), (c, size)
+            return nn.Conv1d(
+                c, 2 * c, spec.kernel, padding=spec.padding, padding_mode="circular"
+            ), (c, size)
         return nn.Conv1d(c, 2 * c, spec.kernel, **kwargs), (c, size)
     if f == "batch_norm":
         return nn.BatchNorm2d(c), (c, n, n + 1)
@@ -64,7 +81,10 @@ def _layer_and_sample_shape(spec: Spec):
     if f == "layer_norm":
         return nn.LayerNorm(c), (n, c)
     if f in ("instance_norm", "instance_norm_running"):
-        return nn.InstanceNorm1d(c, affine=True, track_running_stats=f.endswith("running")), (c, n + 1)
+        return nn.InstanceNorm1d(c, affine=True, track_running_stats=f.endswith("running")), (
+            c,
+            n + 1,
+        )
     if f == "rms_norm":
         return nn.RMSNorm(c), (n, c)
     if f == "embedding":
@@ -88,7 +108,11 @@ class FamilyModel(nn.Module):
         h = (x.detach() * 5).long().clamp(0, 4) if isinstance(self.layer, nn.Embedding) else x
         if self.time_major:
             h = h.transpose(0, 1)
-        out = self.layer(h, h, h)[0] if isinstance(self.layer, nn.MultiheadAttention) else self.layer(h)
+        out = (
+            self.layer(h, h, h)[0]
+            if isinstance(self.layer, nn.MultiheadAttention)
+            else self.layer(h)
+        )
         if self.time_major:
             out = out.transpose(0, 1)
         if isinstance(self.layer, nn.Embedding):

@@ -17,7 +17,14 @@ from tldr_fast.grad_norm import per_sample_grad_norm
 from tldr_fast.models import ResNet18, ViT
 
 SHAPE = (3, 8, 8)
-TINY = {"num_generators": 2, "batch_size": 6, "latent_dim": 4, "generator_width": 4, "steps": 2, "log_every": 1}
+TINY = {
+    "num_generators": 2,
+    "batch_size": 6,
+    "latent_dim": 4,
+    "generator_width": 4,
+    "steps": 2,
+    "log_every": 1,
+}
 
 
 def resnet(dtype=torch.float64, seed: int = 0) -> ResNet18:
@@ -41,7 +48,9 @@ def vit(dtype=torch.float64, seed: int = 0) -> ViT:
 
 def batch(n: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *SHAPE, dtype=torch.float64, generator=gen).requires_grad_(), torch.randint(0, 10, (n,), generator=gen)
+    return torch.rand(
+        n, *SHAPE, dtype=torch.float64, generator=gen
+    ).requires_grad_(), torch.randint(0, 10, (n,), generator=gen)
 
 
 def norms_and_input_gradient(model, x, y, backend):
@@ -94,8 +103,11 @@ def test_vit_attention_equals_torch_multi_head_attention():
     assert rel_rms(attention(x), reference(x, x, x, need_weights=False)[0]) < 1e-12
 
 
-@pytest.mark.parametrize("model", [ResNet18(3, 10, 8, width=2), ViT(1, 4, (8, 12), patch_size=4, dim=8, heads=2)],
-                         ids=["resnet18", "vit"])
+@pytest.mark.parametrize(
+    "model",
+    [ResNet18(3, 10, 8, width=2), ViT(1, 4, (8, 12), patch_size=4, dim=8, heads=2)],
+    ids=["resnet18", "vit"],
+)
 def test_model_files_round_trip(model, tmp_path):
     save(tmp_path / "m.safetensors", model)
     loaded = load(tmp_path / "m.safetensors")
@@ -104,19 +116,25 @@ def test_model_files_round_trip(model, tmp_path):
     assert rel_rms(loaded.eval()(x), model.eval()(x)) == 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"width": 0}, "width must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"width": 0}, "width must be an integer >= 1, got 0"),
+    ],
+)
 def test_resnet_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResNet18(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"patch_size": 5}, r"patch_size 5 must divide image_size \(32, 32\)"),
-    ({"dim": 10, "heads": 4}, "heads 4 must divide dim 10"),
-    ({"depth": 0}, "depth must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"patch_size": 5}, r"patch_size 5 must divide image_size \(32, 32\)"),
+        ({"dim": 10, "heads": 4}, "heads 4 must divide dim 10"),
+        ({"depth": 0}, "depth must be an integer >= 1, got 0"),
+    ],
+)
 def test_vit_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ViT(**kwargs)
@@ -144,8 +162,13 @@ def test_resnet18_is_served_by_closed_form_rules_only():
 def test_resnet18_ghost_equals_the_loop_on_random_models(n, seed):
     model = resnet(seed=seed)
     x, y = batch(n, seed)
-    assert rel_rms(per_sample_grad_norm(model, x, y, backend="ghost"),
-                   per_sample_grad_norm(model, x, y, backend="loop")) < 1e-12
+    assert (
+        rel_rms(
+            per_sample_grad_norm(model, x, y, backend="ghost"),
+            per_sample_grad_norm(model, x, y, backend="loop"),
+        )
+        < 1e-12
+    )
 
 
 @pytest.mark.parametrize("backend", ["ghost", "vmap"])
@@ -179,7 +202,9 @@ def frozen_float32(model):
     return model.float().eval()
 
 
-@pytest.mark.parametrize("make, extra", [(resnet, {"eta_bn": 0.5}), (vit, {})], ids=["resnet18", "vit"])
+@pytest.mark.parametrize(
+    "make, extra", [(resnet, {"eta_bn": 0.5}), (vit, {})], ids=["resnet18", "vit"]
+)
 def test_reconstruct_and_evaluate_smoke(make, extra):
     """Diversity terms on (and the feature-statistics prior on the ResNet); then every statistic of
     the evaluation against stand-in training and held-out images."""
@@ -193,16 +218,23 @@ def test_reconstruct_and_evaluate_smoke(make, extra):
     gen = torch.Generator().manual_seed(0)
     train, held = torch.rand(20, *SHAPE, generator=gen), torch.rand(20, *SHAPE, generator=gen)
     labels = torch.arange(10).repeat(2)
-    scores = reconstruction_scores(result.images, result.labels, train, labels, held, labels, target=model,
-                                   num_bootstrap=20)
+    scores = reconstruction_scores(
+        result.images, result.labels, train, labels, held, labels, target=model, num_bootstrap=20
+    )
     assert 0 <= scores["fidelity"]["target_mean_confidence"] <= 1
     assert -1 <= scores["fidelity"]["target_feature_similarity"] <= 1
     assert set(scores) >= {"authors", "nearest_neighbour", "leakage_gap"}
 
 
 def test_invert_smoke_on_the_vit():
-    result = api.invert(frozen_float32(vit()), 10, SHAPE, InversionConfig(**TINY), progress=False,
-                        samples_per_class=1)
+    result = api.invert(
+        frozen_float32(vit()),
+        10,
+        SHAPE,
+        InversionConfig(**TINY),
+        progress=False,
+        samples_per_class=1,
+    )
     assert {"kl", "cos", "ortho"} <= set(result.history)
 
 
@@ -224,6 +256,9 @@ def test_bench_peer_norms_equal_ghost_or_say_why_not():
     assert rel_rms(norms(x, y), per_sample_grad_norm(model, x, y, backend="ghost")) < 1e-5
     assert not any(m._forward_hooks for m in model.modules())  # Opacus hooked a copy
     reason, _ = target_norms("opacus", resnet(torch.float32))
-    assert reason.startswith("opacus refuses the model: NotImplementedError") and "BatchNorm2d" in reason
+    assert (
+        reason.startswith("opacus refuses the model: NotImplementedError")
+        and "BatchNorm2d" in reason
+    )
     if importlib.util.find_spec("backpack") is None:
         assert target_norms("backpack", model) == ("backpack is not installed", False)

@@ -43,7 +43,9 @@ def test_paper_cnn_forward_flops_match_the_hand_count_and_flop_counter_mode(mode
 def test_forward_and_backward_to_the_input_cost_two_forwards_for_a_frozen_model(model):
     """Frozen weights: the backward computes input gradients only, one product per forward product."""
     x = torch.rand(2, 1, 28, 28, requires_grad=True)
-    cost = floors.count(lambda: torch.autograd.grad(F.cross_entropy(model(x), torch.tensor([1, 2])), x))
+    cost = floors.count(
+        lambda: torch.autograd.grad(F.cross_entropy(model(x), torch.tensor([1, 2])), x)
+    )
     assert cost.flops == 2 * 2 * paper_cnn_forward_flops()
 
 
@@ -52,7 +54,7 @@ def test_bytes_count_each_distinct_storage_once():
     assert floors.count(lambda: a @ b) == floors.Cost(2 * 5 * 7 * 3, 4 * (5 * 7 + 7 * 3 + 5 * 3))
     x = torch.randn(64)
     # views share x's storage; (x * 2) and its + 1 are two new tensors
-    assert floors.count(lambda: (x.view(8, 8).t() * 2 + 1)).bytes == 3 * x.nbytes
+    assert floors.count(lambda: x.view(8, 8).t() * 2 + 1).bytes == 3 * x.nbytes
     assert floors.count(lambda: x.add_(1).mul_(2)).bytes == x.nbytes
 
 
@@ -105,13 +107,20 @@ def test_step_pieces_are_counted_and_the_step_is_affine_in_the_batch(model):
     assert set(rows) == {"step", *floors.PIECES}
     # the classifier pass (forward + backward to the images) is the hand count twice
     assert rows["classifier"]["flops_per_image"] == 2 * paper_cnn_forward_flops()
-    assert rows["adam"]["flops_per_image"] == rows["adam"]["bytes_per_image"] == 0 < rows["adam"]["fixed_bytes"]
+    assert (
+        rows["adam"]["flops_per_image"]
+        == rows["adam"]["bytes_per_image"]
+        == 0
+        < rows["adam"]["fixed_bytes"]
+    )
     for piece in ("generator", "ghost_norms", "tv_pixel"):
         assert rows[piece]["bytes_per_image"] > 0
     # the step holds every piece's products: at least the generator, two classifier passes and the norms
-    assert rows["step"]["flops_per_image"] >= (rows["generator"]["flops_per_image"]
-                                               + rows["classifier"]["flops_per_image"]
-                                               + rows["ghost_norms"]["flops_per_image"])
+    assert rows["step"]["flops_per_image"] >= (
+        rows["generator"]["flops_per_image"]
+        + rows["classifier"]["flops_per_image"]
+        + rows["ghost_norms"]["flops_per_image"]
+    )
     # below the feature dimension (256) every piece but the diversity terms is affine in the batch
     from bench.grad_norm import batch_for, grad_norm_step
 

@@ -15,11 +15,18 @@ from tldr_fast.attacks.bnn_fold import fold
 from tldr_fast.attacks.bnn_model import BinarizedMLP, BinaryLinear, sign_activation
 from tldr_fast.models import MLP
 
-SAMPLERS = ["blocking", pytest.param("cmsgen", marks=pytest.mark.skipif(
-    not bnn.cmsgen_available(), reason="pycmsgen not installed"))]
+SAMPLERS = [
+    "blocking",
+    pytest.param(
+        "cmsgen",
+        marks=pytest.mark.skipif(not bnn.cmsgen_available(), reason="pycmsgen not installed"),
+    ),
+]
 
 
-def random_bnn(grid: int, hidden: tuple[int, ...], classes: int, seed: int, tie_logits: bool = False) -> BinarizedMLP:
+def random_bnn(
+    grid: int, hidden: tuple[int, ...], classes: int, seed: int, tie_logits: bool = False
+) -> BinarizedMLP:
     """A BNN with adversarial BatchNorms: negative and zero scales, and means on reachable pre-activations
     with zero bias, so BN output 0 (sign(0) = +1) and, with tie_logits, equal logits really occur."""
     torch.manual_seed(seed)
@@ -29,7 +36,9 @@ def random_bnn(grid: int, hidden: tuple[int, ...], classes: int, seed: int, tie_
     with torch.no_grad():
         for n, norm in zip(widths, model.norms):
             k = norm.num_features
-            counts = torch.randint(n // 4, n - n // 4 + 1, (k,), generator=gen)  # thresholds away from the extremes
+            counts = torch.randint(
+                n // 4, n - n // 4 + 1, (k,), generator=gen
+            )  # thresholds away from the extremes
             norm.running_mean.copy_((2 * counts - n).float())
             norm.running_var.uniform_(0.3, 3.0, generator=gen)
             norm.weight.copy_(torch.randn(k, generator=gen))
@@ -49,7 +58,9 @@ def random_bnn(grid: int, hidden: tuple[int, ...], classes: int, seed: int, tie_
 
 def random_pixels(n: int, num_inputs: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    density = rng.uniform(0.1, 0.9, size=(n, 1))  # vary the share of +1 pixels so every class shows up
+    density = rng.uniform(
+        0.1, 0.9, size=(n, 1)
+    )  # vary the share of +1 pixels so every class shows up
     return np.where(rng.random((n, num_inputs)) < density, 1, -1).astype(np.int8)
 
 
@@ -90,10 +101,14 @@ def test_sign_zero_and_constant_neurons_are_encoded():
     constant = (layer.lo == 0) & (layer.hi == n)
     assert constant.any()  # the zero-scale neurons with bias 0 always fire
     with torch.no_grad():
-        table = model.norms[0]((2 * torch.arange(n + 1.0) - n).view(-1, 1).expand(n + 1, 10).contiguous())
+        table = model.norms[0](
+            (2 * torch.arange(n + 1.0) - n).view(-1, 1).expand(n + 1, 10).contiguous()
+        )
     assert (table == 0).any()  # a neuron sits exactly on sign(0)
     pixels = random_pixels(200, n, 5)
-    assert bnn.sat_labels(bnn.encode(model), pixels) == [[int(y)] for y in forward_labels(model, pixels)]
+    assert bnn.sat_labels(bnn.encode(model), pixels) == [
+        [int(y)] for y in forward_labels(model, pixels)
+    ]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -101,7 +116,9 @@ def test_inversions_are_classified_as_their_label_and_distinct(sampler):
     model = random_bnn(5, (12, 8), 4, seed=3)
     formula = bnn.encode(model)
     for label in range(4):
-        result = bnn.invert(model, label, num_samples=25, sampler=sampler, seed=label, formula=formula)
+        result = bnn.invert(
+            model, label, num_samples=25, sampler=sampler, seed=label, formula=formula
+        )
         assert result.sampler == sampler
         if result.status == "unsat":
             continue
@@ -139,7 +156,9 @@ def test_timeout_returns_what_it_found_and_says_so(sampler):
     model = random_bnn(8, (40, 20), 10, seed=7)
     formula = bnn.encode(model)
     label = int(np.bincount(forward_labels(model, random_pixels(200, 64, 7))).argmax())
-    result = bnn.invert(model, label, num_samples=100000, sampler=sampler, time_limit=0.5, formula=formula)
+    result = bnn.invert(
+        model, label, num_samples=100000, sampler=sampler, time_limit=0.5, formula=formula
+    )
     assert result.timed_out and result.status == "timeout"
     assert result.seconds < 30
     assert (forward_labels(model, result.pixels) == label).all() if len(result.pixels) else True
@@ -172,16 +191,19 @@ def test_refuses_a_network_that_is_not_binarised():
         bnn.encode(model)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"label": 3}, r"label must be an integer in \[0, 2\], got 3"),
-    ({"label": -1}, r"label must be an integer in \[0, 2\], got -1"),
-    ({"label": True}, r"label must be an integer"),
-    ({"label": 0, "num_samples": 0}, r"num_samples must be an integer >= 1"),
-    ({"label": 0, "sampler": "unigen"}, r"sampler must be one of"),
-    ({"label": 0, "time_limit": 0}, r"time_limit must be a number of seconds > 0"),
-    ({"label": 0, "max_on": 10}, r"max_on must be an integer in \[0, 9\], got 10"),
-    ({"label": 0, "min_on": -1}, r"min_on must be an integer in \[0, 9\], got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"label": 3}, r"label must be an integer in \[0, 2\], got 3"),
+        ({"label": -1}, r"label must be an integer in \[0, 2\], got -1"),
+        ({"label": True}, r"label must be an integer"),
+        ({"label": 0, "num_samples": 0}, r"num_samples must be an integer >= 1"),
+        ({"label": 0, "sampler": "unigen"}, r"sampler must be one of"),
+        ({"label": 0, "time_limit": 0}, r"time_limit must be a number of seconds > 0"),
+        ({"label": 0, "max_on": 10}, r"max_on must be an integer in \[0, 9\], got 10"),
+        ({"label": 0, "min_on": -1}, r"min_on must be an integer in \[0, 9\], got -1"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, match):
     model = random_bnn(3, (4,), 3, seed=0)
     with pytest.raises(ValueError, match=match):
@@ -202,7 +224,9 @@ def test_bad_pixels_and_encoding_are_refused():
 
 
 def test_straight_through_gradients():
-    t = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(
+        [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True
+    )
     out = sign_activation(t)
     assert out.tolist() == [-1, -1, -1, 1, 1, 1, 1]
     out.sum().backward()
@@ -234,8 +258,17 @@ def test_binarised_mnist_bnn_trains_and_inverts():
     images, labels = load("mnist-bundled", split="train", subset=1000)
     test_images, test_labels = load("mnist-bundled", split="test")
     model = BinarizedMLP(image_size=6, grid=6, hidden=(24, 12))
-    train_classifier(model, pool_images(images, 6), labels, epochs=4, batch_size=64, lr=2e-2,
-                     test=(pool_images(test_images, 6), test_labels), progress=False, device="cpu")
+    train_classifier(
+        model,
+        pool_images(images, 6),
+        labels,
+        epochs=4,
+        batch_size=64,
+        lr=2e-2,
+        test=(pool_images(test_images, 6), test_labels),
+        progress=False,
+        device="cpu",
+    )
     assert model.train_report.test_accuracy > 0.25  # chance is 0.1; 10x10 with 100-50 reaches ~0.86
     result = bnn.invert(model, 1, num_samples=5, sampler="blocking", time_limit=60)
     assert (forward_labels(model, result.pixels) == 1).all()
@@ -245,8 +278,30 @@ def test_binarised_mnist_bnn_trains_and_inverts():
 def test_cli_writes_grids_and_report(tmp_path):
     from tldr_fast.cli import main
 
-    code = main(["attack", "bnn", "--out", str(tmp_path), "--size", "4", "--hidden", "8", "6", "--epochs", "1",
-                 "--samples", "3", "--labels", "0", "1", "--sampler", "blocking", "--time-limit", "20"])
+    code = main(
+        [
+            "attack",
+            "bnn",
+            "--out",
+            str(tmp_path),
+            "--size",
+            "4",
+            "--hidden",
+            "8",
+            "6",
+            "--epochs",
+            "1",
+            "--samples",
+            "3",
+            "--labels",
+            "0",
+            "1",
+            "--sampler",
+            "blocking",
+            "--time-limit",
+            "20",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "bnn.json").read_text())
     assert [entry["label"] for entry in report["labels"]] == [0, 1]
@@ -267,11 +322,22 @@ def test_garbage_class_experiment_reports_confidence_before_and_after():
 
     model = random_bnn(3, (6,), 3, seed=2)
     gen = torch.Generator().manual_seed(0)
-    images, labels = torch.rand(60, 1, 3, 3, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    images, labels = (
+        torch.rand(60, 1, 3, 3, generator=gen),
+        torch.randint(0, 3, (60,), generator=gen),
+    )
     test = (torch.rand(20, 1, 3, 3, generator=gen), torch.randint(0, 3, (20,), generator=gen))
     garbage = random_pixels(10, 9, 0)
-    report = garbage_class_experiment(model, images, labels, test, garbage, {"noise": torch.rand(15, 1, 3, 3)},
-                                      epochs=1, batch_size=16)
+    report = garbage_class_experiment(
+        model,
+        images,
+        labels,
+        test,
+        garbage,
+        {"noise": torch.rand(15, 1, 3, 3)},
+        epochs=1,
+        batch_size=16,
+    )
     assert report["garbage_samples"] == 10
     for name in ("original", "with_garbage_class"):
         for key in ("in_distribution_test", "noise"):

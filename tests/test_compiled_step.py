@@ -10,21 +10,29 @@ import functools
 
 import pytest
 import torch
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import tv_pixel as ktv
 
 from bench.naive_step import naive_terms
 from tldr_fast import conditioning, engine, objective
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.engine import AdamState, make_step
-from tldr_fast.kernels import diversity as kdiv
-from tldr_fast.kernels import tv_pixel as ktv
 from tldr_fast.models import PaperCNN
 
 SHAPE = (1, 8, 8)
 # All nine terms on (eta_pix is 0 in the presets), dropout on so the generator's random masks are
 # part of what must match.
-TINY = {"num_generators": 2, "batch_size": 6, "latent_dim": 6, "generator_width": 4, "eta_pix": 1.0,
-        "eps": 0.05, "steps": 2, "log_every": 1}
+TINY = {
+    "num_generators": 2,
+    "batch_size": 6,
+    "latent_dim": 6,
+    "generator_width": 4,
+    "eta_pix": 1.0,
+    "eps": 0.05,
+    "steps": 2,
+    "log_every": 1,
+}
 
 
 def tiny_classifier(device="cpu"):
@@ -35,7 +43,11 @@ def tiny_classifier(device="cpu"):
 def tiny_step(device="cpu", **overrides):
     cfg = ReconstructionConfig(**{**TINY, **overrides})
     template, params, buffers = objective.build_generators(cfg, 10, SHAPE, device)
-    labels = conditioning.balanced_labels(cfg.batch_size, 10, device).expand(cfg.num_generators, -1).contiguous()
+    labels = (
+        conditioning.balanced_labels(cfg.batch_size, 10, device)
+        .expand(cfg.num_generators, -1)
+        .contiguous()
+    )
     problem = objective.Problem(template, tiny_classifier(device), cfg, labels)
     return make_step(problem, buffers), params
 
@@ -46,7 +58,9 @@ def run_steps(step, params, steps: int, seed: int = 3):
     reports = []
     for _ in range(steps):
         params, state, report = step(params, state)
-        params = {k: v.clone() for k, v in params.items()}  # CUDA graph buffers change on the next call
+        params = {
+            k: v.clone() for k, v in params.items()
+        }  # CUDA graph buffers change on the next call
         reports.append(report)
     return params, state, reports
 
@@ -70,16 +84,27 @@ def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
         diff = (p1[name] - p0[name]).abs()
         assert diff.max() <= 2 * lr * len(r0) + 1e-6, name
         well_conditioned = s0.v[name].sqrt() > 1e-3 * grad_scale
-        torch.testing.assert_close(p1[name][well_conditioned], p0[name][well_conditioned], rtol=rtol, atol=atol)
+        torch.testing.assert_close(
+            p1[name][well_conditioned], p0[name][well_conditioned], rtol=rtol, atol=atol
+        )
 
 
 @pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"eta_bn": 0.5}, {"classifier_chunk_size": 4},
-     {"classifier_chunk_size": 4, "grad_norm_mode": "batch", "eta_bn": 0.5}],
-    ids=["nine-terms", "with-feature-statistics", "classifier-chunks", "classifier-chunks-batch-norm-statistics"],
+    [
+        {},
+        {"eta_bn": 0.5},
+        {"classifier_chunk_size": 4},
+        {"classifier_chunk_size": 4, "grad_norm_mode": "batch", "eta_bn": 0.5},
+    ],
+    ids=[
+        "nine-terms",
+        "with-feature-statistics",
+        "classifier-chunks",
+        "classifier-chunks-batch-norm-statistics",
+    ],
 )
 def test_step_compiles_as_one_graph_and_equals_eager(overrides):
     # fullgraph=True raises on any graph break; aot_eager traces exactly what inductor would get.
@@ -105,8 +130,12 @@ def test_inductor_step_equals_eager():
 def test_engine_compile_flag_gives_the_eager_history(monkeypatch):
     classifier = tiny_classifier()
     eager = engine.train(classifier, 10, SHAPE, ReconstructionConfig(**TINY), progress=False)
-    monkeypatch.setattr(engine, "CompiledStep", functools.partial(CompiledStep, backend="aot_eager"))
-    compiled = engine.train(classifier, 10, SHAPE, ReconstructionConfig(**TINY, compile=True), progress=False)
+    monkeypatch.setattr(
+        engine, "CompiledStep", functools.partial(CompiledStep, backend="aot_eager")
+    )
+    compiled = engine.train(
+        classifier, 10, SHAPE, ReconstructionConfig(**TINY, compile=True), progress=False
+    )
     assert eager.compile_seconds is None and compiled.compile_seconds > 0
     for term, values in eager.history.items():
         assert compiled.history[term] == pytest.approx(values, rel=1e-4, abs=1e-5), term
@@ -131,7 +160,10 @@ class _CountedKernel:
 @pytest.fixture
 def kernel_launches(monkeypatch):
     counts = collections.Counter()
-    for module, names in ((kdiv, ("_row_norms_kernel", "_gram_kernel", "_grad_kernel")), (ktv, ("_tv_pixel_kernel",))):
+    for module, names in (
+        (kdiv, ("_row_norms_kernel", "_gram_kernel", "_grad_kernel")),
+        (ktv, ("_tv_pixel_kernel",)),
+    ):
         for name in names:
             monkeypatch.setattr(module, name, _CountedKernel(getattr(module, name), name, counts))
     return counts
@@ -139,17 +171,27 @@ def kernel_launches(monkeypatch):
 
 # Per step, for all K generators at once: diversity forward (row norms, Gram) and backward, TV/pixel
 # forward and backward.
-LAUNCHES_PER_STEP = {"_row_norms_kernel": 1, "_gram_kernel": 1, "_grad_kernel": 1, "_tv_pixel_kernel": 2}
+LAUNCHES_PER_STEP = {
+    "_row_norms_kernel": 1,
+    "_gram_kernel": 1,
+    "_grad_kernel": 1,
+    "_tv_pixel_kernel": 2,
+}
 
 
 @pytest.mark.compile
 @pytest.mark.triton
 @pytest.mark.parametrize(
     "overrides",
-    [{"num_generators": 1}, {"num_generators": 3, "classifier_chunk_size": 4, "grad_norm_mode": "batch"}],
+    [
+        {"num_generators": 1},
+        {"num_generators": 3, "classifier_chunk_size": 4, "grad_norm_mode": "batch"},
+    ],
     ids=["one-generator", "three-generators-classifier-chunks-batch-norm"],
 )
-def test_compiled_step_launches_the_kernels_and_equals_the_eager_torch_step(overrides, kernel_launches):
+def test_compiled_step_launches_the_kernels_and_equals_the_eager_torch_step(
+    overrides, kernel_launches
+):
     # Nine terms, eta_grad > 0 included (its double backward runs beside the kernels' first-order
     # backward). The kernels are opaque ops in the one graph: each step launches them on the
     # stacked generators, and the trajectory is the eager torch path's.

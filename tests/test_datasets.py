@@ -38,7 +38,18 @@ def test_full_mnist_matches_published_counts(shared_data):
     xt, yt = datasets.load("mnist", split="test", root=shared_data)
     assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28)
     assert int(y[0]) == 5
-    assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(y).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
     assert torch.bincount(yt).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
@@ -52,7 +63,9 @@ def test_omniglot_small_sets(shared_data):
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown dataset name 'mnist2'.*fashion-mnist.*mnist-bundled"):
+    with pytest.raises(
+        ValueError, match="unknown dataset name 'mnist2'.*fashion-mnist.*mnist-bundled"
+    ):
         datasets.load("mnist2")
 
 
@@ -69,7 +82,10 @@ def test_missing_files_name_every_path(tmp_path):
     assert "train-labels-idx1-ubyte.gz" in msg and "download=True" in msg
 
 
-@pytest.mark.parametrize("subset,match", [(1001, "not divisible"), (5, ">= the number of classes"), (5000, "has only 400")])
+@pytest.mark.parametrize(
+    "subset,match",
+    [(1001, "not divisible"), (5, ">= the number of classes"), (5000, "has only 400")],
+)
 def test_bad_subsets(subset, match):
     with pytest.raises(ValueError, match=match):
         datasets.load("mnist-bundled", subset=subset)
@@ -104,7 +120,10 @@ def test_cifar_reader_refuses_foreign_globals(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        batch = {
+            b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8),
+            b"labels": [0, 1, 2, 3],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     x, y = datasets.load("cifar10", root=tmp_path)
     assert x.shape == (20, 3, 32, 32) and y.tolist()[:4] == [0, 1, 2, 3]

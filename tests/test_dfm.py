@@ -44,7 +44,13 @@ def _trained_tiny(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     model = TinyNet()
     x, y = _toy_task(seed=seed)
-    return dfm.fit(model, x, y, lambda m, a, b: nn.functional.cross_entropy(m(a), b), dfm.TrainConfig(epochs=20, batch_size=64, lr=3e-3))
+    return dfm.fit(
+        model,
+        x,
+        y,
+        lambda m, a, b: nn.functional.cross_entropy(m(a), b),
+        dfm.TrainConfig(epochs=20, batch_size=64, lr=3e-3),
+    )
 
 
 # --- virtual logits -------------------------------------------------------------------------
@@ -149,7 +155,15 @@ def test_pgd_property_unit_range_and_ball(eps, step, steps, n, seed):
     x = torch.rand(n, 1, 8, 8, generator=g)
     target = 5 * torch.randn(n, 4, generator=g)
     for maximize in (True, False):
-        out = l2_pgd(model, x, lambda z: dfm.logit_l2_loss(z, target), epsilon=eps, steps=steps, step_size=step, maximize=maximize)
+        out = l2_pgd(
+            model,
+            x,
+            lambda z: dfm.logit_l2_loss(z, target),
+            epsilon=eps,
+            steps=steps,
+            step_size=step,
+            maximize=maximize,
+        )
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
         assert float((out - x).flatten(1).norm(dim=1).max()) <= eps * (1 + 1e-5)
 
@@ -179,7 +193,19 @@ def test_pgd_descends_when_not_maximising():
     x = torch.rand(8, 1, 28, 28)
     target = torch.zeros(8, 10)
     before = dfm.logit_l2_loss(model(x), target)
-    after = dfm.logit_l2_loss(model(l2_pgd(model, x, lambda z: dfm.logit_l2_loss(z, target), epsilon=5.0, steps=10, maximize=False)), target)
+    after = dfm.logit_l2_loss(
+        model(
+            l2_pgd(
+                model,
+                x,
+                lambda z: dfm.logit_l2_loss(z, target),
+                epsilon=5.0,
+                steps=10,
+                maximize=False,
+            )
+        ),
+        target,
+    )
     assert bool((after <= before + 1e-5).all())
 
 
@@ -192,12 +218,20 @@ def test_pgd_rejects_bad_epsilon(eps):
 
 def test_pgd_rejects_bad_steps():
     with pytest.raises(ValueError, match="steps"):
-        pgd_attack(LeNet().eval(), torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), epsilon=1.0, steps=0)
+        pgd_attack(
+            LeNet().eval(),
+            torch.rand(2, 1, 28, 28),
+            torch.zeros(2, dtype=torch.long),
+            epsilon=1.0,
+            steps=0,
+        )
 
 
 def test_robust_accuracy_rejects_negative_epsilon():
     with pytest.raises(ValueError, match="epsilon"):
-        robust_accuracy(LeNet().eval(), torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), epsilon=-0.5)
+        robust_accuracy(
+            LeNet().eval(), torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), epsilon=-0.5
+        )
 
 
 # --- extraction (DfM) -----------------------------------------------------------------------
@@ -219,7 +253,9 @@ def test_extraction_moves_logits_toward_virtual_targets():
         assert torch.allclose(model(data.images), data.logits, atol=1e-5)
     # The tiny model's logits saturate below the top target of ~20 on [0, 1]^64, hence only 0.85.
     assert float(end.mean()) < 0.85 * float(start.mean())
-    assert float((data.images - backgrounds[picks]).flatten(1).norm(dim=1).max()) <= 4.0 * (1 + 1e-5)
+    assert float((data.images - backgrounds[picks]).flatten(1).norm(dim=1).max()) <= 4.0 * (
+        1 + 1e-5
+    )
     # The model agrees with the virtual top class on most extracted images.
     assert float((data.logits.argmax(1) == data.targets.argmax(1)).float().mean()) > 0.8
 
@@ -287,7 +323,11 @@ def test_noise_backgrounds_are_seeded_unit_range():
 
 def test_distillation_recovers_the_teacher_on_the_task():
     teacher = _trained_tiny()
-    data = dfm.extract(teacher, torch.rand(100, 1, 8, 8), dfm.ExtractionConfig(num_images=1000, epsilon=4.0, steps=10, batch_size=500))
+    data = dfm.extract(
+        teacher,
+        torch.rand(100, 1, 8, 8),
+        dfm.ExtractionConfig(num_images=1000, epsilon=4.0, steps=10, batch_size=500),
+    )
     torch.manual_seed(1)
     student = dfm.distill(TinyNet(), data, dfm.TrainConfig(epochs=15, batch_size=64, lr=3e-3))
     x, y = _toy_task(300, seed=7)
@@ -300,7 +340,14 @@ def test_distillation_recovers_the_teacher_on_the_task():
 def test_adversarial_training_makes_a_model_more_robust():
     x, y = _toy_task(400, seed=0)
     torch.manual_seed(0)
-    robust = dfm.adversarial_train(TinyNet(), x, y, epsilon=2.0, steps=5, config=dfm.TrainConfig(epochs=20, batch_size=64, lr=3e-3))
+    robust = dfm.adversarial_train(
+        TinyNet(),
+        x,
+        y,
+        epsilon=2.0,
+        steps=5,
+        config=dfm.TrainConfig(epochs=20, batch_size=64, lr=3e-3),
+    )
     standard = _trained_tiny()
     xt, yt = _toy_task(300, seed=9)
     assert robust_accuracy(robust, xt, yt, epsilon=0.0) > 0.9
@@ -349,7 +396,14 @@ def test_chain_rejects_zero_cycles():
 
 def test_chain_rejects_bad_robustness_epsilon():
     with pytest.raises(ValueError, match="epsilon"):
-        dfm.run_chain(_trained_tiny(), torch.rand(4, 1, 8, 8), TinyNet, *_toy_task(10), cycles=1, robustness_eps=(0.0, -1.0))
+        dfm.run_chain(
+            _trained_tiny(),
+            torch.rand(4, 1, 8, 8),
+            TinyNet,
+            *_toy_task(10),
+            cycles=1,
+            robustness_eps=(0.0, -1.0),
+        )
 
 
 # --- LeNet ----------------------------------------------------------------------------------
@@ -378,8 +432,16 @@ def test_lenet_rejects_small_images_and_wrong_input():
 def test_chain_works_with_papercnn_students():
     """Architectures with BatchNorm and dropout distil too (eval mode inside PGD)."""
     origin = PaperCNN(image_size=12, channels=(4, 8), hidden=16).eval()
-    data = dfm.extract(origin, torch.rand(8, 1, 12, 12), dfm.ExtractionConfig(num_images=16, epsilon=1.0, steps=2, batch_size=8))
-    student = dfm.distill(PaperCNN(image_size=12, channels=(4, 8), hidden=16), data, dfm.TrainConfig(epochs=1, batch_size=8))
+    data = dfm.extract(
+        origin,
+        torch.rand(8, 1, 12, 12),
+        dfm.ExtractionConfig(num_images=16, epsilon=1.0, steps=2, batch_size=8),
+    )
+    student = dfm.distill(
+        PaperCNN(image_size=12, channels=(4, 8), hidden=16),
+        data,
+        dfm.TrainConfig(epochs=1, batch_size=8),
+    )
     assert not student.training and torch.isfinite(student(data.images)).all()
 
 
@@ -395,10 +457,41 @@ def _cli(*argv: str) -> int:
 def test_cli_tiny_run_writes_tables_picture_and_models(shared_data, tmp_path):
     out = tmp_path / "run"
     code = _cli(
-        "--dataset", "mnist", "--data-root", str(shared_data), "--subset", "200", "--extract", "100", "--cycles", "1",
-        "--background", "noise", "--background-count", "50", "--eval-eps", "0", "1", "--eval-size", "20",
-        "--eval-steps", "1", "--test-size", "200", "--origin-epochs", "1", "--distill-epochs", "1", "--robust-origin",
-        "--adv-steps", "1", "--device", "cpu", "--no-progress", "--out", str(out),
+        "--dataset",
+        "mnist",
+        "--data-root",
+        str(shared_data),
+        "--subset",
+        "200",
+        "--extract",
+        "100",
+        "--cycles",
+        "1",
+        "--background",
+        "noise",
+        "--background-count",
+        "50",
+        "--eval-eps",
+        "0",
+        "1",
+        "--eval-size",
+        "20",
+        "--eval-steps",
+        "1",
+        "--test-size",
+        "200",
+        "--origin-epochs",
+        "1",
+        "--distill-epochs",
+        "1",
+        "--robust-origin",
+        "--adv-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
     )
     assert code == 0
     import json
@@ -409,7 +502,10 @@ def test_cli_tiny_run_writes_tables_picture_and_models(shared_data, tmp_path):
     assert "| M1 |" in (out / "dfm.md").read_text()
     assert (out / "dfm.png").stat().st_size > 0
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "non-robust-M0.safetensors", "non-robust-M1.safetensors", "robust-M0.safetensors", "robust-M1.safetensors",
+        "non-robust-M0.safetensors",
+        "non-robust-M1.safetensors",
+        "robust-M0.safetensors",
+        "robust-M1.safetensors",
     ]
 
 
@@ -429,8 +525,16 @@ def test_cli_bad_input_is_one_line_exit_2(argv, match, capsys):
 
 def test_cli_omniglot_background_needs_resize(shared_data, capsys):
     code = _cli(
-        "--dataset", "mnist", "--data-root", str(shared_data), "--background", "omniglot",
-        "--background-split", "background_small1", "--cycles", "1",
+        "--dataset",
+        "mnist",
+        "--data-root",
+        str(shared_data),
+        "--background",
+        "omniglot",
+        "--background-split",
+        "background_small1",
+        "--cycles",
+        "1",
     )
     assert code == 2
     assert "--resize-background" in capsys.readouterr().err

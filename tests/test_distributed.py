@@ -25,8 +25,16 @@ from tldr_fast.models import PaperCNN
 
 SHAPE = (1, 8, 8)
 # batch 5 over 2 ranks: an uneven split (2 + 3 images of each generator's batch).
-TINY = {"latent_dim": 6, "generator_width": 4, "batch_size": 5, "num_generators": 2, "eta_pix": 1.0, "eta_bn": 0.5,
-        "eps": 0.05, "log_every": 1}
+TINY = {
+    "latent_dim": 6,
+    "generator_width": 4,
+    "batch_size": 5,
+    "num_generators": 2,
+    "eta_pix": 1.0,
+    "eta_bn": 0.5,
+    "eps": 0.05,
+    "log_every": 1,
+}
 # Global-batch variants: the authors' batch-mean gradient norm and raw-feature Gram; the chunked classifier.
 VARIANTS = {
     "per-sample": {},
@@ -60,11 +68,20 @@ def float64_step(overrides: dict):
 def _float64_step(overrides: dict):
     cfg = ReconstructionConfig(**{**TINY, **overrides})
     template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
-    labels = conditioning.balanced_labels(cfg.batch_size, 10).expand(cfg.num_generators, -1).contiguous()
-    problem = objective.Problem(template, make_classifier(torch.float64), cfg, labels,
-                                distributed.current_shard(cfg.batch_size))
+    labels = (
+        conditioning.balanced_labels(cfg.batch_size, 10).expand(cfg.num_generators, -1).contiguous()
+    )
+    problem = objective.Problem(
+        template,
+        make_classifier(torch.float64),
+        cfg,
+        labels,
+        distributed.current_shard(cfg.batch_size),
+    )
     torch.manual_seed(11)
-    grads, (_, report) = objective.grad_and_report(params, buffers, objective.draw_noise(problem), problem)
+    grads, (_, report) = objective.grad_and_report(
+        params, buffers, objective.draw_noise(problem), problem
+    )
     if problem.shard is not None:
         grads, report = distributed.sum_over_ranks(problem.shard, grads, report)
     torch.manual_seed(11)
@@ -74,7 +91,9 @@ def _float64_step(overrides: dict):
 
 def train_run(run_dir: Path, steps: int, **overrides):
     cfg = ReconstructionConfig(**{**TINY, "steps": steps, "checkpoint_every": 2, **overrides})
-    return api.reconstruct(make_classifier(), 10, SHAPE, cfg, run_dir=run_dir, progress=False, samples_per_class=1)
+    return api.reconstruct(
+        make_classifier(), 10, SHAPE, cfg, run_dir=run_dir, progress=False, samples_per_class=1
+    )
 
 
 # -- the worker: one rank of a 2-process gloo group ---------------------------------------------
@@ -82,8 +101,13 @@ def train_run(run_dir: Path, steps: int, **overrides):
 
 def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
     try:
         torch.save(SCENARIOS[scenario](rank, Path(out)), Path(out) / f"rank{rank}.pt")
     finally:
@@ -140,8 +164,12 @@ def _scenario_compiled(rank, out):
     generation), the per-sample gradient norm off to keep the trace short."""
     cfg = ReconstructionConfig(**{**TINY, "eta_grad": 0.0})
     template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
-    labels = conditioning.balanced_labels(cfg.batch_size, 10).expand(cfg.num_generators, -1).contiguous()
-    problem = objective.Problem(template, make_classifier(), cfg, labels, distributed.current_shard(cfg.batch_size))
+    labels = (
+        conditioning.balanced_labels(cfg.batch_size, 10).expand(cfg.num_generators, -1).contiguous()
+    )
+    problem = objective.Problem(
+        template, make_classifier(), cfg, labels, distributed.current_shard(cfg.batch_size)
+    )
     step = engine.make_step(problem, buffers)
     state = engine.AdamState.zeros_like(params)
     torch.manual_seed(0)
@@ -151,8 +179,13 @@ def _scenario_compiled(rank, out):
     return {"eager": eager, "compiled": compiled}
 
 
-SCENARIOS = {"float64": _scenario_float64, "train": _scenario_train, "mismatch": _scenario_mismatch,
-             "killed": _scenario_killed, "compiled": _scenario_compiled}
+SCENARIOS = {
+    "float64": _scenario_float64,
+    "train": _scenario_train,
+    "mismatch": _scenario_mismatch,
+    "killed": _scenario_killed,
+    "compiled": _scenario_compiled,
+}
 COLLECTIVE_TIMEOUT_S = 60
 KILLED_EXIT = 3
 
@@ -184,7 +217,9 @@ def test_diversity_from_sums_equals_the_losses_on_the_whole_batch(normalized):
     gen = torch.Generator().manual_seed(0)
     feat = torch.randn(3, 9, 4, dtype=torch.float64, generator=gen)
     feat[1, 2] = 0.0  # a zero feature row: normalised to zero in both forms
-    parts = [distributed.diversity_sums(feat[:, s:e], normalized) for s, e in distributed.split(9, 3)]
+    parts = [
+        distributed.diversity_sums(feat[:, s:e], normalized) for s, e in distributed.split(9, 3)
+    ]
     sums = tuple(sum(p[i] for p in parts) for i in range(3))
     cos, ortho = distributed.diversity_from_sums(sums, 9)
     for k in range(3):
@@ -207,8 +242,9 @@ def test_two_ranks_equal_one_process_in_float64(tmp_path):
             # Adam's first step, lr g / (|g| + eps), moves by at most lr / eps per unit change of g.
             lr = ReconstructionConfig(**{**TINY, **overrides}).lr
             for param, p in stepped.items():
-                assert (got_stepped[param] - p).abs().max() <= 1e-10 * (p.abs().max() + lr * scale / engine.ADAM_EPS), (
-                    name, param)
+                assert (got_stepped[param] - p).abs().max() <= 1e-10 * (
+                    p.abs().max() + lr * scale / engine.ADAM_EPS
+                ), (name, param)
         # Adam state is identical on every rank: the same parameters bit for bit.
         assert all(torch.equal(ranks[0][name][2][p], ranks[1][name][2][p]) for p in stepped)
 
@@ -221,12 +257,21 @@ def test_two_ranks_train_like_one_process_and_only_rank_zero_writes(tmp_path):
     assert ranks[0]["writes"] and not ranks[1]["writes"]
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["world_size"] == 2 and record["rank_batch_sizes"] == [2, 3]
-    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == ["step-00000002.safetensors"]
+    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == [
+        "step-00000002.safetensors"
+    ]
 
     # Resume the 2-rank run in one process: checkpoints hold global state only.
-    resumed = api.reconstruct(make_classifier(), 10, SHAPE,
-                              ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
-                              run_dir=tmp_path / "run", resume=True, progress=False, samples_per_class=1)
+    resumed = api.reconstruct(
+        make_classifier(),
+        10,
+        SHAPE,
+        ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
+        run_dir=tmp_path / "run",
+        resume=True,
+        progress=False,
+        samples_per_class=1,
+    )
     straight = train_run(tmp_path / "straight", steps=4)
     assert rel_rms(resumed.images, straight.images) < 1e-4
     assert len(resumed.history["total"]) == 4
@@ -234,14 +279,19 @@ def test_two_ranks_train_like_one_process_and_only_rank_zero_writes(tmp_path):
 
 def test_a_rank_with_another_config_is_refused_naming_it(tmp_path):
     for got in run_ranks("mismatch", tmp_path):
-        assert got["error"] is not None and got["error"].startswith("rank 1 has a different config than rank 0")
+        assert got["error"] is not None and got["error"].startswith(
+            "rank 1 has a different config than rank 0"
+        )
 
 
 def test_a_killed_rank_fails_the_other_and_leaves_a_resumable_checkpoint(tmp_path):
     context = mp.get_context("spawn")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     port = _free_port()
-    ranks = [context.Process(target=_worker, args=(r, 2, port, "killed", str(tmp_path))) for r in range(2)]
+    ranks = [
+        context.Process(target=_worker, args=(r, 2, port, "killed", str(tmp_path)))
+        for r in range(2)
+    ]
     for p in ranks:
         p.start()
     for p in ranks:
@@ -252,10 +302,19 @@ def test_a_killed_rank_fails_the_other_and_leaves_a_resumable_checkpoint(tmp_pat
             p.kill()
     assert codes[1] == KILLED_EXIT
     assert codes[0] not in (None, 0), "rank 0 must fail, not hang or succeed, when its peer dies"
-    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == ["step-00000002.safetensors"]
-    resumed = api.reconstruct(make_classifier(), 10, SHAPE,
-                              ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
-                              run_dir=tmp_path / "run", resume=True, progress=False, samples_per_class=1)
+    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == [
+        "step-00000002.safetensors"
+    ]
+    resumed = api.reconstruct(
+        make_classifier(),
+        10,
+        SHAPE,
+        ReconstructionConfig(**{**TINY, "steps": 4, "checkpoint_every": 2}),
+        run_dir=tmp_path / "run",
+        resume=True,
+        progress=False,
+        samples_per_class=1,
+    )
     assert len(resumed.history["total"]) == 4 and torch.isfinite(resumed.images).all()
 
 
@@ -263,12 +322,41 @@ def _torchrun(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     model = tmp_path / "model.safetensors"
     if not model.exists():
         serialization.save(model, make_classifier())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "tldr_fast", "reconstruct", "--model", str(model),
-               "--steps", "2", "--generators", "2", "--set", "latent_dim=6", "--set", "generator_width=4",
-               "--no-progress", "--samples-per-class", "1", *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "tldr_fast",
+        "reconstruct",
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--generators",
+        "2",
+        "--set",
+        "latent_dim=6",
+        "--set",
+        "generator_width=4",
+        "--no-progress",
+        "--samples-per-class",
+        "1",
+        *flags,
+    ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_torchrun_cli_runs_data_parallel_and_refuses_a_batch_smaller_than_the_world(tmp_path):
@@ -278,8 +366,17 @@ def test_torchrun_cli_runs_data_parallel_and_refuses_a_batch_smaller_than_the_wo
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["world_size"] == 2 and record["rank_batch_sizes"] == [2, 3]
     # One image per generator (no diversity terms, which need two): fewer than the 2 ranks.
-    refused = _torchrun(tmp_path, "--out", str(tmp_path / "small"), "--batch-size", "1", "--set", "gamma=0",
-                        "--set", "delta=0")
+    refused = _torchrun(
+        tmp_path,
+        "--out",
+        str(tmp_path / "small"),
+        "--batch-size",
+        "1",
+        "--set",
+        "gamma=0",
+        "--set",
+        "delta=0",
+    )
     assert refused.returncode != 0
     assert "batch_size 1 is smaller than the world size 2" in refused.stderr
 

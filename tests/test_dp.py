@@ -32,7 +32,11 @@ def test_modern_accountants_are_tighter_than_classic():
 
 def test_zero_noise_is_no_privacy():
     spent = dp.privacy_spent(0.01, 100, 0.0, 1e-5)
-    assert math.isinf(spent.epsilon_classic) and math.isinf(spent.epsilon_prv) and math.isinf(spent.epsilon_rdp_improved)
+    assert (
+        math.isinf(spent.epsilon_classic)
+        and math.isinf(spent.epsilon_prv)
+        and math.isinf(spent.epsilon_rdp_improved)
+    )
 
 
 @settings(max_examples=10, deadline=None)
@@ -47,8 +51,12 @@ def test_rdp_epsilons_ordered_and_monotone(q, steps, sigma, delta):
     improved, _ = dp.epsilon_rdp_improved(q, steps, sigma, delta)
     assert math.isfinite(classic) and classic > 0
     assert improved <= classic + 1e-9
-    assert dp.epsilon_classic(q, steps, sigma * 1.5, delta)[0] <= classic + 1e-9  # more noise, less epsilon
-    assert dp.epsilon_classic(q, steps + 100, sigma, delta)[0] >= classic - 1e-9  # more steps, more epsilon
+    assert (
+        dp.epsilon_classic(q, steps, sigma * 1.5, delta)[0] <= classic + 1e-9
+    )  # more noise, less epsilon
+    assert (
+        dp.epsilon_classic(q, steps + 100, sigma, delta)[0] >= classic - 1e-9
+    )  # more steps, more epsilon
 
 
 @pytest.mark.parametrize(
@@ -64,7 +72,14 @@ def test_rdp_epsilons_ordered_and_monotone(q, steps, sigma, delta):
     ],
 )
 def test_accountant_bad_input(kwargs, match):
-    args = {"n": 13180, "batch_size": 32, "epochs": 20, "noise_multiplier": 0.7, "delta": 1e-5, **kwargs}
+    args = {
+        "n": 13180,
+        "batch_size": 32,
+        "epochs": 20,
+        "noise_multiplier": 0.7,
+        "delta": 1e-5,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=match):
         dp.dp_sgd_privacy(**args)
 
@@ -98,7 +113,13 @@ class TwoLayer(nn.Module):
 
     def __init__(self, d_in=20, hidden=64):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.Tanh(), nn.GroupNorm(4, hidden), nn.Linear(hidden, 3))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(d_in, hidden),
+            nn.Tanh(),
+            nn.GroupNorm(4, hidden),
+            nn.Linear(hidden, 3),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -109,7 +130,7 @@ def _per_sample_grads(model, x, y):
     rows = []
     for i in range(x.shape[0]):
         model.zero_grad()
-        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.zero_grad()
     return torch.stack(rows)
@@ -122,8 +143,12 @@ def _private_step(noise, clip, n=64, batch=16, seed=0):
     x = torch.randn(n, 1, 4, 5, dtype=torch.float64) * 3
     y = torch.randint(0, 3, (n,))
     oracle = _per_sample_grads(model, x[:batch], y[:batch])
-    config = dp.DPTrainingConfig(noise_multiplier=noise, max_grad_norm=clip, batch_size=batch, seed=seed)
-    hooks, optimizer, _ = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, config)
+    config = dp.DPTrainingConfig(
+        noise_multiplier=noise, max_grad_norm=clip, batch_size=batch, seed=seed
+    )
+    hooks, optimizer, _ = dp.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, config
+    )
     try:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[:batch]), y[:batch]).backward()
@@ -138,13 +163,17 @@ def _private_step(noise, clip, n=64, batch=16, seed=0):
 def test_dp_step_clips_every_per_sample_gradient():
     clip = 0.05
     oracle, per_sample, final, expected_batch = _private_step(noise=0.0, clip=clip)
-    torch.testing.assert_close(per_sample, oracle, rtol=1e-9, atol=1e-12)  # Opacus' per-sample grads are right
+    torch.testing.assert_close(
+        per_sample, oracle, rtol=1e-9, atol=1e-12
+    )  # Opacus' per-sample grads are right
     norms = oracle.norm(dim=1)
     assert bool((norms > clip).all()), "the test needs every sample to be clipped"
     clipped = oracle * (clip / norms).clamp(max=1).unsqueeze(1)
     assert float(clipped.norm(dim=1).max()) <= clip * (1 + 1e-9)
     # Opacus scales by C / (||g|| + 1e-6), so the sum matches to about 1e-6 relative per sample.
-    torch.testing.assert_close(final * expected_batch, clipped.sum(0), rtol=1e-5, atol=1e-6 * clip * oracle.shape[0])
+    torch.testing.assert_close(
+        final * expected_batch, clipped.sum(0), rtol=1e-5, atol=1e-6 * clip * oracle.shape[0]
+    )
 
 
 def test_dp_step_leaves_small_gradients_unclipped():
@@ -171,10 +200,21 @@ def test_make_private_rejects_batchnorm_and_nonprivate():
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
     model = PaperCNN(1, 10, 8)
     with pytest.raises(ValueError, match="GroupNorm"):
-        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, dp.DPTrainingConfig(batch_size=4))
+        dp.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            x,
+            y,
+            dp.DPTrainingConfig(batch_size=4),
+        )
     with pytest.raises(ValueError, match="noise_multiplier"):
-        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y,
-                        dp.DPTrainingConfig(noise_multiplier=None, batch_size=4))
+        dp.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            x,
+            y,
+            dp.DPTrainingConfig(noise_multiplier=None, batch_size=4),
+        )
 
 
 def test_train_dp_rejects_batch_larger_than_dataset():
@@ -186,9 +226,21 @@ def test_train_dp_rejects_batch_larger_than_dataset():
 def test_train_dp_retrains_a_model_it_left_in_eval_mode():
     x, y = torch.rand(16, 1, 4, 5), torch.randint(0, 3, (16,))
     model = TwoLayer()
-    dp.train_dp(model, x, y, dp.DPTrainingConfig(noise_multiplier=None, epochs=1, batch_size=8), progress=False)
+    dp.train_dp(
+        model,
+        x,
+        y,
+        dp.DPTrainingConfig(noise_multiplier=None, epochs=1, batch_size=8),
+        progress=False,
+    )
     assert not model.training
-    result = dp.train_dp(model, x, y, dp.DPTrainingConfig(noise_multiplier=1.0, epochs=1, batch_size=8), progress=False)
+    result = dp.train_dp(
+        model,
+        x,
+        y,
+        dp.DPTrainingConfig(noise_multiplier=1.0, epochs=1, batch_size=8),
+        progress=False,
+    )
     assert result.privacy is not None and not model.training
 
 
@@ -201,7 +253,9 @@ def test_papercnn_groupnorm_trains_privately_and_round_trips(tmp_path):
 
     def run():
         torch.manual_seed(0)
-        return dp.train_dp(dp.PaperCNNGroupNorm(1, 4, 12), x, y, config, test=(x, y), progress=False)
+        return dp.train_dp(
+            dp.PaperCNNGroupNorm(1, 4, 12), x, y, config, test=(x, y), progress=False
+        )
 
     first, second = run(), run()
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in first.model.modules())
@@ -217,24 +271,80 @@ def test_papercnn_groupnorm_trains_privately_and_round_trips(tmp_path):
 
 
 def test_cli_dp_epsilon_prints_both_accountants(capsys):
-    assert main(["dp-epsilon", "--n", "13180", "--batch-size", "32", "--epochs", "20", "--noise", "0.7", "--delta", "1e-5"]) == 0
+    assert (
+        main(
+            [
+                "dp-epsilon",
+                "--n",
+                "13180",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "20",
+                "--noise",
+                "0.7",
+                "--delta",
+                "1e-5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "classic" in out and "4.02" in out and "PRV" in out
 
 
 def test_cli_dp_epsilon_bad_input_exits_2(capsys):
-    assert main(["dp-epsilon", "--n", "100", "--batch-size", "200", "--epochs", "1", "--noise", "1"]) == 2
+    assert (
+        main(["dp-epsilon", "--n", "100", "--batch-size", "200", "--epochs", "1", "--noise", "1"])
+        == 2
+    )
     assert "batch_size" in capsys.readouterr().err
-    assert main(["dp-epsilon", "--n", "100", "--batch-size", "10", "--epochs", "1", "--noise", "-1"]) == 2
-    assert main(["dp-epsilon", "--n", "100", "--batch-size", "10", "--epochs", "1", "--noise", "1", "--delta", "1"]) == 2
+    assert (
+        main(["dp-epsilon", "--n", "100", "--batch-size", "10", "--epochs", "1", "--noise", "-1"])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "dp-epsilon",
+                "--n",
+                "100",
+                "--batch-size",
+                "10",
+                "--epochs",
+                "1",
+                "--noise",
+                "1",
+                "--delta",
+                "1",
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_dp_train_records_what_evaluate_needs_to_rebuild_the_training_subset(tmp_path, capsys):
     from tldr_fast import datasets, serialization
 
     out = tmp_path / "m.safetensors"
-    args = ["dp-train", "--dataset", "mnist-bundled", "--subset", "100", "--seed", "2", "--epochs", "1",
-            "--batch-size", "25", "--noise", "1.0", "--out", str(out), "--no-progress"]
+    args = [
+        "dp-train",
+        "--dataset",
+        "mnist-bundled",
+        "--subset",
+        "100",
+        "--seed",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "25",
+        "--noise",
+        "1.0",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "epsilon" in capsys.readouterr().out
     model = serialization.load(out)
@@ -244,5 +354,7 @@ def test_cli_dp_train_records_what_evaluate_needs_to_rebuild_the_training_subset
     assert meta["dp"]["noise_multiplier"] == 1.0 and meta["dp"]["privacy"]["steps"] == 4
     # `evaluate` rebuilds the training set from exactly these fields; the same call gives the same images.
     first = datasets.load_dataset("mnist-bundled", "train", subset=100, seed=2)
-    again = datasets.load_dataset(meta["dataset"], "train", subset=meta["subset"], seed=meta["seed"])
+    again = datasets.load_dataset(
+        meta["dataset"], "train", subset=meta["subset"], seed=meta["seed"]
+    )
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)

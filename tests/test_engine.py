@@ -16,7 +16,14 @@ from tldr_fast.models import PaperCNN
 from tldr_fast.training import build_seeded
 
 SHAPE = (1, 14, 14)
-TINY = {"latent_dim": 8, "generator_width": 8, "batch_size": 10, "num_generators": 2, "steps": 3, "log_every": 1}
+TINY = {
+    "latent_dim": 8,
+    "generator_width": 8,
+    "batch_size": 10,
+    "num_generators": 2,
+    "steps": 3,
+    "log_every": 1,
+}
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +33,9 @@ def trained_classifier():
     images = nn.functional.avg_pool2d(images, 2)
     # Seeded construction: the initial weights must not depend on which tests ran first.
     model = build_seeded(lambda: PaperCNN(1, 10, 14, channels=(8, 16), hidden=32), 0)
-    return tf.train_classifier(model, images, labels, epochs=4, batch_size=50, lr=3e-3, seed=0, progress=False)
+    return tf.train_classifier(
+        model, images, labels, epochs=4, batch_size=50, lr=3e-3, seed=0, progress=False
+    )
 
 
 @pytest.fixture
@@ -36,7 +45,9 @@ def classifier():
 
 
 def _params_equal(a: engine.Trained, b: engine.Trained) -> bool:
-    return a.params.keys() == b.params.keys() and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    return a.params.keys() == b.params.keys() and all(
+        torch.equal(a.params[k], b.params[k]) for k in a.params
+    )
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -73,12 +84,20 @@ class _NoFeatures(nn.Module):
 
 def test_classifier_with_wrong_output_shape():
     with pytest.raises(ValueError, match=r"logits of shape \(B, num_classes\), got \(2,\)"):
-        engine.train(_FlatOutput(), 10, SHAPE, ReconstructionConfig(**TINY, gamma=0, delta=0), progress=False)
+        engine.train(
+            _FlatOutput(), 10, SHAPE, ReconstructionConfig(**TINY, gamma=0, delta=0), progress=False
+        )
 
 
 def test_classifier_that_fails_on_the_images_is_reported():
     with pytest.raises(ValueError, match=r"failed on generator images of shape \(2, 1, 28, 28\)"):
-        engine.train(_NoFeatures(), 10, (1, 28, 28), InversionConfig(**TINY, gamma=0, delta=0), progress=False)
+        engine.train(
+            _NoFeatures(),
+            10,
+            (1, 28, 28),
+            InversionConfig(**TINY, gamma=0, delta=0),
+            progress=False,
+        )
 
 
 def test_diversity_needs_features():
@@ -87,13 +106,24 @@ def test_diversity_needs_features():
 
 
 def test_feature_statistics_prior_needs_batch_norm():
-    with pytest.raises(ValueError, match="eta_bn = 0.5 needs BatchNorm layers with running statistics.*_NoFeatures has none"):
-        engine.train(_NoFeatures(), 10, SHAPE, ReconstructionConfig(**TINY, gamma=0, delta=0, eta_bn=0.5), progress=False)
+    with pytest.raises(
+        ValueError,
+        match="eta_bn = 0.5 needs BatchNorm layers with running statistics.*_NoFeatures has none",
+    ):
+        engine.train(
+            _NoFeatures(),
+            10,
+            SHAPE,
+            ReconstructionConfig(**TINY, gamma=0, delta=0, eta_bn=0.5),
+            progress=False,
+        )
 
 
 def test_plain_classifier_without_diversity_trains():
     torch.manual_seed(0)
-    trained = engine.train(_NoFeatures(), 10, SHAPE, InversionConfig(**TINY, gamma=0, delta=0), progress=False)
+    trained = engine.train(
+        _NoFeatures(), 10, SHAPE, InversionConfig(**TINY, gamma=0, delta=0), progress=False
+    )
     assert set(trained.history) == {"kl", "ce", "total"}
 
 
@@ -110,7 +140,10 @@ def test_plain_classifier_without_diversity_trains():
         ({"output_activation": "relu"}, "output_activation must be one of"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"eta_bn": -1.0}, "weight eta_bn"),
-        ({"batch_size": 1, "gamma": 0, "delta": 0, "eta_bn": 0.5}, "too small for the feature-statistics prior"),
+        (
+            {"batch_size": 1, "gamma": 0, "delta": 0, "eta_bn": 0.5},
+            "too small for the feature-statistics prior",
+        ),
     ],
 )
 def test_bad_config_values(overrides, match):
@@ -125,11 +158,21 @@ def test_batch_of_one_is_fine_without_diversity():
 def test_presets():
     authors = ReconstructionConfig.authors()
     assert (authors.alpha, authors.alpha_pert, authors.beta, authors.beta_pert) == (5, 5, 10, 10)
-    assert (authors.gamma, authors.delta, authors.eta_tv, authors.eta_pix, authors.eta_grad) == (10, 7, 2, 0, 2)
+    assert (authors.gamma, authors.delta, authors.eta_tv, authors.eta_pix, authors.eta_grad) == (
+        10,
+        7,
+        2,
+        0,
+        2,
+    )
     assert (authors.lr, authors.batch_size, authors.eps) == (3e-3, 1000, 0.6)
     assert not authors.ortho_normalized and authors.grad_norm_mode == "batch"
     paper = ReconstructionConfig.paper()
-    assert paper == ReconstructionConfig() and paper.ortho_normalized and paper.grad_norm_mode == "per_sample"
+    assert (
+        paper == ReconstructionConfig()
+        and paper.ortho_normalized
+        and paper.grad_norm_mode == "per_sample"
+    )
     assert InversionConfig().vector_kind == "soft" and paper.vector_kind == "hot"
     with pytest.raises(ValueError, match="unknown ReconstructionConfig fields"):
         ReconstructionConfig.preset("paper", eta4=1.0)
@@ -149,7 +192,18 @@ def test_classifier_is_frozen_in_eval_mode_and_restored(classifier):
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())
     assert all(p.grad is None for p in classifier.parameters())
     assert {len(v) for v in trained.history.values()} == {3}
-    assert set(trained.history) == {"kl", "kl_pert", "ce", "ce_pert", "cos", "ortho", "tv", "pix", "grad", "total"}
+    assert set(trained.history) == {
+        "kl",
+        "kl_pert",
+        "ce",
+        "ce_pert",
+        "cos",
+        "ortho",
+        "tv",
+        "pix",
+        "grad",
+        "total",
+    }
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-14), (torch.float32, 1e-6)])
@@ -180,7 +234,9 @@ def test_seeded_runs_are_reproducible(classifier):
     a = engine.train(classifier, 10, SHAPE, cfg, progress=False)
     b = engine.train(classifier, 10, SHAPE, cfg, progress=False)
     assert _params_equal(a, b) and a.history == b.history
-    c = engine.train(classifier, 10, SHAPE, ReconstructionConfig(**{**TINY, "seed": 6}), progress=False)
+    c = engine.train(
+        classifier, 10, SHAPE, ReconstructionConfig(**{**TINY, "seed": 6}), progress=False
+    )
     assert not _params_equal(a, c)
 
 
@@ -200,10 +256,14 @@ def test_resume_is_bit_exact(classifier, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(engine, "_flush", real_flush)
-    assert [p.name for p in engine.list_checkpoints(tmp_path / "b")] == ["step-00000002.safetensors"]
+    assert [p.name for p in engine.list_checkpoints(tmp_path / "b")] == [
+        "step-00000002.safetensors"
+    ]
 
     torch.manual_seed(1234)  # whatever the global RNG holds now must not matter
-    resumed = engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", resume=True, progress=False)
+    resumed = engine.train(
+        classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", resume=True, progress=False
+    )
     assert resumed.steps_done == 5
     assert _params_equal(uninterrupted, resumed)
     assert uninterrupted.history == resumed.history
@@ -214,14 +274,28 @@ def test_resume_with_a_different_config_names_the_fields(classifier, tmp_path):
     cfg = ReconstructionConfig(**TINY, checkpoint_every=1)
     engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path, progress=False)
     changed = ReconstructionConfig(**{**TINY, "steps": 6}, checkpoint_every=1, gamma=3.0, eps=0.2)
-    with pytest.raises(ValueError, match=r"config differs in eps: 0\.1 -> 0\.2, gamma: 10\.0 -> 3\.0"):
+    with pytest.raises(
+        ValueError, match=r"config differs in eps: 0\.1 -> 0\.2, gamma: 10\.0 -> 3\.0"
+    ):
         engine.train(classifier, 10, SHAPE, changed, run_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="inversion run"):
-        engine.train(classifier, 10, SHAPE, InversionConfig(**TINY, checkpoint_every=1), run_dir=tmp_path,
-                     resume=True, progress=False)
+        engine.train(
+            classifier,
+            10,
+            SHAPE,
+            InversionConfig(**TINY, checkpoint_every=1),
+            run_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
     # More steps is a valid continuation.
     longer = ReconstructionConfig(**{**TINY, "steps": 4}, checkpoint_every=1)
-    assert engine.train(classifier, 10, SHAPE, longer, run_dir=tmp_path, resume=True, progress=False).steps_done == 4
+    assert (
+        engine.train(
+            classifier, 10, SHAPE, longer, run_dir=tmp_path, resume=True, progress=False
+        ).steps_done
+        == 4
+    )
 
 
 def test_resume_against_a_different_classifier_is_refused(classifier, tmp_path):
@@ -255,7 +329,9 @@ def test_non_finite_loss_names_term_and_step_and_keeps_the_checkpoint(classifier
     # Call 1 is the input probe; with eta_grad = 0 every step makes one classifier call.
     cfg = ReconstructionConfig(**{**TINY, "steps": 6}, checkpoint_every=2, eta_grad=0)
     bad = _GoesBad(classifier, bad_from_call=5)
-    with pytest.raises(engine.NonFiniteLossError, match=r"'kl' is not finite at step 4.*step-00000002") as info:
+    with pytest.raises(
+        engine.NonFiniteLossError, match=r"'kl' is not finite at step 4.*step-00000002"
+    ) as info:
         engine.train(bad, 10, SHAPE, cfg, run_dir=tmp_path, progress=False)
     assert (info.value.term, info.value.step) == ("kl", 4)
     assert [p.name for p in engine.list_checkpoints(tmp_path)] == ["step-00000002.safetensors"]
@@ -291,10 +367,26 @@ def test_diversity_losses_lower_within_class_ssim(trained_classifier):
     at 1 and 2 threads)."""
     diverse, plain = [], []
     for seed in range(3):
-        common = {**TINY, "num_generators": 1, "steps": 80, "batch_size": 20, "log_every": 10, "dropout": 0.0,
-                  "seed": seed}
-        for weights, scores in (({"gamma": 10, "delta": 7}, diverse), ({"gamma": 0, "delta": 0}, plain)):
-            result = tf.invert(trained_classifier, 10, SHAPE, InversionConfig(**common, **weights),
-                               progress=False, samples_per_class=4)
+        common = {
+            **TINY,
+            "num_generators": 1,
+            "steps": 80,
+            "batch_size": 20,
+            "log_every": 10,
+            "dropout": 0.0,
+            "seed": seed,
+        }
+        for weights, scores in (
+            ({"gamma": 10, "delta": 7}, diverse),
+            ({"gamma": 0, "delta": 0}, plain),
+        ):
+            result = tf.invert(
+                trained_classifier,
+                10,
+                SHAPE,
+                InversionConfig(**common, **weights),
+                progress=False,
+                samples_per_class=4,
+            )
             scores.append(_mean_within_class_ssim(result))
     assert sum(diverse) / 3 < sum(plain) / 3 - 0.02, (diverse, plain)

@@ -49,7 +49,9 @@ def _one_thread():
 
 def take_per_class(images, labels, start: int, count: int):
     """Images start..start+count of every class, in class order."""
-    idx = torch.cat([torch.nonzero(labels == c).flatten()[start : start + count] for c in range(10)])
+    idx = torch.cat(
+        [torch.nonzero(labels == c).flatten()[start : start + count] for c in range(10)]
+    )
     return images[idx], labels[idx]
 
 
@@ -77,7 +79,9 @@ def test_training_images_as_reconstructions_are_all_reconstructed(digits):
     nn_ = nearest_neighbour_protocol(x, y, x, y)
     assert nn_["count_above"] == len(y) and nn_["fraction_above"] == 1.0
     assert nn_["mean_best_ssim"] == pytest.approx(1.0, abs=1e-6)
-    assert len(nn_["best"]) == 10 and all(b["ssim"] == pytest.approx(1.0, abs=1e-6) for b in nn_["best"])
+    assert len(nn_["best"]) == 10 and all(
+        b["ssim"] == pytest.approx(1.0, abs=1e-6) for b in nn_["best"]
+    )
 
 
 def test_best_ssim_lists_every_reference_image_in_index_order():
@@ -138,7 +142,9 @@ def test_gap_subsamples_a_larger_training_set_to_the_heldout_size(digits):
 def test_hungarian_matching_is_one_to_one_and_optimal():
     # Greedy (0.9 first) would give 0.9 + 0.1; the optimal one-to-one matching gives 0.8 + 0.85.
     s = np.array([[0.9, 0.8, 0.0], [0.85, 0.1, 0.2]])
-    cm = ClassMatrices({0: s}, {0: np.array([0, 1])}, {0: np.array([5, 6, 7])}, num_recon=2, num_ref=3)
+    cm = ClassMatrices(
+        {0: s}, {0: np.array([0, 1])}, {0: np.array([5, 6, 7])}, num_recon=2, num_ref=3
+    )
     out = authors_statistics(cm, threshold=0.4)
     assert out["matched_index"] == [6, 5]
     assert out["matched_ssim"] == [0.8, 0.85]
@@ -173,15 +179,21 @@ def test_fidelity_statistics(digits):
     out = fidelity(hx, hy, evaluator=model, target=model)
     with torch.no_grad():
         logits = model(hx)
-    assert out["evaluator_accuracy"] == pytest.approx(float((logits.argmax(1) == hy).float().mean()))
+    assert out["evaluator_accuracy"] == pytest.approx(
+        float((logits.argmax(1) == hy).float().mean())
+    )
     assert out["evaluator_accuracy"] > 0.6  # a real, if weak, classifier
     probs = torch.softmax(logits.double(), 1)
-    assert out["target_mean_confidence"] == pytest.approx(float(probs[torch.arange(len(hy)), hy].mean()), rel=1e-6)
+    assert out["target_mean_confidence"] == pytest.approx(
+        float(probs[torch.arange(len(hy)), hy].mean()), rel=1e-6
+    )
     s = ssim_matrix(hx[hy == 3], hx[hy == 3]).double()
     expected = float((s.sum() - s.trace()) / (len(s) * (len(s) - 1)))
     assert out["per_class_diversity"][3] == pytest.approx(expected, rel=1e-9)
     copies = hx[:1].repeat(4, 1, 1, 1)
-    assert fidelity(copies, torch.zeros(4, dtype=torch.int64))["within_class_diversity"] == pytest.approx(1.0)
+    assert fidelity(copies, torch.zeros(4, dtype=torch.int64))[
+        "within_class_diversity"
+    ] == pytest.approx(1.0)
 
 
 def test_reconstruction_scores_combines_the_protocols(digits):
@@ -189,8 +201,18 @@ def test_reconstruction_scores_combines_the_protocols(digits):
     scores = reconstruction_scores(fx, fy, *digits["train"], *digits["heldout"], num_bootstrap=100)
     assert scores["authors"] == authors_protocol(fx, fy, *digits["train"])
     assert scores["nearest_neighbour"] == nearest_neighbour_protocol(fx, fy, *digits["train"])
-    assert set(scores) >= {"authors", "nearest_neighbour", "heldout", "leakage_gap", "fidelity", "num_heldout"}
-    assert scores["heldout"]["authors"]["percent_reconstructed"] == scores["leakage_gap"]["percent_reconstructed"]["heldout"]
+    assert set(scores) >= {
+        "authors",
+        "nearest_neighbour",
+        "heldout",
+        "leakage_gap",
+        "fidelity",
+        "num_heldout",
+    }
+    assert (
+        scores["heldout"]["authors"]["percent_reconstructed"]
+        == scores["leakage_gap"]["percent_reconstructed"]["heldout"]
+    )
     json.dumps(scores)  # JSON-ready
     assert "leakage_gap" not in reconstruction_scores(fx, fy, *digits["train"])
 
@@ -200,7 +222,10 @@ def test_reconstruction_scores_combines_the_protocols(digits):
 
 def test_rejects_different_image_shapes(digits):
     x, y = digits["train"]
-    with pytest.raises(ValueError, match=r"recon and train must have the same image shape .*\(1, 28, 28\) and \(1, 28, 27\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"recon and train must have the same image shape .*\(1, 28, 28\) and \(1, 28, 27\)",
+    ):
         authors_protocol(x, y, x[..., :27], y)
 
 
@@ -214,9 +239,13 @@ def test_rejects_values_outside_unit_range_with_observed_min_max(digits):
 
 def test_rejects_labels_outside_the_class_range(digits):
     x, y = digits["train"]
-    with pytest.raises(ValueError, match=r"recon_labels must lie in \[0, 9\], got values in \[0, 10\]"):
+    with pytest.raises(
+        ValueError, match=r"recon_labels must lie in \[0, 9\], got values in \[0, 10\]"
+    ):
         authors_protocol(x, torch.where(y == 9, 10, y), x, y, num_classes=10)
-    with pytest.raises(ValueError, match=r"train_labels must lie in \[0, 9\], got values in \[-1, 9\]"):
+    with pytest.raises(
+        ValueError, match=r"train_labels must lie in \[0, 9\], got values in \[-1, 9\]"
+    ):
         authors_protocol(x, y, x, torch.where(y == 0, -1, y))
     with pytest.raises(ValueError, match="recon_labels has 399 labels but there are 400 images"):
         authors_protocol(x, y[1:], x, y)
@@ -225,7 +254,9 @@ def test_rejects_labels_outside_the_class_range(digits):
 def test_rejects_an_empty_class(digits):
     x, y = digits["train"]
     keep = y != 3
-    with pytest.raises(ValueError, match="class 3 has 40 reconstructions but train has no images of it"):
+    with pytest.raises(
+        ValueError, match="class 3 has 40 reconstructions but train has no images of it"
+    ):
         authors_protocol(x, y, x[keep], y[keep])
     with pytest.raises(ValueError, match="class 3 has 40 heldout images but no reconstructions"):
         leakage_gap(x[keep], y[keep], x[keep], y[keep], *digits["heldout"])
@@ -250,13 +281,29 @@ def write_run(run_dir, images, labels, model_path=None, dataset="mnist-bundled",
     from tldr_fast.serialization import write_safetensors_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors_atomic(run_dir / "images.safetensors", {
-        "images": images, "labels": labels, "generator_index": torch.arange(len(labels)) % 3,
-    }, {"format": "test-run"})
-    (run_dir / "config.json").write_text(json.dumps({
-        "kind": "reconstruct", "config": {}, "num_classes": 10, "image_shape": list(images.shape[1:]),
-        "model": str(model_path) if model_path else None, "dataset": dataset, "subset": subset, "seed": 0,
-    }))
+    write_safetensors_atomic(
+        run_dir / "images.safetensors",
+        {
+            "images": images,
+            "labels": labels,
+            "generator_index": torch.arange(len(labels)) % 3,
+        },
+        {"format": "test-run"},
+    )
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "kind": "reconstruct",
+                "config": {},
+                "num_classes": 10,
+                "image_shape": list(images.shape[1:]),
+                "model": str(model_path) if model_path else None,
+                "dataset": dataset,
+                "subset": subset,
+                "seed": 0,
+            }
+        )
+    )
 
 
 def test_evaluate_run_writes_metrics_and_a_self_contained_report(tmp_path):
@@ -264,12 +311,17 @@ def test_evaluate_run_writes_metrics_and_a_self_contained_report(tmp_path):
 
     train = datasets.load_dataset("mnist-bundled", "train", subset=400, seed=0)
     model = models.PaperCNN(1, 10, 28)
-    model_path = serialization.save(tmp_path / "target.safetensors", model,
-                                    metadata={"dataset": "mnist-bundled", "subset": 400, "seed": 0})
+    model_path = serialization.save(
+        tmp_path / "target.safetensors",
+        model,
+        metadata={"dataset": "mnist-bundled", "subset": 400, "seed": 0},
+    )
     # The "reconstructions": half of the target's training images, so the gap must be positive.
     write_run(tmp_path / "run", train.images[::2], train.labels[::2], model_path, subset=None)
     metrics = evaluate_run(tmp_path / "run", evaluator=False, num_bootstrap=200, device="cpu")
-    assert metrics["run"]["subset"] == 400  # from the model file header, which wins over config.json
+    assert (
+        metrics["run"]["subset"] == 400
+    )  # from the model file header, which wins over config.json
     assert metrics["num_train"] == 400 and metrics["num_heldout"] == 400
     assert metrics["authors"]["percent_reconstructed"] == 100.0
     assert metrics["leakage_gap"]["training_like"]
@@ -278,7 +330,9 @@ def test_evaluate_run_writes_metrics_and_a_self_contained_report(tmp_path):
     assert saved["authors"]["reconstructed"] == 200
     page = (tmp_path / "run" / "report.html").read_text()
     # 3 generator grids, the 200 matched pairs, 3 histograms; no history.json, so no curves.
-    assert page.count("data:image/png;base64,") == 3 + 200 + 3 and "http" not in page.replace("<!DOCTYPE html>", "")
+    assert page.count("data:image/png;base64,") == 3 + 200 + 3 and "http" not in page.replace(
+        "<!DOCTYPE html>", ""
+    )
     assert (tmp_path / "run" / "matches.png").is_file()
 
 
@@ -306,7 +360,18 @@ def test_cli_prints_the_summary(tmp_path, capsys):
 
     train = datasets.load_dataset("mnist-bundled", "train", subset=200, seed=0)
     write_run(tmp_path / "run", train.images, train.labels, subset=200)
-    code = main(["evaluate", str(tmp_path / "run"), "--evaluator", "none", "--bootstrap", "100", "--device", "cpu"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "run"),
+            "--evaluator",
+            "none",
+            "--bootstrap",
+            "100",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert re.search(r"authors: reconstructed \(matched SSIM >= 0.4\)\s+200 \(100.0%\)", out)

@@ -21,7 +21,14 @@ from tldr_fast.features import WithFeatures, extract_features, offers_features, 
 from tldr_fast.grad_norm import per_sample_grad_norm, per_sample_grad_norm_and_forward
 
 SHAPE = (3, 8, 8)
-TINY = {"num_generators": 2, "batch_size": 6, "latent_dim": 4, "generator_width": 4, "steps": 2, "log_every": 1}
+TINY = {
+    "num_generators": 2,
+    "batch_size": 6,
+    "latent_dim": 4,
+    "generator_width": 4,
+    "steps": 2,
+    "log_every": 1,
+}
 
 
 class TorchvisionBlock(nn.Module):
@@ -34,7 +41,9 @@ class TorchvisionBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+        )
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
@@ -124,12 +133,21 @@ def test_the_adapter_keeps_the_users_modules_and_nothing_else():
     adapted = with_features(model)
     assert adapted.model is model
     assert [id(p) for p in adapted.parameters()] == [id(p) for p in model.parameters()]
-    assert len(list(adapted.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
+    assert len(list(adapted.named_parameters(remove_duplicate=False))) == len(
+        list(model.parameters())
+    )
     # A callable that is itself a module holding the model is not a second child of the adapter.
     as_module = with_features(model, _LogitsAndPooled(model))
-    assert len(list(as_module.named_parameters(remove_duplicate=False))) == len(list(model.parameters()))
-    assert rel_rms(as_module.forward_with_features(images(dtype=torch.float32))[1],
-                   pooled(model, images(dtype=torch.float32))) == 0
+    assert len(list(as_module.named_parameters(remove_duplicate=False))) == len(
+        list(model.parameters())
+    )
+    assert (
+        rel_rms(
+            as_module.forward_with_features(images(dtype=torch.float32))[1],
+            pooled(model, images(dtype=torch.float32)),
+        )
+        == 0
+    )
     assert not model._forward_hooks and not model.fc._forward_hooks  # the tap leaves no hook behind
     adapted.forward_with_features(images(dtype=torch.float32))
     assert not model.fc._forward_hooks
@@ -145,14 +163,19 @@ def test_input_shape_and_num_classes_pass_through():
 
 
 def test_unknown_layer_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"features = 'layer9' is not a submodule of TorchvisionStyle; .*conv1, bn1"):
+    with pytest.raises(
+        ValueError,
+        match=r"features = 'layer9' is not a submodule of TorchvisionStyle; .*conv1, bn1",
+    ):
         with_features(external(), "layer9")
     with pytest.raises(ValueError, match="features = '' is not a submodule"):
         with_features(external(), "")
 
 
 def test_features_of_the_wrong_type_are_refused():
-    with pytest.raises(TypeError, match="features must be None, a submodule name or a callable .*got int"):
+    with pytest.raises(
+        TypeError, match="features must be None, a submodule name or a callable .*got int"
+    ):
         with_features(external(), 3)
     with pytest.raises(TypeError, match="classifier must be a torch.nn.Module, got str"):
         with_features("model")
@@ -161,7 +184,9 @@ def test_features_of_the_wrong_type_are_refused():
 def test_a_model_without_any_linear_is_refused_naming_the_fix():
     model = nn.Sequential(nn.Conv2d(3, 10, 8), nn.Flatten())
     assert not offers_features(model)
-    with pytest.raises(ValueError, match="Sequential has neither forward_with_features nor an nn.Linear.*features="):
+    with pytest.raises(
+        ValueError, match="Sequential has neither forward_with_features nor an nn.Linear.*features="
+    ):
         with_features(model)
 
 
@@ -219,8 +244,12 @@ def test_features_under_functional_call_vmap_and_grad(features):
     per_sample = vmap(grad(feature_energy), in_dims=(None, 0))(params, x)
     model.requires_grad_(True)
     for i in range(3):
-        reference = torch.autograd.grad(pooled(model, x[i : i + 1]).pow(2).sum(), list(model.parameters()),
-                                        allow_unused=True, materialize_grads=True)
+        reference = torch.autograd.grad(
+            pooled(model, x[i : i + 1]).pow(2).sum(),
+            list(model.parameters()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
         for (name, g), ref in zip(per_sample.items(), reference, strict=True):
             assert rel_rms(g[i], ref) < 1e-12, name
 
@@ -233,7 +262,8 @@ def test_gradient_norm_and_features_from_one_pass_of_an_external_model(backend):
     adapted = with_features(model)
     x, y = images(4).requires_grad_(), torch.tensor([0, 3, 9, 3])
     norms, (logits, feat) = per_sample_grad_norm_and_forward(
-        adapted, x, y, lambda v: adapted.forward_with_features(v), backend=backend)
+        adapted, x, y, lambda v: adapted.forward_with_features(v), backend=backend
+    )
     reference = per_sample_grad_norm(model, x, y, backend="loop")
     assert rel_rms(norms, reference) < 1e-12
     assert rel_rms(feat, pooled(model, x)) < 1e-12 and rel_rms(logits, model(x)) < 1e-12
@@ -246,7 +276,9 @@ def test_gradient_norm_and_features_from_one_pass_of_an_external_model(backend):
 @given(batch=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_default_features_equal_the_head_input(batch, seed):
     model = external(torch.float64, seed=seed % 7)
-    x = torch.rand(batch, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x = torch.rand(
+        batch, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
     _, feat = with_features(model).forward_with_features(x)
     assert torch.isfinite(feat).all()
     assert rel_rms(feat, pooled(model, x)) == 0
@@ -272,8 +304,14 @@ def test_compiled_step_on_an_external_model_equals_eager():
 
     cfg = ReconstructionConfig(**TINY)
     template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
-    labels = conditioning.balanced_labels(cfg.batch_size, 10, torch.device("cpu")).expand(2, -1).contiguous()
-    problem = objective.Problem(template, with_features(external().requires_grad_(False)), cfg, labels)
+    labels = (
+        conditioning.balanced_labels(cfg.batch_size, 10, torch.device("cpu"))
+        .expand(2, -1)
+        .contiguous()
+    )
+    problem = objective.Problem(
+        template, with_features(external().requires_grad_(False)), cfg, labels
+    )
     step = make_step(problem, buffers)
     results = []
     for fn in (step, CompiledStep(step, backend="aot_eager")):
@@ -281,13 +319,17 @@ def test_compiled_step_on_an_external_model_equals_eager():
         _, _, report = fn(dict(params), AdamState.zeros_like(params))
         results.append(report)
     for term in results[0]:
-        torch.testing.assert_close(results[1][term], results[0][term], rtol=1e-4, atol=1e-5, msg=term)
+        torch.testing.assert_close(
+            results[1][term], results[0][term], rtol=1e-4, atol=1e-5, msg=term
+        )
 
 
 # -- reconstruct, invert, evaluate, CLI ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("entry, config", [(api.reconstruct, ReconstructionConfig), (api.invert, InversionConfig)])
+@pytest.mark.parametrize(
+    "entry, config", [(api.reconstruct, ReconstructionConfig), (api.invert, InversionConfig)]
+)
 def test_reconstruct_and_invert_take_an_external_model_unchanged(entry, config):
     model = external()
     result = entry(model, 10, SHAPE, config(**TINY), progress=False, samples_per_class=1)
@@ -298,8 +340,16 @@ def test_reconstruct_and_invert_take_an_external_model_unchanged(entry, config):
 
 def test_a_named_feature_layer_is_recorded_for_the_evaluation(tmp_path):
     model = external()
-    result = api.reconstruct(model, 10, SHAPE, ReconstructionConfig(**TINY), progress=False, samples_per_class=1,
-                             features="layer1", run_dir=tmp_path)
+    result = api.reconstruct(
+        model,
+        10,
+        SHAPE,
+        ReconstructionConfig(**TINY),
+        progress=False,
+        samples_per_class=1,
+        features="layer1",
+        run_dir=tmp_path,
+    )
     assert json.loads((tmp_path / "config.json").read_text())["features"] == "layer1"
     assert api.Result.load_from(tmp_path).extra["features"] == "layer1"
     assert result.extra == {"features": "layer1"}
@@ -307,14 +357,22 @@ def test_a_named_feature_layer_is_recorded_for_the_evaluation(tmp_path):
 
 def test_a_bad_feature_layer_is_refused_before_training():
     with pytest.raises(ValueError, match="features = 'nope' is not a submodule"):
-        api.reconstruct(external(), 10, SHAPE, ReconstructionConfig(**TINY), progress=False, features="nope")
+        api.reconstruct(
+            external(), 10, SHAPE, ReconstructionConfig(**TINY), progress=False, features="nope"
+        )
 
 
 def test_no_features_needed_no_adapter():
     """With the diversity terms off, a model without any Linear trains as before."""
     model = nn.Sequential(nn.Conv2d(3, 10, 8), nn.Flatten())
-    result = api.invert(model, 10, SHAPE, InversionConfig(**TINY, gamma=0, delta=0), progress=False,
-                        samples_per_class=1)
+    result = api.invert(
+        model,
+        10,
+        SHAPE,
+        InversionConfig(**TINY, gamma=0, delta=0),
+        progress=False,
+        samples_per_class=1,
+    )
     assert "cos" not in result.history
 
 
@@ -326,9 +384,13 @@ def test_fidelity_feature_similarity():
     u = F.normalize(pooled(model, x).detach().double(), dim=1)
     expected = [float((u[:3] @ u[:3].T).sum() - 3) / 6, float(u[3] @ u[4])]
     assert out["target_feature_similarity"] == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert fidelity(x, y, target=model)["target_feature_similarity"] == pytest.approx(out["target_feature_similarity"])
+    assert fidelity(x, y, target=model)["target_feature_similarity"] == pytest.approx(
+        out["target_feature_similarity"]
+    )
     copies = x[:1].expand(3, -1, -1, -1)
-    same = fidelity(copies, torch.zeros(3, dtype=torch.int64), target=model)["target_feature_similarity"]
+    same = fidelity(copies, torch.zeros(3, dtype=torch.int64), target=model)[
+        "target_feature_similarity"
+    ]
     assert same == pytest.approx(1.0, abs=1e-6)
 
 
@@ -358,9 +420,28 @@ def test_cli_features_option(tmp_path, capsys):
     model_path = tmp_path / "model.safetensors"
     save(model_path, PaperCNN(3, 10, 8, channels=(4,), hidden=8))
     out = tmp_path / "run"
-    argv = ["reconstruct", "--model", str(model_path), "--out", str(out), "--steps", "1", "--batch-size", "6",
-            "--generators", "1", "--samples-per-class", "1", "--no-progress", "--set", "latent_dim=4",
-            "--set", "generator_width=4", "--features", "conv"]
+    argv = [
+        "reconstruct",
+        "--model",
+        str(model_path),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "6",
+        "--generators",
+        "1",
+        "--samples-per-class",
+        "1",
+        "--no-progress",
+        "--set",
+        "latent_dim=4",
+        "--set",
+        "generator_width=4",
+        "--features",
+        "conv",
+    ]
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["features"] == "conv"
     assert main([*argv[:-1], "conv9"]) == 2
@@ -380,17 +461,42 @@ def test_evaluation_reads_the_recorded_feature_layer(tmp_path):
     model_path = save(tmp_path / "target.safetensors", target)
     run = tmp_path / "run"
     recon, labels = train.images[::2], train.labels[::2]
-    write_safetensors_atomic(run / "images.safetensors", {"images": recon, "labels": labels}, {"format": "test-run"})
-    (run / "config.json").write_text(json.dumps({
-        "kind": "reconstruct", "model": str(model_path), "dataset": "mnist-bundled", "subset": 100, "seed": 0,
-        "features": "conv"}))
-    by_layer = {f: fidelity(recon, labels, target=target, features=f)["target_feature_similarity"]
-                for f in ("conv", None)}
+    write_safetensors_atomic(
+        run / "images.safetensors", {"images": recon, "labels": labels}, {"format": "test-run"}
+    )
+    (run / "config.json").write_text(
+        json.dumps(
+            {
+                "kind": "reconstruct",
+                "model": str(model_path),
+                "dataset": "mnist-bundled",
+                "subset": 100,
+                "seed": 0,
+                "features": "conv",
+            }
+        )
+    )
+    by_layer = {
+        f: fidelity(recon, labels, target=target, features=f)["target_feature_similarity"]
+        for f in ("conv", None)
+    }
     assert by_layer["conv"] != pytest.approx(by_layer[None])
     options = {"heldout_data": None, "evaluator": False, "device": "cpu"}
-    assert evaluate_run(run, **options)["fidelity"]["target_feature_similarity"] == pytest.approx(by_layer["conv"])
+    assert evaluate_run(run, **options)["fidelity"]["target_feature_similarity"] == pytest.approx(
+        by_layer["conv"]
+    )
     # An explicit layer wins: PaperCNN's own features are the output of its fc block.
-    argv = ["evaluate", str(run), "--heldout", "none", "--evaluator", "none", "--device", "cpu", "--no-progress"]
+    argv = [
+        "evaluate",
+        str(run),
+        "--heldout",
+        "none",
+        "--evaluator",
+        "none",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main([*argv, "--features", "fc"]) == 0
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["fidelity"]["target_feature_similarity"] == pytest.approx(by_layer[None])

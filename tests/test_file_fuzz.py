@@ -30,17 +30,45 @@ from tldr_fast.models import PaperCNN
 from tldr_fast.objective import build_generators
 
 SHAPE = (1, 14, 14)
-CONFIG = ReconstructionConfig(latent_dim=8, generator_width=4, batch_size=10, num_generators=2, steps=2,
-                              checkpoint_every=1, log_every=1)
+CONFIG = ReconstructionConfig(
+    latent_dim=8,
+    generator_width=4,
+    batch_size=10,
+    num_generators=2,
+    steps=2,
+    checkpoint_every=1,
+    log_every=1,
+)
 CI = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SWEEP_EXAMPLES = int(os.environ.get("TLDR_FAST_FUZZ_EXAMPLES", "0"))
-SWEEP = settings(max_examples=max(SWEEP_EXAMPLES, 1), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SWEEP = settings(
+    max_examples=max(SWEEP_EXAMPLES, 1), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 HOSTILE = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([2**31 - 1, 10**5, -1, 0]),
-              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
-              st.sampled_from(["F32", "I32", "F64", "U8", "BOOL", "F8_E4M3", "tldr-fast/model", "tldr-fast/checkpoint"])),
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([2**31 - 1, 10**5, -1, 0]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=6),
+        st.sampled_from(
+            [
+                "F32",
+                "I32",
+                "F64",
+                "U8",
+                "BOOL",
+                "F8_E4M3",
+                "tldr-fast/model",
+                "tldr-fast/checkpoint",
+            ]
+        ),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -55,7 +83,9 @@ def _originals() -> Path:
     """A model file and a finished run directory with checkpoints, made once per process."""
     root = Path(tempfile.mkdtemp(prefix="tldr-fuzz-"))
     tf.save(root / "model.safetensors", _classifier())
-    tf.reconstruct(_classifier(), 10, SHAPE, CONFIG, run_dir=root / "run", progress=False, samples_per_class=1)
+    tf.reconstruct(
+        _classifier(), 10, SHAPE, CONFIG, run_dir=root / "run", progress=False, samples_per_class=1
+    )
     return root
 
 
@@ -163,7 +193,9 @@ def test_the_originals_read_back():
     assert len(tf.load(_originals() / "run").generators) == 2
     template, params, buffers, fingerprint = _layout()
     trained = engine.Trained(template, dict(params), dict(buffers), CONFIG)
-    engine.load_checkpoint(_originals() / "run/checkpoints/step-00000002.safetensors", trained, fingerprint)
+    engine.load_checkpoint(
+        _originals() / "run/checkpoints/step-00000002.safetensors", trained, fingerprint
+    )
     assert trained.steps_done == 2
 
 
@@ -201,7 +233,9 @@ def test_huge_sizes_in_every_reader(value):
     header, body = _split(_file("model.safetensors"))
     meta = json.loads(header["__metadata__"]["tldr_fast"])
     for key, v in meta_edit.items():
-        header["__metadata__"]["tldr_fast"] = json.dumps({**meta, "config": {**meta["config"], key: v}})
+        header["__metadata__"]["tldr_fast"] = json.dumps(
+            {**meta, "config": {**meta["config"], key: v}}
+        )
         _model_reader(_join(header, body))
     header, body = _split(_file("run", "generators.safetensors"))
     meta = json.loads(header["__metadata__"]["tldr_fast"])
@@ -213,13 +247,20 @@ def test_huge_sizes_in_every_reader(value):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SWEEP_EXAMPLES == 0, reason="set TLDR_FAST_FUZZ_EXAMPLES (e.g. 1000) for the long sweep")
+@pytest.mark.skipif(
+    SWEEP_EXAMPLES == 0, reason="set TLDR_FAST_FUZZ_EXAMPLES (e.g. 1000) for the long sweep"
+)
 @SWEEP
-@given(st.data(), st.sampled_from(["model", "checkpoint", "images.safetensors", "generators.safetensors"]))
+@given(
+    st.data(),
+    st.sampled_from(["model", "checkpoint", "images.safetensors", "generators.safetensors"]),
+)
 def test_all_readers_sweep(data, reader):
     if reader == "model":
         _model_reader(data.draw(damaged(_file("model.safetensors"))))
     elif reader == "checkpoint":
-        _checkpoint_reader(data.draw(damaged(_file("run", "checkpoints", "step-00000002.safetensors"))))
+        _checkpoint_reader(
+            data.draw(damaged(_file("run", "checkpoints", "step-00000002.safetensors")))
+        )
     else:
         _run_reader(reader, data.draw(damaged(_file("run", reader))))

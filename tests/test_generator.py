@@ -114,7 +114,11 @@ def test_first_layer_as_a_matrix_product_equals_the_transposed_convolution(mode)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     probe = torch.randn_like(ours)
     inputs = (v, conv.weight, conv.bias)
-    for a, b in zip(torch.autograd.grad(ours, inputs, probe), torch.autograd.grad(reference, inputs, probe), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(ours, inputs, probe),
+        torch.autograd.grad(reference, inputs, probe),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -135,7 +139,9 @@ def test_uniform_mask_dropout_is_inverted_dropout():
     torch.testing.assert_close(dx, kept.double() / (1 - p), rtol=1e-15, atol=0)
     assert torch.equal(layer.eval()(x), x) and torch.equal(UniformMaskDropout(0.0)(x), x)
     # Under vmap with randomness="different" (the engine's stacked generators) each member draws its own mask.
-    masks = vmap(lambda v: UniformMaskDropout(0.5)(v), randomness="different")(torch.ones(2, 1000)) != 0
+    masks = (
+        vmap(lambda v: UniformMaskDropout(0.5)(v), randomness="different")(torch.ones(2, 1000)) != 0
+    )
     assert not torch.equal(masks[0], masks[1])
 
 
@@ -147,13 +153,22 @@ def test_last_layer_by_fold_equals_the_transposed_convolution(shape):
     gen = Generator(10, shape, **SMALL).double()
     conv = gen.to_image[-1]
     channels = conv.in_channels
-    size = {(1, 28, 28): (20, 20), (3, 32, 32): (20, 20), (1, 16, 16): (10, 10), (3, 20, 12): (20, 10),
-            (1, 7, 9): (10, 10)}[shape]
+    size = {
+        (1, 28, 28): (20, 20),
+        (3, 32, 32): (20, 20),
+        (1, 16, 16): (10, 10),
+        (3, 20, 12): (20, 10),
+        (1, 7, 9): (10, 10),
+    }[shape]
     h = torch.randn(3, channels, *size, dtype=torch.float64, requires_grad=True)
     ours, reference = _to_image_channels(conv, h), conv(h)
     assert ours.shape == reference.shape == (3, shape[0], *shape[1:])
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     probe = torch.randn_like(ours)
     inputs = (h, conv.weight, conv.bias)
-    for a, b in zip(torch.autograd.grad(ours, inputs, probe), torch.autograd.grad(reference, inputs, probe), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(ours, inputs, probe),
+        torch.autograd.grad(reference, inputs, probe),
+        strict=True,
+    ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -143,8 +143,9 @@ def test_parameter_subset_by_name_and_tensor(backend):
     model, x, y = make("paper_cnn", 5)
     last = ["classifier.weight", "classifier.bias"]
     by_name = per_sample_grad_norm(model, x, y, params=last, backend=backend)
-    by_tensor = per_sample_grad_norm(model, x, y, backend=backend,
-                                     params=[model.classifier.weight, "classifier.bias"])
+    by_tensor = per_sample_grad_norm(
+        model, x, y, backend=backend, params=[model.classifier.weight, "classifier.bias"]
+    )
     logits, feat = model.forward_with_features(x)
     g = torch.softmax(logits, 1) - nn.functional.one_hot(y, 10)
     # Linear layer: ||g a^T||^2 + ||g||^2 = ||g||^2 (||a||^2 + 1).
@@ -154,11 +155,14 @@ def test_parameter_subset_by_name_and_tensor(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("name, params", [
-    ("paper_cnn", ["conv.1.0.weight", "conv.0.1.bias", "fc.2.weight"]),
-    ("residual_groupnorm", ["norm.weight", "body.weight"]),
-    ("sequence_layers", ["seq.weight", "conv1d.bias", "bn.weight"]),
-])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("paper_cnn", ["conv.1.0.weight", "conv.0.1.bias", "fc.2.weight"]),
+        ("residual_groupnorm", ["norm.weight", "body.weight"]),
+        ("sequence_layers", ["seq.weight", "conv1d.bias", "bn.weight"]),
+    ],
+)
 def test_parameter_subset_across_layers(name, params, backend):
     model, x, y = make(name, 5)
     got, dx = norms_and_input_grad(model, x, y, params=params, backend=backend)
@@ -173,8 +177,14 @@ def test_batch_mode_is_norm_of_mean_gradient(backend):
     assert value.shape == ()
     params = [p.detach().requires_grad_() for p in model.parameters()]
     loss = nn.functional.cross_entropy(
-        torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)), y)
-    expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, create_graph=True)]).norm()
+        torch.func.functional_call(
+            model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)
+        ),
+        y,
+    )
+    expected = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(loss, params, create_graph=True)]
+    ).norm()
     assert rel_rms(value, expected) < 1e-12
     (dx,) = torch.autograd.grad(value, x)
     (ref_dx,) = torch.autograd.grad(expected, x)
@@ -187,13 +197,19 @@ def test_batch_mean_gradient_is_the_mean_loss_gradient_with_its_graph(backend):
     got = batch_mean_gradient(model, x, y, backend=backend)
     params = [p.detach().requires_grad_() for p in model.parameters()]
     loss = nn.functional.cross_entropy(
-        torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)), y)
+        torch.func.functional_call(
+            model, dict(zip(dict(model.named_parameters()), params, strict=True)), (x,)
+        ),
+        y,
+    )
     expected = torch.autograd.grad(loss, params, create_graph=True)
     assert len(got) == len(expected)
     assert all(rel_rms(g, e) < 1e-12 for g, e in zip(got, expected, strict=True))
     probe = [torch.randn_like(e) for e in expected]
     (dx,) = torch.autograd.grad(sum((p * g).sum() for p, g in zip(probe, got, strict=True)), x)
-    (ref_dx,) = torch.autograd.grad(sum((p * e).sum() for p, e in zip(probe, expected, strict=True)), x)
+    (ref_dx,) = torch.autograd.grad(
+        sum((p * e).sum() for p, e in zip(probe, expected, strict=True)), x
+    )
     assert rel_rms(dx, ref_dx) < 1e-10
     with pytest.raises(ValueError, match="y must be a tensor with one entry per sample of x"):
         batch_mean_gradient(model, x, y[:3])
@@ -207,7 +223,12 @@ def test_chunk_size_gives_same_result(backend):
     assert rel_rms(chunked, whole) < 1e-12
     assert rel_rms(chunked_dx, dx) < 1e-12
     batch = per_sample_grad_norm(model, x, y, backend=backend, mode="batch")
-    assert rel_rms(per_sample_grad_norm(model, x, y, backend=backend, mode="batch", chunk_size=2), batch) < 1e-12
+    assert (
+        rel_rms(
+            per_sample_grad_norm(model, x, y, backend=backend, mode="batch", chunk_size=2), batch
+        )
+        < 1e-12
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,8 +238,10 @@ def test_leaves_model_untouched(backend):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     norms_and_input_grad(model, x, y, backend=backend)
     assert all(p.grad is None for p in model.parameters())
-    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               for m in model.modules())
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -236,7 +259,8 @@ def test_inside_torch_func_grad_and_vmap(backend):
     for scale, g in zip(scales, got, strict=True):
         s = scale.clone().requires_grad_()
         (expected,) = torch.autograd.grad(
-            per_sample_grad_norm(model, x * s, y, backend="loop").mean(), s)
+            per_sample_grad_norm(model, x * s, y, backend="loop").mean(), s
+        )
         assert rel_rms(g, expected) < 1e-9
 
 
@@ -248,9 +272,15 @@ def test_summed_outer_squared_norm_both_routes(positions, m, n):
     assert rel_rms(summed_outer_squared_norm(g, a), expected) < 1e-12
 
 
-@pytest.mark.parametrize("kernel, dilation, padding, stride",
-                         [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (2, 0), (1, 2)),
-                          ((3, 2), (2, 2), (1, 2), (2, 3)), ((1, 1), (1, 1), (0, 0), (1, 1))])
+@pytest.mark.parametrize(
+    "kernel, dilation, padding, stride",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 3), (2, 1), (2, 0), (1, 2)),
+        ((3, 2), (2, 2), (1, 2), (2, 3)),
+        ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ],
+)
 def test_unfolded_patches_equal_f_unfold(kernel, dilation, padding, stride):
     a = torch.randn(3, 4, 9, 10, dtype=torch.float64)
     expected = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -258,8 +288,12 @@ def test_unfolded_patches_equal_f_unfold(kernel, dilation, padding, stride):
 
 
 # kernel, dilation, padding, stride, groups
-CONV_GEOMETRIES = [((3, 3), (1, 1), (1, 1), (1, 1), 1), ((2, 3), (2, 1), (2, 0), (1, 2), 2),
-                   ((3, 2), (2, 2), (1, 2), (2, 3), 1), ((1, 1), (1, 1), (0, 0), (1, 1), 2)]
+CONV_GEOMETRIES = [
+    ((3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 3), (2, 1), (2, 0), (1, 2), 2),
+    ((3, 2), (2, 2), (1, 2), (2, 3), 1),
+    ((1, 1), (1, 1), (0, 0), (1, 1), 2),
+]
 
 
 def conv_operands(kernel, dilation, padding, stride, groups, batch=2):
@@ -271,12 +305,17 @@ def conv_operands(kernel, dilation, padding, stride, groups, batch=2):
 
 
 @pytest.mark.parametrize("kernel, dilation, padding, stride, groups", CONV_GEOMETRIES)
-def test_per_sample_conv_weight_gradients_are_torch_funcs_with_derivatives(kernel, dilation, padding, stride, groups):
+def test_per_sample_conv_weight_gradients_are_torch_funcs_with_derivatives(
+    kernel, dilation, padding, stride, groups
+):
     a, g, weight = conv_operands(kernel, dilation, padding, stride, groups)
 
     def weight_gradient(a_i, g_i):
-        return torch.func.grad(lambda w: (F.conv2d(a_i[None], w, None, stride, padding, dilation, groups)
-                                          * g_i[None]).sum())(weight)
+        return torch.func.grad(
+            lambda w: (
+                F.conv2d(a_i[None], w, None, stride, padding, dilation, groups) * g_i[None]
+            ).sum()
+        )(weight)
 
     expected = torch.func.vmap(weight_gradient)(a, g)  # (B, C_out, C_in/groups, kh, kw)
     got = per_sample_conv_weight_gradients(a, g, kernel, dilation, padding, stride, groups)
@@ -291,7 +330,9 @@ def test_per_sample_conv_weight_gradients_are_torch_funcs_with_derivatives(kerne
 
 
 @pytest.mark.parametrize("kernel, dilation, padding, stride, groups", CONV_GEOMETRIES)
-def test_patch_gram_from_input_is_the_patches_gram_with_derivatives(kernel, dilation, padding, stride, groups):
+def test_patch_gram_from_input_is_the_patches_gram_with_derivatives(
+    kernel, dilation, padding, stride, groups
+):
     a, _, _ = conv_operands(kernel, dilation, padding, stride, groups)
     patches = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
     expected = patches.transpose(1, 2) @ patches
@@ -324,15 +365,26 @@ def test_every_conv_route_matches_loop(name, route, monkeypatch):
     assert rel_rms(dx, expected_dx) < 1e-10
 
 
-@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=1),  # 9 -> 5 rounds down
-                                  nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=(0, 2), dilation=2, groups=2),
-                                  nn.Conv1d(4, 6, 3, stride=2, padding=1),
-                                  # one input channel: the CPU's fold route (tldr_fast.transposed_conv)
-                                  nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 4, (3, 2), stride=2, padding=1, dilation=(1, 2))])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),  # 9 -> 5 rounds down
+        nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=(0, 2), dilation=2, groups=2),
+        nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        # one input channel: the CPU's fold route (tldr_fast.transposed_conv)
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.Conv2d(1, 4, (3, 2), stride=2, padding=1, dilation=(1, 2)),
+    ],
+)
 def test_conv_input_gradient_is_autograds(conv):
     conv = conv.double()
-    a = torch.randn(2, conv.in_channels, *(9, 10)[: len(conv.kernel_size)], dtype=torch.float64,
-                    requires_grad=True)
+    a = torch.randn(
+        2,
+        conv.in_channels,
+        *(9, 10)[: len(conv.kernel_size)],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     y = conv(a)
     grad = torch.randn_like(y)
     (expected,) = torch.autograd.grad(y, a, grad)
@@ -341,22 +393,34 @@ def test_conv_input_gradient_is_autograds(conv):
 
 def test_eval_batch_norm_is_the_module():
     model, x, _ = make("sequence_layers", 5)
-    for bn, a in ((model.bn, torch.randn(5, 16, 3, 3, dtype=torch.float64)),
-                  (model.bn1d, torch.randn(5, 6, 2, dtype=torch.float64))):
+    for bn, a in (
+        (model.bn, torch.randn(5, 16, 3, 3, dtype=torch.float64)),
+        (model.bn1d, torch.randn(5, 6, 2, dtype=torch.float64)),
+    ):
         assert rel_rms(eval_batch_norm(bn, a), bn(a)) < 1e-14
 
 
 def test_cheaper_routes_only_for_frozen_conv_and_eval_batch_norm():
     model, _, _ = make("sequence_layers", 1)
-    assert all(probed_output(m) is not None for m in (model.conv, model.conv1d, model.bn, model.bn1d))
+    assert all(
+        probed_output(m) is not None for m in (model.conv, model.conv1d, model.bn, model.bn1d)
+    )
     assert probed_output(model.seq) is None
     model.conv.weight.requires_grad_(True)  # d/dtheta must stay autograd's
     assert probed_output(model.conv) is None
     assert probed_output(model.bn.train()) is None
 
 
-@pytest.mark.parametrize("name, route", [("paper_cnn", None), ("conv_variety", None), ("sequence_layers", None),
-                                         ("conv_variety", "materialise"), ("conv_variety", "input_gram")])
+@pytest.mark.parametrize(
+    "name, route",
+    [
+        ("paper_cnn", None),
+        ("conv_variety", None),
+        ("sequence_layers", None),
+        ("conv_variety", "materialise"),
+        ("conv_variety", "input_gram"),
+    ],
+)
 def test_cheaper_routes_under_torch_func_grad_and_vmap_match_loop(name, route, monkeypatch):
     """The autograd Functions (frozen convolutions; on CPUs the per-sample weight gradients and the
     tap sums) differentiated by torch.func.grad, vmapped over scales (the engine's K generators)."""
@@ -372,7 +436,9 @@ def test_cheaper_routes_under_torch_func_grad_and_vmap_match_loop(name, route, m
     got = torch.func.vmap(torch.func.grad(objective))(scales)
     for scale, g in zip(scales, got, strict=True):
         s = scale.clone().requires_grad_()
-        (expected,) = torch.autograd.grad(per_sample_grad_norm(model, x * s, y, backend="loop").pow(2).sum(), s)
+        (expected,) = torch.autograd.grad(
+            per_sample_grad_norm(model, x * s, y, backend="loop").pow(2).sum(), s
+        )
         assert rel_rms(g, expected) < 1e-9
 
 
@@ -384,8 +450,10 @@ def test_auto_serves_every_layer_of_the_test_models_by_a_rule():
         assert all(r.served_by.startswith("rule tldr_fast.grad_norm.") for r in routes), routes
     model, x, _ = make("residual_groupnorm", 2)
     routes = explain_grad_norm(model, x, params=("head.weight", "stem.bias"))
-    assert sorted((r.module, r.params) for r in routes) == [("model.head", ("head.weight",)),
-                                                            ("model.stem", ("stem.bias",))]
+    assert sorted((r.module, r.params) for r in routes) == [
+        ("model.head", ("head.weight",)),
+        ("model.stem", ("stem.bias",)),
+    ]
 
 
 class CalledTwice(nn.Module):
@@ -402,7 +470,9 @@ def test_module_called_twice_ghost_refuses_auto_falls_back():
     model = frozen_eval(CalledTwice())
     x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (3,))
-    with pytest.raises(ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"):
+    with pytest.raises(
+        ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"
+    ):
         per_sample_grad_norm(model, x, y, backend="ghost")
     got, dx = norms_and_input_grad(model, x, y, backend="auto")
     ref, ref_dx = norms_and_input_grad(model, x, y, backend="loop")
@@ -414,8 +484,9 @@ def test_tied_weights_ghost_refuses_auto_falls_back():
     model[2].weight = model[0].weight
     x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 4, (3,))
-    assert explain_grad_norm(model, x)[0].served_by.startswith("the whole-model vmap backend: parameter 0.weight "
-                                                                "is shared")
+    assert explain_grad_norm(model, x)[0].served_by.startswith(
+        "the whole-model vmap backend: parameter 0.weight is shared"
+    )
     with pytest.raises(ValueError, match="parameter 0.weight is shared as 0.weight, 2.weight"):
         per_sample_grad_norm(model, x, y, backend="ghost")
     got, dx = norms_and_input_grad(model, x, y, backend="auto")
@@ -498,8 +569,12 @@ def test_refuses_foreign_parameters():
     model, x, y = make("mlp", 3)
     with pytest.raises(ValueError, match=r"params\[0\] = 'nope.weight' is not a parameter name"):
         per_sample_grad_norm(model, x, y, params=["nope.weight"])
-    with pytest.raises(ValueError, match=r"params\[1\] \(a tensor of shape \(3, 3\)\) is not a parameter"):
-        per_sample_grad_norm(model, x, y, params=["classifier.bias", nn.Parameter(torch.ones(3, 3))])
+    with pytest.raises(
+        ValueError, match=r"params\[1\] \(a tensor of shape \(3, 3\)\) is not a parameter"
+    ):
+        per_sample_grad_norm(
+            model, x, y, params=["classifier.bias", nn.Parameter(torch.ones(3, 3))]
+        )
     with pytest.raises(ValueError, match="non-empty list"):
         per_sample_grad_norm(model, x, y, params=[])
     with pytest.raises(TypeError, match=r"params\[0\] must be a parameter name or tensor"):
@@ -508,12 +583,15 @@ def test_refuses_foreign_parameters():
         per_sample_grad_norm(nn.Flatten(), x, y)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"backend": "fast"}, "backend must be one of"),
-    ({"loss": "mse"}, "loss must be one of"),
-    ({"mode": "mean"}, "mode must be one of"),
-    ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backend": "fast"}, "backend must be one of"),
+        ({"loss": "mse"}, "loss must be one of"),
+        ({"mode": "mean"}, "mode must be one of"),
+        ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+    ],
+)
 def test_refuses_unknown_options(kwargs, message):
     model, x, y = make("mlp", 2)
     with pytest.raises(ValueError, match=message):
@@ -522,6 +600,7 @@ def test_refuses_unknown_options(kwargs, message):
 
 def _forward_with_hooked_input(model, module):
     """forward(x) -> (logits, {"hooked": module's input}) reading the activation through a hook."""
+
     def forward(x):
         seen = {}
 
@@ -531,11 +610,14 @@ def _forward_with_hooked_input(model, module):
         with temporary_forward_hooks([module], lambda i: keep):
             logits = model(x)
         return logits, seen
+
     return forward
 
 
-@pytest.mark.parametrize("backend,chunk_size", [("auto", None), ("ghost", None), ("ghost", 2), ("vmap", None),
-                                                ("loop", None)])
+@pytest.mark.parametrize(
+    "backend,chunk_size",
+    [("auto", None), ("ghost", None), ("ghost", 2), ("vmap", None), ("loop", None)],
+)
 @pytest.mark.parametrize("name", ["paper_cnn", "residual_groupnorm"])
 def test_norm_and_forward_equal_separate_calls(name, backend, chunk_size):
     """The shared pass gives the same norms, logits and hooked activations, and the same d/dx of
@@ -548,14 +630,18 @@ def test_norm_and_forward_equal_separate_calls(name, backend, chunk_size):
     def combined(norms, logits, hooked):
         return (weights * norms).sum() + logits.logsumexp(1).sum() + hooked.pow(2).mean()
 
-    norms, (logits, extras) = per_sample_grad_norm_and_forward(model, x, y, forward, backend=backend,
-                                                               chunk_size=chunk_size)
+    norms, (logits, extras) = per_sample_grad_norm_and_forward(
+        model, x, y, forward, backend=backend, chunk_size=chunk_size
+    )
     (dx,) = torch.autograd.grad(combined(norms, logits, extras["hooked"]), x)
     ref_norms = per_sample_grad_norm(model, x, y, backend="loop")
     ref_logits, ref_extras = forward(x)
     (ref_dx,) = torch.autograd.grad(combined(ref_norms, ref_logits, ref_extras["hooked"]), x)
     assert rel_rms(norms, ref_norms) < 1e-10
-    assert rel_rms(logits, ref_logits) < 1e-12 and rel_rms(extras["hooked"], ref_extras["hooked"]) < 1e-12
+    assert (
+        rel_rms(logits, ref_logits) < 1e-12
+        and rel_rms(extras["hooked"], ref_extras["hooked"]) < 1e-12
+    )
     assert rel_rms(dx, ref_dx) < 1e-9
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -565,7 +651,9 @@ def test_norm_and_forward_module_called_twice():
     x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (3,))
     forward = lambda v: (model(v), ())  # noqa: E731
-    with pytest.raises(ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"):
+    with pytest.raises(
+        ValueError, match=r"model\.shared runs more than once per forward; use backend='vmap'"
+    ):
         per_sample_grad_norm_and_forward(model, x, y, forward, backend="ghost")
     norms, (logits, _) = per_sample_grad_norm_and_forward(model, x, y, forward, backend="auto")
     assert rel_rms(norms, per_sample_grad_norm(model, x, y, backend="loop")) < 1e-10
@@ -574,5 +662,7 @@ def test_norm_and_forward_module_called_twice():
 
 def test_norm_and_forward_refuses_a_forward_that_is_not_callable():
     model, x, y = make("mlp", 2)
-    with pytest.raises(TypeError, match="forward must be a callable x -> \\(logits, extras\\), got Tensor"):
+    with pytest.raises(
+        TypeError, match="forward must be a callable x -> \\(logits, extras\\), got Tensor"
+    ):
         per_sample_grad_norm_and_forward(model, x, y, x)

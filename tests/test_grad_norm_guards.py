@@ -26,8 +26,10 @@ def _double(model: nn.Module) -> nn.Module:
 
 
 def _data(batch, *shape, classes=3):
-    return (torch.rand(batch, *shape, dtype=torch.float64, requires_grad=True),
-            torch.randint(0, classes, (batch,)))
+    return (
+        torch.rand(batch, *shape, dtype=torch.float64, requires_grad=True),
+        torch.randint(0, classes, (batch,)),
+    )
 
 
 class TimeMajorLinear(nn.Module):
@@ -48,8 +50,9 @@ def test_time_major_layer_is_split_on_its_batch_dimension(batch, length, backend
     model = _double(TimeMajorLinear())
     x, y = _data(batch, length, 4)
     assert_matches_loop(model, x, y, backend)
-    assert {r.module: r.served_by for r in explain_grad_norm(model, x)}["model.fc"] == \
-        "rule tldr_fast.grad_norm.linear.linear_rule"
+    assert {r.module: r.served_by for r in explain_grad_norm(model, x)}[
+        "model.fc"
+    ] == "rule tldr_fast.grad_norm.linear.linear_rule"
 
 
 class MergedRows(nn.Module):
@@ -69,10 +72,15 @@ def test_merged_batch_auto_falls_back_ghost_refuses(batch):
     model = _double(MergedRows())
     x, y = _data(batch, 3, 4)
     assert_matches_loop(model, x, y, "auto")
-    with pytest.raises(ValueError, match=GHOST_REFUSAL + r"parameter fc\.weight cannot be split per sample: "
-                                         r"model\.fc merges the batch with other dimensions"):
+    with pytest.raises(
+        ValueError,
+        match=GHOST_REFUSAL + r"parameter fc\.weight cannot be split per sample: "
+        r"model\.fc merges the batch with other dimensions",
+    ):
         per_sample_grad_norm(model, x, y, backend="ghost")
-    assert explain_grad_norm(model, x)[0].served_by.startswith("the whole-model vmap backend: parameter fc.weight")
+    assert explain_grad_norm(model, x)[0].served_by.startswith(
+        "the whole-model vmap backend: parameter fc.weight"
+    )
 
 
 class UsesWeightWithoutCall(nn.Module):
@@ -90,8 +98,11 @@ def test_parameter_used_without_calling_its_module(params):
     model = _double(UsesWeightWithoutCall())
     x, y = _data(3, 4)
     assert_matches_loop(model, x, y, "auto", params=params)
-    with pytest.raises(ValueError, match=GHOST_REFUSAL + r"parameter fc\.weight cannot be split per sample: "
-                                         r"model\.fc is never called"):
+    with pytest.raises(
+        ValueError,
+        match=GHOST_REFUSAL + r"parameter fc\.weight cannot be split per sample: "
+        r"model\.fc is never called",
+    ):
         per_sample_grad_norm(model, x, y, backend="ghost", params=params)
 
 
@@ -115,8 +126,12 @@ def test_attention_out_proj_is_served_by_the_attention_call(batch_first, backend
     x, y = _data(3, 3, 4)  # T = B
     assert_matches_loop(model, x, y, backend)
     routes = {r.module: r for r in explain_grad_norm(model, x)}
-    assert set(routes["model.attn"].params) == {"attn.in_proj_weight", "attn.in_proj_bias",
-                                                "attn.out_proj.weight", "attn.out_proj.bias"}
+    assert set(routes["model.attn"].params) == {
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+    }
     assert routes["model.attn"].served_by.startswith("vmap of this module alone")
 
 
@@ -144,8 +159,11 @@ def test_unbatched_output_auto_falls_back_ghost_refuses():
     model = _double(PositionTable())
     x, y = _data(2, 3, 4)
     assert_matches_loop(model, x, y, "auto")
-    with pytest.raises(ValueError, match=GHOST_REFUSAL + r"parameter pos\.weight cannot be split per sample: "
-                                         r"model\.pos returns a tensor without a batch dimension"):
+    with pytest.raises(
+        ValueError,
+        match=GHOST_REFUSAL + r"parameter pos\.weight cannot be split per sample: "
+        r"model\.pos returns a tensor without a batch dimension",
+    ):
         per_sample_grad_norm(model, x, y, backend="ghost")
 
 
@@ -160,20 +178,29 @@ def test_forward_hook_changing_an_output_is_honoured(backend):
     x, y = _data(3, 4)
     assert_matches_loop(model, x, y, backend)
     served = {r.module: r.served_by for r in explain_grad_norm(model, x)}
-    assert served["model.0"] == "vmap of this module alone: it carries forward hooks, which may change its output"
+    assert (
+        served["model.0"]
+        == "vmap of this module alone: it carries forward hooks, which may change its output"
+    )
 
 
-@pytest.mark.parametrize("register, kind", [
-    ("register_full_backward_hook", "a full backward hook"),
-    ("register_full_backward_pre_hook", "a full backward pre-hook"),
-])
+@pytest.mark.parametrize(
+    "register, kind",
+    [
+        ("register_full_backward_hook", "a full backward hook"),
+        ("register_full_backward_pre_hook", "a full backward pre-hook"),
+    ],
+)
 def test_backward_hooks_refused_by_name_loop_works(register, kind):
     model = _mlp()
     getattr(model[2], register)(lambda *args: None)
     x, y = _data(3, 4)
     for backend in FAST:
-        with pytest.raises(ValueError, match=rf"model\.2 \(Linear\) has {kind} .*backend='{backend}'.* remove it "
-                                             r"while measuring \(handle\.remove\(\)\) or use backend='loop'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"model\.2 \(Linear\) has {kind} .*backend='{backend}'.* remove it "
+            r"while measuring \(handle\.remove\(\)\) or use backend='loop'",
+        ):
             per_sample_grad_norm(model, x, y, backend=backend)
     norms, _ = norms_and_input_grad(model, x, y, backend="loop")
     model[2]._backward_hooks.clear()
@@ -190,11 +217,17 @@ def test_opacus_grad_sample_module_is_unwrapped(backend):
     expected_subset = per_sample_grad_norm(model, x, y, backend="loop", params=["2.weight"])
     wrapped = opacus.GradSampleModule(model)
     hooks_before = [(dict(m._forward_hooks), dict(m._backward_hooks)) for m in model.modules()]
-    assert torch.allclose(per_sample_grad_norm(wrapped, x, y, backend=backend), expected, rtol=1e-12)
+    assert torch.allclose(
+        per_sample_grad_norm(wrapped, x, y, backend=backend), expected, rtol=1e-12
+    )
     subset = per_sample_grad_norm(wrapped, x, y, backend=backend, params=["_module.2.weight"])
     assert torch.allclose(subset, expected_subset, rtol=1e-12)
-    assert [(dict(m._forward_hooks), dict(m._backward_hooks)) for m in model.modules()] == hooks_before
-    wrapped.train()(x).sum().backward()  # Opacus's own hooks still work afterwards (it captures in train mode)
+    assert [
+        (dict(m._forward_hooks), dict(m._backward_hooks)) for m in model.modules()
+    ] == hooks_before
+    wrapped.train()(
+        x
+    ).sum().backward()  # Opacus's own hooks still work afterwards (it captures in train mode)
     assert model[0].weight.grad_sample.shape == (3, 5, 4)
 
 
@@ -213,8 +246,11 @@ def test_recurrent_layers_refused_by_name_loop_works(cell):
     model = _double(Recurrent(cell))
     x, y = _data(3, 2, 4)
     for backend in FAST:
-        with pytest.raises(ValueError, match=rf"model\.rnn \({cell.__name__}\) cannot run under torch\.func\.vmap; "
-                                             r"use backend='loop'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"model\.rnn \({cell.__name__}\) cannot run under torch\.func\.vmap; "
+            r"use backend='loop'",
+        ):
             per_sample_grad_norm(model, x, y, backend=backend)
     norms, dx = norms_and_input_grad(model, x, y, backend="loop")
     assert torch.isfinite(norms).all() and torch.isfinite(dx).all()
@@ -236,8 +272,11 @@ class Bag(nn.Module):
 def test_embedding_bag_refused_by_name(backend):
     model = _double(Bag())
     x, y = _data(3, 5)
-    with pytest.raises(ValueError, match=r"model\.bag \(EmbeddingBag\): torch has no double backward for "
-                                         r"embedding_bag.*leave its weight out of params"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.bag \(EmbeddingBag\): torch has no double backward for "
+        r"embedding_bag.*leave its weight out of params",
+    ):
         per_sample_grad_norm(model, x, y, backend=backend)
     if backend == "loop":  # torch.func cannot run embedding_bag even when only the head is measured
         norms, dx = norms_and_input_grad(model, x, y, backend="loop", params=["head.weight"])
@@ -245,12 +284,21 @@ def test_embedding_bag_refused_by_name(backend):
 
 
 def test_instance_norm_with_running_statistics_in_training_mode_refused():
-    model = _double(nn.Sequential(nn.Unflatten(1, (2, 3)), nn.InstanceNorm1d(2, affine=True, track_running_stats=True),
-                                  nn.Flatten(), nn.Linear(6, 3))).train()
+    model = _double(
+        nn.Sequential(
+            nn.Unflatten(1, (2, 3)),
+            nn.InstanceNorm1d(2, affine=True, track_running_stats=True),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        )
+    ).train()
     x, y = _data(3, 6)
     for backend in FAST:
-        with pytest.raises(ValueError, match=r"model\.1 \(InstanceNorm1d\) is in training mode with "
-                                             r"track_running_stats=True.*call model\.eval\(\).*backend='loop'"):
+        with pytest.raises(
+            ValueError,
+            match=r"model\.1 \(InstanceNorm1d\) is in training mode with "
+            r"track_running_stats=True.*call model\.eval\(\).*backend='loop'",
+        ):
             per_sample_grad_norm(model, x, y, backend=backend)
 
 
@@ -272,6 +320,9 @@ def test_labels_outside_the_classes_refused(label, backend):
     model = _mlp()
     x, _ = _data(3, 4)
     y = torch.tensor([0, label, 2])
-    with pytest.raises(ValueError, match=rf"y must hold class labels in \[0, 3\) for the model's 3 logits, "
-                                         rf"got {label}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"y must hold class labels in \[0, 3\) for the model's 3 logits, "
+        rf"got {label}",
+    ):
         per_sample_grad_norm(model, x, y, backend=backend)

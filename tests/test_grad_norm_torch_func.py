@@ -19,8 +19,11 @@ from torch.func import grad, vmap
 NORMS = {
     "layer_norm": lambda x, w: F.layer_norm(x, (x.shape[-1],), w),
     "instance_norm": lambda x, w: F.instance_norm(x, weight=w),
-    "layer_norm_written_out": lambda x, w: w * (x - x.mean(-1, keepdim=True))
-    * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5),
+    "layer_norm_written_out": lambda x, w: (
+        w
+        * (x - x.mean(-1, keepdim=True))
+        * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    ),
 }
 
 
@@ -36,11 +39,15 @@ def _input_gradients(norm: str):
     def weight_grad(w, xi, gi):
         return grad(lambda w: (forward(xi[None], w) * gi[None]).sum())(w)
 
-    (through_vmap,) = torch.autograd.grad(vmap(weight_grad, in_dims=(None, 0, 0))(w, x, g).pow(2).sum(), x)
+    (through_vmap,) = torch.autograd.grad(
+        vmap(weight_grad, in_dims=(None, 0, 0))(w, x, g).pow(2).sum(), x
+    )
     total = 0
     for i in range(shape[0]):
         leaf = w.clone().requires_grad_()
-        (gw,) = torch.autograd.grad((forward(x[i : i + 1], leaf) * g[i : i + 1]).sum(), leaf, create_graph=True)
+        (gw,) = torch.autograd.grad(
+            (forward(x[i : i + 1], leaf) * g[i : i + 1]).sum(), leaf, create_graph=True
+        )
         total = total + gw.pow(2).sum()
     (plain,) = torch.autograd.grad(total, x)
     return through_vmap, plain
@@ -51,7 +58,8 @@ def test_fused_norm_weight_gradient_under_vmap_has_wrong_input_derivative(norm):
     through_vmap, plain = _input_gradients(norm)
     assert rel_rms(through_vmap, plain) > 1e-2, (
         f"torch.func now differentiates vmap(grad) through {norm} correctly: "
-        "tldr_fast.grad_norm.normalization.decomposed_normalisations and this test can go")
+        "tldr_fast.grad_norm.normalization.decomposed_normalisations and this test can go"
+    )
 
 
 def test_written_out_norm_under_vmap_is_exact():

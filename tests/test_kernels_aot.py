@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,11 +42,12 @@ SCRIPT = textwrap.dedent('''
         build(kt._tv_pixel_kernel, {**f32, "X": p, "grad": p},
               {"WRITE_LOSS": True, "WRITE_GRAD": True, "BLOCK_P": 4, "BLOCK_HW": 1024}, 8)
     print("compiled")
-''')
+""")
 
 
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

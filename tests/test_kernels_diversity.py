@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import runtime
 from torch.func import grad, vmap
 
 from tldr_fast import losses
-from tldr_fast.kernels import diversity as kdiv
-from tldr_fast.kernels import runtime
 
 pytestmark = pytest.mark.triton
 
@@ -308,7 +308,9 @@ def test_cuda_poison_nan_and_vmap(monkeypatch):
     ref = torch.stack([_loss(f, "torch") for f in feats])
     torch.testing.assert_close(vmap(lambda f: _loss(f, "auto"))(feats), ref, rtol=1e-5, atol=1e-6)
     ref_g = torch.stack([grad(lambda f: _loss(f, "torch"))(f) for f in feats])
-    torch.testing.assert_close(vmap(grad(lambda f: _loss(f, "auto")))(feats), ref_g, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        vmap(grad(lambda f: _loss(f, "auto")))(feats), ref_g, rtol=1e-4, atol=1e-9
+    )
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     cos, ortho, g = run_triton(feats[0], True, 1.0, 1.0)
     assert torch.isfinite(cos) and torch.isfinite(ortho) and torch.isfinite(g).all()

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 # Helpers shared by the two kernels test files.
 from test_kernels_diversity import _poisoned, assert_compiles
+from tldr_fast.kernels import runtime
+from tldr_fast.kernels import tv_pixel as ktv
 from torch.func import grad, vmap
 
 from tldr_fast import losses
-from tldr_fast.kernels import runtime
-from tldr_fast.kernels import tv_pixel as ktv
 
 pytestmark = pytest.mark.triton
 
@@ -68,8 +68,18 @@ def check_against_oracle(x, w_tv=0.7, w_pix=1.3):
     torch.testing.assert_close(g2, g)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 1, 9), (2, 3, 7, 1), (3, 1, 5, 7),
-                                   (2, 3, 28, 28), (4, 1, 29, 31), (1, 3, 33, 65)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1, 1, 1),
+        (2, 1, 1, 9),
+        (2, 3, 7, 1),
+        (3, 1, 5, 7),
+        (2, 3, 28, 28),
+        (4, 1, 29, 31),
+        (1, 3, 33, 65),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_oracle(shape, dtype):
     check_against_oracle(images(shape, dtype))
@@ -214,7 +224,9 @@ def reference64(x, w_tv, w_pix):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(65536, 1, 28, 28), (4096, 3, 32, 32), (3, 3, 517, 1023), (5, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "shape", [(65536, 1, 28, 28), (4096, 3, 32, 32), (3, 3, 517, 1023), (5, 1, 1, 1)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_float64(shape, dtype):
     x = images(shape, dtype).cuda().requires_grad_()
@@ -246,6 +258,7 @@ def test_cuda_poison_and_vmap(monkeypatch):
 def test_cuda_compiles_without_graph_breaks():
     xs = images((2, 512, 1, 28, 28)).cuda()
     assert_compiles(_loss, xs[0], xs)
-    weighted = torch.compile(lambda x: losses.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0],
-                             fullgraph=True)
+    weighted = torch.compile(
+        lambda x: losses.weighted_tv_pixel(x, 0.3, 0.7, impl="triton")[0], fullgraph=True
+    )
     torch.testing.assert_close(weighted(xs[0]), _loss(xs[0], "triton"))

@@ -79,9 +79,13 @@ def test_kkt_gradient_property(seed, classes):
     model, x, y, free = _tiny(seed=seed, classes=classes, hidden=(6,))
     y = y % classes
     x_ref, f_ref = x.clone().requires_grad_(True), free.clone().requires_grad_(True)
-    gx_ref, gf_ref = torch.autograd.grad(_reference_loss(model, x_ref, y, f_ref, 0.0, 1.0), (x_ref, f_ref))
+    gx_ref, gf_ref = torch.autograd.grad(
+        _reference_loss(model, x_ref, y, f_ref, 0.0, 1.0), (x_ref, f_ref)
+    )
     xs, fs = x.clone().requires_grad_(True), free.clone().requires_grad_(True)
-    gx, gf = torch.autograd.grad(kkt_loss(model, unit_parameters(model), {}, xs, y, fs, 0.0, 1.0)[0], (xs, fs))
+    gx, gf = torch.autograd.grad(
+        kkt_loss(model, unit_parameters(model), {}, xs, y, fs, 0.0, 1.0)[0], (xs, fs)
+    )
     # Floors: a candidate whose every ReLU is off has a structurally zero gradient.
     assert float((gx - gx_ref).norm()) <= 1e-10 * max(float(gx_ref.norm()), 1.0)
     assert float((gf - gf_ref).norm()) <= 1e-10 * max(float(gf_ref.norm()), 1.0)
@@ -109,8 +113,10 @@ def test_homogeneous_target_satisfies_euler_identity():
     assert rel_rms(inner, 3 * phi.sum()) < 1e-12
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("lr_x", 0.0), ("lambda_min", -1.0), ("candidates", 1),
-                                          ("lambda_init", 0.001)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", 0), ("lr_x", 0.0), ("lambda_min", -1.0), ("candidates", 1), ("lambda_init", 0.001)],
+)
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         KKTConfig(**{field: value})
@@ -137,8 +143,12 @@ def test_attack_recovers_most_of_eight_training_digits():
     train_kkt_recipe(model, x, y, steps=5000, target_loss=3e-5, device="cpu", progress=False)
     assert model.train_report.train_accuracy == 1.0
     result = attack(model, 8, KKTConfig(steps=1000, seed=0), device="cpu", progress=False)
-    own = torch.stack([ssim_matrix(result.images[result.labels == c], x[c : c + 1]).max() for c in range(8)]).double()
-    control = torch.stack([ssim_matrix(result.images[result.labels == c], held[c : c + 1]).max() for c in range(8)]).double()
+    own = torch.stack(
+        [ssim_matrix(result.images[result.labels == c], x[c : c + 1]).max() for c in range(8)]
+    ).double()
+    control = torch.stack(
+        [ssim_matrix(result.images[result.labels == c], held[c : c + 1]).max() for c in range(8)]
+    ).double()
     assert int((own >= 0.4).sum()) >= 4
     assert float(own.mean() - control.mean()) > 0.2
 
@@ -150,26 +160,56 @@ def test_cli_attack_writes_a_run_directory_evaluate_reads(tmp_path):
     model_path = tmp_path / "model.safetensors"
     serialization.save(model_path, model, metadata={"dataset": "mnist-bundled", "subset": None})
     out = tmp_path / "run"
-    code = main(["attack", "kkt", "--model", str(model_path), "--out", str(out), "--train-size", "10",
-                 "--steps", "3", "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "attack",
+            "kkt",
+            "--model",
+            str(model_path),
+            "--out",
+            str(out),
+            "--train-size",
+            "10",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "kkt" and config["config"]["steps"] == 3
     images, _ = serialization.read_safetensors(out / "images.safetensors")
-    assert images["images"].shape == (20, 1, 28, 28) and torch.bincount(images["labels"]).tolist() == [2] * 10
+    assert (
+        images["images"].shape == (20, 1, 28, 28)
+        and torch.bincount(images["labels"]).tolist() == [2] * 10
+    )
     assert float(images["images"].min()) >= 0 and float(images["images"].max()) <= 1
     assert isinstance(serialization.load(model_path), KKTMLP)
     loaded = serialization.load(out)
     assert torch.equal(loaded.images, images["images"]) and loaded.config == KKTConfig(steps=3)
     assert loaded.lambdas.shape == (20,) and float(loaded.lambdas.min()) >= loaded.config.lambda_min
-    assert loaded.model == str(model_path.resolve()) and len(loaded.history["kkt"]) == 2  # steps 0 and 2
+    assert (
+        loaded.model == str(model_path.resolve()) and len(loaded.history["kkt"]) == 2
+    )  # steps 0 and 2
 
 
 def test_cli_attack_without_train_size_is_a_usage_error(tmp_path, capsys):
     model = build_seeded(lambda: KKTMLP(1, 10, 28, hidden=(4,)), 0)
     model_path = tmp_path / "model.safetensors"
     serialization.save(model_path, model)
-    code = main(["attack", "kkt", "--model", str(model_path), "--out", str(tmp_path / "run"), "--no-progress"])
+    code = main(
+        [
+            "attack",
+            "kkt",
+            "--model",
+            str(model_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "--train-size" in capsys.readouterr().err
 
@@ -182,7 +222,9 @@ def test_kkt_recipe_reaches_zero_training_error_without_weight_decay():
     assert model.train_report.train_accuracy == 1.0 and losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("name, value", [("lr", 0.0), ("init_scale", -1.0), ("target_loss", float("inf"))])
+@pytest.mark.parametrize(
+    "name, value", [("lr", 0.0), ("init_scale", -1.0), ("target_loss", float("inf"))]
+)
 def test_kkt_recipe_rejects_bad_values(name, value):
     x, y, _ = _eight_digits()
     model = KKTMLP(1, 8, 28, hidden=(4,))
@@ -192,8 +234,26 @@ def test_kkt_recipe_rejects_bad_values(name, value):
 
 def test_cli_train_recipe_kkt_writes_a_kkt_target(tmp_path, capsys):
     out = tmp_path / "kkt.safetensors"
-    code = main(["train", "--recipe", "kkt", "--dataset", "mnist-bundled", "--subset", "20", "--kkt-hidden", "8",
-                 "--kkt-steps", "5", "--device", "cpu", "--no-progress", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "kkt",
+            "--dataset",
+            "mnist-bundled",
+            "--subset",
+            "20",
+            "--kkt-hidden",
+            "8",
+            "--kkt-steps",
+            "5",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     model = serialization.load(out)
     assert isinstance(model, KKTMLP) and model.hidden == (8,)

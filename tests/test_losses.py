@@ -25,7 +25,9 @@ def naive_kl(logits, cond):
 
 
 def naive_ce(logits, labels):
-    return sum(-torch.log(torch.softmax(z, 0)[y]) for z, y in zip(logits, labels, strict=True)) / len(logits)
+    return sum(
+        -torch.log(torch.softmax(z, 0)[y]) for z, y in zip(logits, labels, strict=True)
+    ) / len(logits)
 
 
 def naive_cos(feat):
@@ -190,7 +192,9 @@ def test_unknown_impl_is_refused():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 12), d=st.integers(1, 12), normalized=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(2, 12), d=st.integers(1, 12), normalized=st.booleans(), seed=st.integers(0, 2**16)
+)
 def test_diversity_property(n, d, normalized, seed):
     g = torch.Generator().manual_seed(seed)
     feat = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -277,12 +281,16 @@ def naive_feature_statistics(a, running_mean, running_var):
     return torch.sqrt(mean_sq) + torch.sqrt(var_sq)
 
 
-@pytest.mark.parametrize("shape", [(2, 1), (5, 3), (2, 3, 4, 5), (3, 4, 1, 1), (1, 2, 3, 3), (4, 2, 7)])
+@pytest.mark.parametrize(
+    "shape", [(2, 1), (5, 3), (2, 3, 4, 5), (3, 4, 1, 1), (1, 2, 3, 3), (4, 2, 7)]
+)
 def test_feature_statistics_matches_loops(shape):
     a = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
     running_mean = torch.randn(shape[1], dtype=torch.float64)
     running_var = torch.rand(shape[1], dtype=torch.float64) + 0.1
-    check_value_and_grad(losses.feature_statistics, naive_feature_statistics, a, running_mean, running_var)
+    check_value_and_grad(
+        losses.feature_statistics, naive_feature_statistics, a, running_mean, running_var
+    )
 
 
 def _from_chunk_sums(a, shift, running_mean, running_var, chunk):
@@ -295,15 +303,23 @@ def _from_chunk_sums(a, shift, running_mean, running_var, chunk):
     return losses.feature_statistics_from_sums(s1, s2, count, shift, running_mean, running_var)
 
 
-@pytest.mark.parametrize(("shape", "chunk"), [((2, 1), 1), ((5, 3), 2), ((2, 3, 4, 5), 1), ((6, 4, 1, 1), 4),
-                                              ((4, 2, 7), 3)])
+@pytest.mark.parametrize(
+    ("shape", "chunk"),
+    [((2, 1), 1), ((5, 3), 2), ((2, 3, 4, 5), 1), ((6, 4, 1, 1), 4), ((4, 2, 7), 3)],
+)
 def test_feature_statistics_from_chunk_sums_equals_the_whole_batch(shape, chunk):
     a = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
     shift = torch.randn(shape[1], dtype=torch.float64)
     running_mean = torch.randn(shape[1], dtype=torch.float64)
     running_var = torch.rand(shape[1], dtype=torch.float64) + 0.1
-    check_value_and_grad(partial(_from_chunk_sums, chunk=chunk),
-                         lambda a, shift, rm, rv: naive_feature_statistics(a, rm, rv), a, shift, running_mean, running_var)
+    check_value_and_grad(
+        partial(_from_chunk_sums, chunk=chunk),
+        lambda a, shift, rm, rv: naive_feature_statistics(a, rm, rv),
+        a,
+        shift,
+        running_mean,
+        running_var,
+    )
 
 
 def test_feature_statistics_from_sums_keeps_float32_accuracy_for_a_large_mean():
@@ -333,15 +349,23 @@ def test_feature_statistics_property(n, c, p, seed):
     shifted = losses.feature_statistics(a, channels.mean(1) + 1, channels.var(1))
     assert abs(float(shifted) - c**0.5) < 1e-9
     perm = torch.randperm(n, generator=gen)
-    rm, rv = torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(c, generator=gen, dtype=torch.float64)
-    assert rel_rms(losses.feature_statistics(a[perm], rm, rv), losses.feature_statistics(a, rm, rv)) < 1e-12
+    rm, rv = (
+        torch.randn(c, generator=gen, dtype=torch.float64),
+        torch.rand(c, generator=gen, dtype=torch.float64),
+    )
+    assert (
+        rel_rms(losses.feature_statistics(a[perm], rm, rv), losses.feature_statistics(a, rm, rv))
+        < 1e-12
+    )
 
 
 def test_feature_statistics_low_precision_accumulates_in_float32_and_nan_propagates():
     a = torch.randn(4, 3, 2, 2, dtype=torch.bfloat16)
     out = losses.feature_statistics(a, torch.zeros(3), torch.ones(3))
     assert out.dtype == torch.float32
-    expected = naive_feature_statistics(a.double(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    expected = naive_feature_statistics(
+        a.double(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    )
     assert rel_rms(out, expected) < 1e-5
     a = torch.randn(4, 3)
     a[1, 2] = float("nan")
@@ -349,7 +373,9 @@ def test_feature_statistics_low_precision_accumulates_in_float32_and_nan_propaga
 
 
 def test_feature_statistics_bad_input():
-    with pytest.raises(ValueError, match=r"\(N, C, \.\.\.\) input and \(C,\) statistics, got \(4, 3\), \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"\(N, C, \.\.\.\) input and \(C,\) statistics, got \(4, 3\), \(2,\)"
+    ):
         losses.feature_statistics(torch.randn(4, 3), torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"at least 2 values per channel, got input \(1, 3\)"):
         losses.feature_statistics(torch.randn(1, 3), torch.zeros(3), torch.ones(3))
@@ -360,7 +386,10 @@ def test_feature_statistics_bad_input():
 
 def test_auto_is_torch_on_cpu_at_any_size_and_under_compile():
     # meta tensors: the shapes of large problems without their memory
-    assert losses.resolve_impl("auto", torch.empty(1, 262144, 256, device="meta"), "diversity") == "torch"
+    assert (
+        losses.resolve_impl("auto", torch.empty(1, 262144, 256, device="meta"), "diversity")
+        == "torch"
+    )
     assert losses.resolve_impl("auto", torch.empty(1, 65536, 1, 28, 28), "tv_pixel") == "torch"
     seen = []
 
@@ -376,7 +405,9 @@ def test_auto_is_torch_on_cpu_at_any_size_and_under_compile():
 def test_triton_request_that_cannot_run_is_one_clear_line(monkeypatch):
     from tldr_fast.kernels import runtime
 
-    with pytest.raises(TypeError, match=r"impl='triton' supports dtypes float32, bfloat16; got torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"impl='triton' supports dtypes float32, bfloat16; got torch.float64"
+    ):
         losses.resolve_impl("triton", torch.randn(4, 3, dtype=torch.float64), "diversity")
     monkeypatch.setattr(runtime, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="needs a CUDA tensor or the Triton interpreter"):
@@ -395,5 +426,11 @@ def test_auto_follows_the_measured_table_on_cuda():
     assert losses.resolve_impl("auto", features(4096, 256), "diversity") == "torch"
     assert losses.resolve_impl("auto", features(262144, 64), "diversity") == "torch"
     assert losses.resolve_impl("auto", features(16384, 256).double(), "diversity") == "torch"
-    assert losses.resolve_impl("auto", torch.empty(1, 16384, 1, 28, 28, device="cuda"), "tv_pixel") == "triton"
-    assert losses.resolve_impl("auto", torch.empty(1, 1024, 1, 28, 28, device="cuda"), "tv_pixel") == "torch"
+    assert (
+        losses.resolve_impl("auto", torch.empty(1, 16384, 1, 28, 28, device="cuda"), "tv_pixel")
+        == "triton"
+    )
+    assert (
+        losses.resolve_impl("auto", torch.empty(1, 1024, 1, 28, 28, device="cuda"), "tv_pixel")
+        == "torch"
+    )

@@ -21,6 +21,7 @@ def test_nested_blocks_both_run_in_order_and_are_removed():
         def run(module, args, kwargs, output):
             calls.append(tag)
             return output * scale
+
         return run
 
     x = torch.randn(2, 3)
@@ -45,8 +46,10 @@ def test_first_hook_runs_before_the_modules_own_and_pre_hooks_see_the_inputs():
     def pre(module, args, kwargs):
         order.append(("pre", tuple(args[0].shape)))
 
-    with temporary_forward_hooks([layer], lambda i: first, first=True), \
-            temporary_forward_pre_hooks([layer], lambda i: pre):
+    with (
+        temporary_forward_hooks([layer], lambda i: first, first=True),
+        temporary_forward_pre_hooks([layer], lambda i: pre),
+    ):
         layer(torch.randn(2, 3))
     assert order == [("pre", (2, 3)), "first", "own"]
     assert not layer._forward_pre_hooks and not layer._forward_pre_hooks_with_kwargs
@@ -57,8 +60,12 @@ def test_hooks_suspended_skips_exactly_those_hooks_and_restores_their_order():
     layer = nn.Linear(3, 3)
     calls = []
     a = layer.register_forward_hook(lambda m, args, out: calls.append("a"))
-    b = layer.register_forward_hook(lambda m, args, out, *rest: calls.append("b"), with_kwargs=False)
-    c = layer.register_forward_hook(lambda m, args, kwargs, out: calls.append("c"), with_kwargs=True)
+    b = layer.register_forward_hook(
+        lambda m, args, out, *rest: calls.append("b"), with_kwargs=False
+    )
+    c = layer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append("c"), with_kwargs=True
+    )
     before = list(layer._forward_hooks), dict(layer._forward_hooks_with_kwargs)
     x = torch.randn(2, 3)
     with hooks_suspended([a, c]):

@@ -24,15 +24,23 @@ BACKENDS = ("auto", "ghost", "vmap")
 
 # family -> the rule expected to serve the layer
 RULES = {
-    "linear": "linear.linear_rule", "linear_seq": "linear.linear_rule", "conv1d": "conv.conv_rule",
-    "conv2d": "conv.conv_rule", "batch_norm": "batch_norm.batch_norm_rule",
-    "group_norm": "normalization.affine_norm_rule", "layer_norm": "normalization.affine_norm_rule",
-    "instance_norm": "normalization.affine_norm_rule", "instance_norm_running": "normalization.affine_norm_rule",
-    "rms_norm": "normalization.affine_norm_rule", "embedding": "embedding.embedding_rule",
+    "linear": "linear.linear_rule",
+    "linear_seq": "linear.linear_rule",
+    "conv1d": "conv.conv_rule",
+    "conv2d": "conv.conv_rule",
+    "batch_norm": "batch_norm.batch_norm_rule",
+    "group_norm": "normalization.affine_norm_rule",
+    "layer_norm": "normalization.affine_norm_rule",
+    "instance_norm": "normalization.affine_norm_rule",
+    "instance_norm_running": "normalization.affine_norm_rule",
+    "rms_norm": "normalization.affine_norm_rule",
+    "embedding": "embedding.embedding_rule",
 }
 CASES = [Spec(f, 3, 3, 2, seed=i) for i, f in enumerate(RULES)] + [
-    Spec("linear_seq", 3, 3, 2, time_major=True), Spec("linear_seq", 2, 2, 2, time_major=True),  # T = B
-    Spec("layer_norm", 1, 4, 3, time_major=True), Spec("embedding", 3, 1, 2, time_major=True, seed=1),
+    Spec("linear_seq", 3, 3, 2, time_major=True),
+    Spec("linear_seq", 2, 2, 2, time_major=True),  # T = B
+    Spec("layer_norm", 1, 4, 3, time_major=True),
+    Spec("embedding", 3, 1, 2, time_major=True, seed=1),
     Spec("conv1d", 2, 4, 2, kernel=3, stride=2, padding=2, dilation=2, grouped=True),
     Spec("conv2d", 2, 3, 2, kernel=2, stride=3, padding=0, dilation=1, grouped=True),
     Spec("conv2d", 1, 4, 3, kernel=3, stride=1, padding=2, dilation=2),
@@ -40,7 +48,9 @@ CASES = [Spec(f, 3, 3, 2, seed=i) for i, f in enumerate(RULES)] + [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.family}-tm{int(s.time_major)}-b{s.batch}-t{s.length}")
+@pytest.mark.parametrize(
+    "spec", CASES, ids=lambda s: f"{s.family}-tm{int(s.time_major)}-b{s.batch}-t{s.length}"
+)
 def test_rule_serves_its_layer_and_matches_loop(spec, backend):
     model, x, y = family_model(spec)
     served = {r.module: r.served_by for r in explain_grad_norm(model, x, backend="ghost")}
@@ -136,8 +146,11 @@ def test_rule_with_wrong_result_shape_is_vmapped_by_auto_and_refused_by_ghost():
     x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2])
     assert_matches_loop(model, x, y, "auto")
-    with pytest.raises(ValueError, match=r"rule test_norm_rules\.wrong_shape_rule for model\.0 returned \(\), "
-                                         r"not \(3,\); use backend='vmap'"):
+    with pytest.raises(
+        ValueError,
+        match=r"rule test_norm_rules\.wrong_shape_rule for model\.0 returned \(\), "
+        r"not \(3,\); use backend='vmap'",
+    ):
         per_sample_grad_norm(model, x, y, backend="ghost")
 
 

@@ -26,7 +26,11 @@ def classifier():
 
 def problem_for(config, classifier):
     template, params, buffers = objective.build_generators(config, 10, SHAPE)
-    labels = conditioning.balanced_labels(config.batch_size, 10).expand(config.num_generators, -1).contiguous()
+    labels = (
+        conditioning.balanced_labels(config.batch_size, 10)
+        .expand(config.num_generators, -1)
+        .contiguous()
+    )
     return objective.Problem(template, classifier, config, labels), params, buffers
 
 
@@ -46,10 +50,14 @@ def test_every_term_equals_its_loss_on_the_generated_images(classifier):
         logits_p = classifier(xp)
         cos, ortho = losses.diversity_losses(feat)
         expected = {
-            "kl": losses.kl(logits, ck), "kl_pert": losses.kl(logits_p, ck),
-            "ce": losses.ce(logits, yk), "ce_pert": losses.ce(logits_p, yk),
-            "cos": cos, "ortho": ortho,
-            "tv": losses.total_variation(xk), "pix": losses.pixel_range(xk),
+            "kl": losses.kl(logits, ck),
+            "kl_pert": losses.kl(logits_p, ck),
+            "ce": losses.ce(logits, yk),
+            "ce_pert": losses.ce(logits_p, yk),
+            "cos": cos,
+            "ortho": ortho,
+            "tv": losses.total_variation(xk),
+            "pix": losses.pixel_range(xk),
             "grad": per_sample_grad_norm(classifier, xk, yk).mean(),
         }
         total = sum(w * expected[t] for t, w in objective.active_terms(cfg).items())
@@ -72,22 +80,33 @@ def test_feature_statistics_term_equals_the_prior_on_each_batch_norm_input(class
     noise = objective.draw_noise(problem)
     loss, report = objective.objective(params, buffers, noise, problem)
 
-    x = objective.generate(problem.template, params, buffers, noise["z"], problem.labels,
-                           objective.condition(problem, noise))
+    x = objective.generate(
+        problem.template,
+        params,
+        buffers,
+        noise["z"],
+        problem.labels,
+        objective.condition(problem, noise),
+    )
     inputs = []
-    handles = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for m in bn_layers]
+    handles = [
+        m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for m in bn_layers
+    ]
     for k in range(2):
         inputs.clear()
         model(x[k])
         assert len(inputs) == len(bn_layers) == 3  # two conv blocks and the hidden layer
-        expected = sum(losses.feature_statistics(a, m.running_mean, m.running_var) for m, a in inputs)
+        expected = sum(
+            losses.feature_statistics(a, m.running_mean, m.running_var) for m, a in inputs
+        )
         assert torch.allclose(report["bn"][k], expected, rtol=1e-4), k
     for h in handles:
         h.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in bn_layers)
     # the term reaches the generators: its gradient alone is non-zero
-    only_bn = ReconstructionConfig(num_generators=2, **{**TINY, **{w: 0 for w in ReconstructionConfig.WEIGHTS},
-                                                        "eta_bn": 1.0})
+    only_bn = ReconstructionConfig(
+        num_generators=2, **{**TINY, **{w: 0 for w in ReconstructionConfig.WEIGHTS}, "eta_bn": 1.0}
+    )
     problem_bn, _, _ = problem_for(only_bn, model)
     grads = grad(lambda p: objective.objective(p, buffers, noise, problem_bn)[0])(params)
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -140,7 +159,9 @@ def test_zero_eps_makes_the_perturbed_terms_equal_the_clean_ones(classifier):
     cfg = ReconstructionConfig(eps=0.0, **TINY)
     problem, params, buffers = problem_for(cfg, classifier)
     _, report = objective.objective(params, buffers, objective.draw_noise(problem), problem)
-    assert torch.allclose(report["kl"], report["kl_pert"]) and torch.allclose(report["ce"], report["ce_pert"])
+    assert torch.allclose(report["kl"], report["kl_pert"]) and torch.allclose(
+        report["ce"], report["ce_pert"]
+    )
 
 
 def test_authors_batch_norm_mode(classifier):
@@ -158,7 +179,8 @@ def test_objective_is_differentiable_and_finite(classifier):
     cfg = ReconstructionConfig(**TINY)
     problem, params, buffers = problem_for(cfg, classifier)
     grads, (loss, _) = grad_and_value(
-        lambda p: objective.objective(p, buffers, objective.draw_noise(problem), problem), has_aux=True
+        lambda p: objective.objective(p, buffers, objective.draw_noise(problem), problem),
+        has_aux=True,
     )(params)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -174,15 +196,18 @@ def test_shared_classifier_pass_equals_separate_passes(classifier, features):
     double = copy.deepcopy(classifier).double()
     grads, losses_ = [], []
     for backend in ("ghost", "vmap"):
-        cfg = ReconstructionConfig(num_generators=2, eta_pix=1.0, eta_bn=0.5, grad_norm_backend=backend,
-                                   **weights, **TINY)
+        cfg = ReconstructionConfig(
+            num_generators=2, eta_pix=1.0, eta_bn=0.5, grad_norm_backend=backend, **weights, **TINY
+        )
         problem, params, buffers = problem_for(cfg, double)
         torch.manual_seed(5)
         params = {k: torch.randn_like(v, dtype=torch.float64) * 0.3 for k, v in params.items()}
         buffers = {k: v.double() if v.is_floating_point() else v for k, v in buffers.items()}
         noise = {k: v.double() for k, v in objective.draw_noise(problem).items()}
-        g, (loss, report) = grad_and_value(partial(objective.objective, buffers=buffers, noise=noise,
-                                                   problem=problem), has_aux=True)(params)
+        g, (loss, report) = grad_and_value(
+            partial(objective.objective, buffers=buffers, noise=noise, problem=problem),
+            has_aux=True,
+        )(params)
         grads.append(g)
         losses_.append((loss, report))
     (loss_a, report_a), (loss_b, report_b) = losses_
@@ -215,19 +240,53 @@ def _relative_rms(grads, reference) -> float:
 @pytest.mark.parametrize(
     ("config_cls", "overrides", "chunk"),
     [
-        (ReconstructionConfig, {"num_generators": 2, "eta_pix": 1.0}, 4),  # 4 + 2: a remainder chunk
-        (ReconstructionConfig, {"num_generators": 1, "dropout": 0.5}, 1),  # one image per chunk, dropout on
+        (
+            ReconstructionConfig,
+            {"num_generators": 2, "eta_pix": 1.0},
+            4,
+        ),  # 4 + 2: a remainder chunk
+        (
+            ReconstructionConfig,
+            {"num_generators": 1, "dropout": 0.5},
+            1,
+        ),  # one image per chunk, dropout on
         (ReconstructionConfig, {"num_generators": 2, "grad_norm_backend": "vmap", "gamma": 0.0}, 3),
-        (ReconstructionConfig, {"num_generators": 1, "eta_grad": 0.0, "alpha_pert": 0.0, "beta_pert": 0.0}, 5),
+        (
+            ReconstructionConfig,
+            {"num_generators": 1, "eta_grad": 0.0, "alpha_pert": 0.0, "beta_pert": 0.0},
+            5,
+        ),
         (InversionConfig, {"num_generators": 2}, 2),
         (ReconstructionConfig, {"num_generators": 2, "grad_norm_mode": "batch"}, 4),
-        (ReconstructionConfig, {"num_generators": 1, "grad_norm_mode": "batch", "grad_norm_backend": "vmap"}, 5),
+        (
+            ReconstructionConfig,
+            {"num_generators": 1, "grad_norm_mode": "batch", "grad_norm_backend": "vmap"},
+            5,
+        ),
         (ReconstructionConfig, {"num_generators": 2, "eta_bn": 0.5, "eta_pix": 1.0}, 4),
-        (ReconstructionConfig, {"num_generators": 2, "eta_bn": 0.5, "gamma": 0.0, "delta": 0.0,
-                                "grad_norm_mode": "batch"}, 1),
+        (
+            ReconstructionConfig,
+            {
+                "num_generators": 2,
+                "eta_bn": 0.5,
+                "gamma": 0.0,
+                "delta": 0.0,
+                "grad_norm_mode": "batch",
+            },
+            1,
+        ),
     ],
-    ids=["nine-terms-remainder", "chunk-of-one-dropout", "vmap-no-cosine", "no-grad-no-perturbation", "inversion",
-         "authors-batch-norm", "authors-batch-norm-vmap", "feature-statistics", "feature-statistics-no-diversity"],
+    ids=[
+        "nine-terms-remainder",
+        "chunk-of-one-dropout",
+        "vmap-no-cosine",
+        "no-grad-no-perturbation",
+        "inversion",
+        "authors-batch-norm",
+        "authors-batch-norm-vmap",
+        "feature-statistics",
+        "feature-statistics-no-diversity",
+    ],
 )
 def test_chunked_gradient_equals_the_whole_batch_gradient(classifier, config_cls, overrides, chunk):
     """chunked_grad_and_value = grad_and_value(objective) in float64: same loss, report and
@@ -235,13 +294,19 @@ def test_chunked_gradient_equals_the_whole_batch_gradient(classifier, config_cls
     cfg = config_cls(**{**TINY, **overrides})
     problem, params, buffers, noise = _float64_problem(cfg, classifier)
     torch.manual_seed(7)  # generator dropout draws inside both: the same masks
-    whole, (loss, report) = grad_and_value(objective.objective, has_aux=True)(params, buffers, noise, problem)
+    whole, (loss, report) = grad_and_value(objective.objective, has_aux=True)(
+        params, buffers, noise, problem
+    )
     torch.manual_seed(7)
-    chunked, (chunked_loss, chunked_report) = objective.chunked_grad_and_value(params, buffers, noise, problem, chunk)
+    chunked, (chunked_loss, chunked_report) = objective.chunked_grad_and_value(
+        params, buffers, noise, problem, chunk
+    )
     assert torch.isfinite(chunked_loss) and torch.allclose(chunked_loss, loss, rtol=1e-12, atol=0)
     assert set(chunked_report) == set(report)
     for term in report:
-        torch.testing.assert_close(chunked_report[term], report[term], rtol=1e-10, atol=1e-12, msg=term)
+        torch.testing.assert_close(
+            chunked_report[term], report[term], rtol=1e-10, atol=1e-12, msg=term
+        )
     assert _relative_rms(chunked, whole) < 1e-10
 
 
@@ -253,7 +318,9 @@ def test_chunked_step_is_chosen_by_the_config_and_equals_the_whole_batch_step(cl
     torch.set_default_dtype(torch.float64)  # the step draws its noise in the default dtype
     try:
         for chunk in (None, 6, 4):  # 6 = the batch: the whole-batch path
-            cfg = ReconstructionConfig(**{**TINY, "num_generators": 2, "classifier_chunk_size": chunk})
+            cfg = ReconstructionConfig(
+                **{**TINY, "num_generators": 2, "classifier_chunk_size": chunk}
+            )
             problem, params, buffers, _ = _float64_problem(cfg, classifier)
             torch.manual_seed(9)
             results.append(make_step(problem, buffers)(params, AdamState.zeros_like(params)))
@@ -271,7 +338,10 @@ def test_chunked_step_is_chosen_by_the_config_and_equals_the_whole_batch_step(cl
     ("overrides", "match"),
     [
         ({"classifier_chunk_size": 0}, "classifier_chunk_size must be an integer >= 1, got 0"),
-        ({"grad_norm_backend": "loop"}, r"grad_norm_backend must be one of \('auto', 'ghost', 'vmap'\), got 'loop'"),
+        (
+            {"grad_norm_backend": "loop"},
+            r"grad_norm_backend must be one of \('auto', 'ghost', 'vmap'\), got 'loop'",
+        ),
     ],
 )
 def test_config_refuses_what_the_engine_cannot_run(overrides, match):
@@ -298,15 +368,28 @@ def test_chunked_gradient_equals_the_whole_batch_gradient_on_cuda(grad_norm_mode
     # step's torch.func transforms.
     torch.manual_seed(1)
     classifier = PaperCNN(1, 10, 8, channels=(4, 8), hidden=16).cuda().eval().requires_grad_(False)
-    cfg = ReconstructionConfig(**{**TINY, "batch_size": 64, "num_generators": 2, "eta_pix": 1.0,
-                                  "grad_norm_mode": grad_norm_mode})
+    cfg = ReconstructionConfig(
+        **{
+            **TINY,
+            "batch_size": 64,
+            "num_generators": 2,
+            "eta_pix": 1.0,
+            "grad_norm_mode": grad_norm_mode,
+        }
+    )
     template, params, buffers = objective.build_generators(cfg, 10, SHAPE, "cuda")
     labels = conditioning.balanced_labels(64, 10, "cuda").expand(2, -1).contiguous()
     problem = objective.Problem(template, classifier, cfg, labels)
     noise = objective.draw_noise(problem)
-    whole, (loss, report) = grad_and_value(objective.objective, has_aux=True)(params, buffers, noise, problem)
-    chunked, (chunked_loss, chunked_report) = objective.chunked_grad_and_value(params, buffers, noise, problem, 24)
+    whole, (loss, report) = grad_and_value(objective.objective, has_aux=True)(
+        params, buffers, noise, problem
+    )
+    chunked, (chunked_loss, chunked_report) = objective.chunked_grad_and_value(
+        params, buffers, noise, problem, 24
+    )
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-6)
     for term in report:
-        torch.testing.assert_close(chunked_report[term], report[term], rtol=1e-4, atol=1e-6, msg=term)
+        torch.testing.assert_close(
+            chunked_report[term], report[term], rtol=1e-4, atol=1e-6, msg=term
+        )
     assert _relative_rms(chunked, whole) < 1e-4

@@ -38,7 +38,9 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
     for page in pages:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+            assert (page.parent / target).exists(), (
+                f"{page.relative_to(ROOT)} links to missing {target}"
+            )
 
 
 @pytest.mark.slow
@@ -47,7 +49,13 @@ def test_the_python_api_example_runs(tmp_path):
     text = (ROOT / "README.md").read_text()
     code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs" / "api" / "images.safetensors").is_file()

@@ -24,9 +24,26 @@ from tldr_fast.cli import main
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.models import PaperCNN
 
-TINY = ["--batch-size", "10", "--generators", "2", "--samples-per-class", "1", "--no-progress",
-        "--set", "latent_dim=8", "--set", "generator_width=4"]
-TINY_CONFIG = {"latent_dim": 8, "generator_width": 4, "batch_size": 10, "num_generators": 2, "log_every": 1}
+TINY = [
+    "--batch-size",
+    "10",
+    "--generators",
+    "2",
+    "--samples-per-class",
+    "1",
+    "--no-progress",
+    "--set",
+    "latent_dim=8",
+    "--set",
+    "generator_width=4",
+]
+TINY_CONFIG = {
+    "latent_dim": 8,
+    "generator_width": 4,
+    "batch_size": 10,
+    "num_generators": 2,
+    "log_every": 1,
+}
 SHAPE = (1, 14, 14)
 
 
@@ -43,22 +60,42 @@ def model_file(tmp_path):
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "tldr_fast", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tldr_fast", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _popen(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-m", "tldr_fast", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tldr_fast", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for(condition, seconds: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended early ({proc.returncode}): {proc.stderr.read()}")
+            raise AssertionError(
+                f"the process ended early ({proc.returncode}): {proc.stderr.read()}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.1)
@@ -74,7 +111,9 @@ def _one_error_line(stderr: str, command: str) -> str:
 # -- 2, 3, 5: kill -9, a second writer, stale temporaries, resume past a truncated checkpoint ---------
 
 
-def test_kill_9_then_second_writer_refused_stale_temps_removed_and_resume_falls_back(model_file, tmp_path):
+def test_kill_9_then_second_writer_refused_stale_temps_removed_and_resume_falls_back(
+    model_file, tmp_path
+):
     out = tmp_path / "run"
     args = ["reconstruct", "--model", str(model_file), "--out", str(out), *TINY]
     first = _popen(*args, "--steps", "100000", "--checkpoint-every", "1")
@@ -100,7 +139,10 @@ def test_kill_9_then_second_writer_refused_stale_temps_removed_and_resume_falls_
     done = run_dir.checkpoint_step(previous) + 1
     resumed = _cli(*args, "--steps", str(done), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"warning: resuming from {previous}" in resumed.stderr and f"skipped: {newest}" in resumed.stderr
+    assert (
+        f"warning: resuming from {previous}" in resumed.stderr
+        and f"skipped: {newest}" in resumed.stderr
+    )
     assert not stale.exists()
     assert not [p for p in out.rglob(f"{atomic_files.TEMP_PREFIX}*")]
     assert json.loads((out / "history.json").read_text())["steps"] == done
@@ -108,11 +150,27 @@ def test_kill_9_then_second_writer_refused_stale_temps_removed_and_resume_falls_
 
 def test_second_writer_in_process_names_the_holder(model_file, tmp_path):
     out = tmp_path / "run"
-    holder = _popen("reconstruct", "--model", str(model_file), "--out", str(out), *TINY, "--steps", "100000",
-                    "--checkpoint-every", "0")
+    holder = _popen(
+        "reconstruct",
+        "--model",
+        str(model_file),
+        "--out",
+        str(out),
+        *TINY,
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "0",
+    )
     try:
-        _wait_for(lambda: (out / run_dir.LOCK_NAME).is_file() and (out / run_dir.LOCK_NAME).read_text().strip(),
-                  240, holder)
+        _wait_for(
+            lambda: (
+                (out / run_dir.LOCK_NAME).is_file()
+                and (out / run_dir.LOCK_NAME).read_text().strip()
+            ),
+            240,
+            holder,
+        )
         with pytest.raises(run_dir.RunDirectoryError, match=f"in use by process {holder.pid}"):
             with run_dir.claim(out, "resume"):
                 pass
@@ -126,19 +184,35 @@ def test_second_writer_in_process_names_the_holder(model_file, tmp_path):
 # -- 2: a fresh run into a reused directory ------------------------------------------------------
 
 
-def test_fresh_run_into_a_non_empty_directory_refuses_naming_resume_and_overwrite(model_file, tmp_path, capsys):
+def test_fresh_run_into_a_non_empty_directory_refuses_naming_resume_and_overwrite(
+    model_file, tmp_path, capsys
+):
     out = tmp_path / "run"
-    args = ["reconstruct", "--model", str(model_file), "--out", str(out), *TINY, "--checkpoint-every", "1"]
+    args = [
+        "reconstruct",
+        "--model",
+        str(model_file),
+        "--out",
+        str(out),
+        *TINY,
+        "--checkpoint-every",
+        "1",
+    ]
     assert main([*args, "--steps", "3"]) == 0
     before = {p.name: p.read_bytes() for p in run_dir.list_checkpoints(out)}
     capsys.readouterr()
     assert main([*args, "--steps", "2"]) == 2
     line = _one_error_line(capsys.readouterr().err, "reconstruct")
     assert "is not empty" in line and "--resume" in line and "--overwrite" in line
-    assert {p.name: p.read_bytes() for p in run_dir.list_checkpoints(out)} == before  # nothing touched
+    assert {
+        p.name: p.read_bytes() for p in run_dir.list_checkpoints(out)
+    } == before  # nothing touched
 
     assert main([*args, "--steps", "2", "--overwrite"]) == 0
-    assert [p.name for p in run_dir.list_checkpoints(out)] == ["step-00000001.safetensors", "step-00000002.safetensors"]
+    assert [p.name for p in run_dir.list_checkpoints(out)] == [
+        "step-00000001.safetensors",
+        "step-00000002.safetensors",
+    ]
     assert json.loads((out / "config.json").read_text())["config"]["steps"] == 2
     assert main([*args, "--resume", "--overwrite"]) == 2
     assert "exclude each other" in capsys.readouterr().err
@@ -147,27 +221,43 @@ def test_fresh_run_into_a_non_empty_directory_refuses_naming_resume_and_overwrit
 def test_api_fresh_run_into_a_used_directory_is_refused(tmp_path):
     cfg = ReconstructionConfig(**TINY_CONFIG, steps=1, checkpoint_every=1)
     classifier = _classifier()
-    tf.reconstruct(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "r", progress=False, samples_per_class=1)
+    tf.reconstruct(
+        classifier, 10, SHAPE, cfg, run_dir=tmp_path / "r", progress=False, samples_per_class=1
+    )
     with pytest.raises(run_dir.RunDirectoryError, match="resume=True or overwrite=True"):
         engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "r", progress=False)
 
 
 def _fake_checkpoint(folder: Path, step: int, run_id: str | None) -> Path:
-    meta = {"format": run_dir.CHECKPOINT_FORMAT} | ({"run_id": run_id} if run_id is not None else {})
-    return serialization.write_safetensors_atomic(folder / f"step-{step:08d}.safetensors", {"x": torch.zeros(1)}, meta)
+    meta = {"format": run_dir.CHECKPOINT_FORMAT} | (
+        {"run_id": run_id} if run_id is not None else {}
+    )
+    return serialization.write_safetensors_atomic(
+        folder / f"step-{step:08d}.safetensors", {"x": torch.zeros(1)}, meta
+    )
 
 
 def test_rotation_touches_only_older_checkpoints_of_the_same_run(tmp_path):
     folder = run_dir.checkpoint_dir(tmp_path)
     for step in (1, 2, 3):
         _fake_checkpoint(folder, step, "mine")
-    foreign = [_fake_checkpoint(folder, 0, "other"), _fake_checkpoint(folder, 50, "other"),
-               _fake_checkpoint(folder, 60, None)]
+    foreign = [
+        _fake_checkpoint(folder, 0, "other"),
+        _fake_checkpoint(folder, 50, "other"),
+        _fake_checkpoint(folder, 60, None),
+    ]
     newest = _fake_checkpoint(folder, 4, "mine")
     deleted = run_dir.rotate_checkpoints(newest, "mine", 2)
-    assert sorted(p.name for p in deleted) == ["step-00000001.safetensors", "step-00000002.safetensors"]
+    assert sorted(p.name for p in deleted) == [
+        "step-00000001.safetensors",
+        "step-00000002.safetensors",
+    ]
     names = {p.name for p in run_dir.list_checkpoints(tmp_path)}
-    assert names == {"step-00000003.safetensors", "step-00000004.safetensors", *(p.name for p in foreign)}
+    assert names == {
+        "step-00000003.safetensors",
+        "step-00000004.safetensors",
+        *(p.name for p in foreign),
+    }
     # keep=1 keeps the newest, never deletes it.
     run_dir.rotate_checkpoints(newest, "mine", 1)
     assert newest.exists() and not (folder / "step-00000003.safetensors").exists()
@@ -187,11 +277,16 @@ def test_train_out_a_directory_fails_before_loading_data(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("command", ["reconstruct", "invert", "demo"])
-def test_run_out_a_file_or_under_a_file_fails_before_any_work(model_file, tmp_path, capsys, command):
+def test_run_out_a_file_or_under_a_file_fails_before_any_work(
+    model_file, tmp_path, capsys, command
+):
     a_file = tmp_path / "taken"
     a_file.write_text("x")
     model = [] if command == "demo" else ["--model", str(model_file)]
-    for out, message in ((a_file, "is an existing file"), (a_file / "sub", "cannot create the directory")):
+    for out, message in (
+        (a_file, "is an existing file"),
+        (a_file / "sub", "cannot create the directory"),
+    ):
         start = time.perf_counter()
         assert main([command, *model, "--out", str(out), "--checkpoint-every", "0"]) == 2
         assert message in _one_error_line(capsys.readouterr().err, command)
@@ -212,13 +307,19 @@ def test_read_only_out_fails_before_any_work(model_file, tmp_path, capsys):
         locked.chmod(0o755)
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs, which refuses new entries even to root")
+@pytest.mark.skipif(
+    not os.path.isdir("/sys/kernel"), reason="needs sysfs, which refuses new entries even to root"
+)
 def test_unwritable_outputs_fail_before_any_work_through_the_cli(model_file, capsys):
     # sysfs refuses new entries even to root: the read-only case on any box.
     assert main(["reconstruct", "--model", str(model_file), "--out", "/sys/tldr-fast-run"]) == 2
-    assert "--out /sys/tldr-fast-run: cannot create the directory" in _one_error_line(capsys.readouterr().err, "reconstruct")
+    assert "--out /sys/tldr-fast-run: cannot create the directory" in _one_error_line(
+        capsys.readouterr().err, "reconstruct"
+    )
     assert main(["train", "--out", "/sys/m.safetensors"]) == 2
-    assert "--out /sys/m.safetensors: its directory /sys is not writable" in _one_error_line(capsys.readouterr().err, "train")
+    assert "--out /sys/m.safetensors: its directory /sys is not writable" in _one_error_line(
+        capsys.readouterr().err, "train"
+    )
 
 
 def test_unwritable_directory_is_named():
@@ -244,12 +345,27 @@ def test_safetensors_files_are_written_through_the_one_writer(tmp_path, monkeypa
 
     monkeypatch.setattr(atomic_files, "atomic_write", spy)
     cfg = ReconstructionConfig(**TINY_CONFIG, steps=1, checkpoint_every=1)
-    tf.reconstruct(_classifier(), 10, SHAPE, cfg, run_dir=tmp_path, progress=False, samples_per_class=1)
-    assert {"step-00000001.safetensors", "images.safetensors", "generators.safetensors", "config.json",
-            "history.json"} <= set(written)
+    tf.reconstruct(
+        _classifier(), 10, SHAPE, cfg, run_dir=tmp_path, progress=False, samples_per_class=1
+    )
+    assert {
+        "step-00000001.safetensors",
+        "images.safetensors",
+        "generators.safetensors",
+        "config.json",
+        "history.json",
+    } <= set(written)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [run_dir.LOCK_NAME, "checkpoints", "config.json", "generators.safetensors", "grid.png", "history.json",
-         "images.safetensors"])
+        [
+            run_dir.LOCK_NAME,
+            "checkpoints",
+            "config.json",
+            "generators.safetensors",
+            "grid.png",
+            "history.json",
+            "images.safetensors",
+        ]
+    )
 
 
 def test_failed_write_leaves_no_temporary(tmp_path):
@@ -291,15 +407,28 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_is_bit_exact(tmp_path, how
     engine.train(classifier, 10, SHAPE, short, run_dir=tmp_path / "b", progress=False)
     newest = run_dir.list_checkpoints(tmp_path / "b")[-1]
     _damage(newest, how)
-    with pytest.warns(run_dir.CheckpointSkipped, match=f"resuming from .*step-00000001.*skipped: {newest}"):
-        resumed = engine.train(classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", resume=True, progress=False)
+    with pytest.warns(
+        run_dir.CheckpointSkipped, match=f"resuming from .*step-00000001.*skipped: {newest}"
+    ):
+        resumed = engine.train(
+            classifier, 10, SHAPE, cfg, run_dir=tmp_path / "b", resume=True, progress=False
+        )
     assert all(torch.equal(whole.params[k], resumed.params[k]) for k in whole.params)
     assert whole.history == resumed.history
 
 
 def test_resume_with_no_readable_checkpoint_is_one_line(model_file, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["reconstruct", "--model", str(model_file), "--out", str(out), *TINY, "--checkpoint-every", "1"]
+    args = [
+        "reconstruct",
+        "--model",
+        str(model_file),
+        "--out",
+        str(out),
+        *TINY,
+        "--checkpoint-every",
+        "1",
+    ]
     assert main([*args, "--steps", "2"]) == 0
     for path in run_dir.list_checkpoints(out):
         path.write_bytes(b"\x00" * 10)
@@ -314,8 +443,15 @@ def test_resume_with_no_readable_checkpoint_is_one_line(model_file, tmp_path, ca
 
 def _model_with_header(tmp_path, **changes) -> Path:
     model = _classifier()
-    header = {"format": serialization.MODEL_FORMAT, "arch": model.arch, "config": model.config(), **changes}
-    return serialization.write_safetensors_atomic(tmp_path / "m.safetensors", model.state_dict(), header)
+    header = {
+        "format": serialization.MODEL_FORMAT,
+        "arch": model.arch,
+        "config": model.config(),
+        **changes,
+    }
+    return serialization.write_safetensors_atomic(
+        tmp_path / "m.safetensors", model.state_dict(), header
+    )
 
 
 def _rewrite_metadata(path: Path, raw: str) -> None:
@@ -325,9 +461,14 @@ def _rewrite_metadata(path: Path, raw: str) -> None:
     path.write_bytes(save(tensors, metadata={"tldr_fast": raw}))
 
 
-@pytest.mark.parametrize("raw,message", [("null", "is NoneType, expected a JSON object"),
-                                          ("[1, 2]", "is list, expected a JSON object"),
-                                          ("{", "corrupt tldr-fast header")])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ("null", "is NoneType, expected a JSON object"),
+        ("[1, 2]", "is list, expected a JSON object"),
+        ("{", "corrupt tldr-fast header"),
+    ],
+)
 def test_model_header_not_an_object_is_one_line(tmp_path, capsys, raw, message):
     path = _model_with_header(tmp_path)
     _rewrite_metadata(path, raw)
@@ -368,7 +509,9 @@ def test_non_finite_weights_are_named_at_load_and_at_the_start_of_a_run(tmp_path
     path = tf.save(tmp_path / "m.safetensors", model)
     with pytest.raises(ValueError, match="tensor classifier.weight holds 1 non-finite values"):
         tf.load(path)
-    with pytest.raises(ValueError, match="classifier's tensor classifier.weight holds 1 non-finite"):
+    with pytest.raises(
+        ValueError, match="classifier's tensor classifier.weight holds 1 non-finite"
+    ):
         engine.train(model, 10, SHAPE, ReconstructionConfig(**TINY_CONFIG, steps=1), progress=False)
 
 
@@ -388,34 +531,52 @@ def test_overflowing_weighted_term_is_named(tmp_path):
 
 def test_truncated_images_in_evaluate_is_one_line(tmp_path, capsys):
     cfg = ReconstructionConfig(**TINY_CONFIG, steps=1, checkpoint_every=0)
-    tf.reconstruct(_classifier(), 10, SHAPE, cfg, run_dir=tmp_path, progress=False, samples_per_class=1)
+    tf.reconstruct(
+        _classifier(), 10, SHAPE, cfg, run_dir=tmp_path, progress=False, samples_per_class=1
+    )
     images = tmp_path / "images.safetensors"
     images.write_bytes(images.read_bytes()[:-100])
-    assert main(["evaluate", str(tmp_path), "--evaluator", "none", "--heldout", "none", "--no-progress"]) == 2
+    assert (
+        main(
+            ["evaluate", str(tmp_path), "--evaluator", "none", "--heldout", "none", "--no-progress"]
+        )
+        == 2
+    )
     assert "not a readable safetensors file" in _one_error_line(capsys.readouterr().err, "evaluate")
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--threshold", "-5"], "--threshold must be a number in [0, 1], got -5.0"),
-    (["--threshold", "nan"], "--threshold must be a number in [0, 1], got nan"),
-    (["--bootstrap", "0"], "--bootstrap must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--threshold", "-5"], "--threshold must be a number in [0, 1], got -5.0"),
+        (["--threshold", "nan"], "--threshold must be a number in [0, 1], got nan"),
+        (["--bootstrap", "0"], "--bootstrap must be an integer >= 1, got 0"),
+    ],
+)
 def test_evaluate_ranges(tmp_path, capsys, extra, message):
     assert main(["evaluate", str(tmp_path), *extra]) == 2
     assert message in _one_error_line(capsys.readouterr().err, "evaluate")
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--eps", "5"], "eps must lie in [0, 1]"),
-    (["--set", "gamma=abc"], "--set gamma=abc: field gamma expects a number, got 'abc'"),
-    (["--set", "steps=1.5"], "--set steps=1.5: field steps expects an integer, got '1.5'"),
-    (["--set", "classifier_chunk_size=x"], "field classifier_chunk_size expects an integer or none, got 'x'"),
-    (["--set", "ortho_normalized=maybe"], "field ortho_normalized expects true or false"),
-    (["--set", "seed=-1"], "seed must be an integer >= 0"),
-    (["--set", "dropout=1.5"], "dropout must be < 1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eps", "5"], "eps must lie in [0, 1]"),
+        (["--set", "gamma=abc"], "--set gamma=abc: field gamma expects a number, got 'abc'"),
+        (["--set", "steps=1.5"], "--set steps=1.5: field steps expects an integer, got '1.5'"),
+        (
+            ["--set", "classifier_chunk_size=x"],
+            "field classifier_chunk_size expects an integer or none, got 'x'",
+        ),
+        (["--set", "ortho_normalized=maybe"], "field ortho_normalized expects true or false"),
+        (["--set", "seed=-1"], "seed must be an integer >= 0"),
+        (["--set", "dropout=1.5"], "dropout must be < 1"),
+    ],
+)
 def test_engine_values_name_the_field(model_file, tmp_path, capsys, extra, message):
-    assert main(["reconstruct", "--model", str(model_file), "--out", str(tmp_path / "r"), *extra]) == 2
+    assert (
+        main(["reconstruct", "--model", str(model_file), "--out", str(tmp_path / "r"), *extra]) == 2
+    )
     assert message in _one_error_line(capsys.readouterr().err, "reconstruct")
 
 
@@ -438,16 +599,27 @@ def test_cifar_refusal_is_a_value_error_naming_the_file(tmp_path):
 # -- the error path ------------------------------------------------------------------------------
 
 
-def test_unexpected_error_is_one_line_with_a_way_to_the_traceback(model_file, tmp_path, capsys, monkeypatch):
+def test_unexpected_error_is_one_line_with_a_way_to_the_traceback(
+    model_file, tmp_path, capsys, monkeypatch
+):
     def broken(*_, **__):
         raise RuntimeError("something internal\nsecond line")
 
     monkeypatch.setattr(tf.api, "_train_and_sample", broken)
-    args = ["reconstruct", "--model", str(model_file), "--out", str(tmp_path / "r"), "--no-progress"]
+    args = [
+        "reconstruct",
+        "--model",
+        str(model_file),
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["tldr-fast reconstruct: unexpected error: RuntimeError: something internal (rerun with --debug "
-                   "or TLDR_FAST_DEBUG=1 for the traceback)"]
+    assert err == [
+        "tldr-fast reconstruct: unexpected error: RuntimeError: something internal (rerun with --debug "
+        "or TLDR_FAST_DEBUG=1 for the traceback)"
+    ]
     assert main(["--debug", *args, "--overwrite"]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     monkeypatch.setenv("TLDR_FAST_DEBUG", "1")

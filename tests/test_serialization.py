@@ -23,7 +23,9 @@ def _model():
 
 def test_round_trip_is_bit_exact(tmp_path):
     model = _model()
-    path = tf.save(tmp_path / "m.safetensors", model, metadata={"dataset": "mnist", "test_accuracy": 0.97})
+    path = tf.save(
+        tmp_path / "m.safetensors", model, metadata={"dataset": "mnist", "test_accuracy": 0.97}
+    )
     loaded = tf.load(path)
     assert type(loaded) is PaperCNN and loaded.config() == model.config()
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -61,7 +63,9 @@ def test_foreign_file_is_refused(tmp_path):
 
 def test_unknown_architecture_is_named(tmp_path):
     path = serialization.write_safetensors_atomic(
-        tmp_path / "m.safetensors", {"w": torch.zeros(1)}, {"format": "tldr-fast/model", "arch": "ResNet999", "config": {}}
+        tmp_path / "m.safetensors",
+        {"w": torch.zeros(1)},
+        {"format": "tldr-fast/model", "arch": "ResNet999", "config": {}},
     )
     with pytest.raises(ValueError, match="unknown architecture 'ResNet999'.*PaperCNN"):
         tf.load(path)
@@ -151,13 +155,25 @@ def test_every_registered_architecture_reads_back_through_the_header_check(tmp_p
     from tldr_fast.attacks.split import MnistSplitNet, OmniglotSplitNet
     from tldr_fast.models import LeNet
 
-    built = {cls.arch: cls() for cls in (BinarizedMLP, PaperCNNGroupNorm, MnistSplitNet, OmniglotSplitNet, LeNet, MLP,
-                                         PaperCNN)}
+    built = {
+        cls.arch: cls()
+        for cls in (
+            BinarizedMLP,
+            PaperCNNGroupNorm,
+            MnistSplitNet,
+            OmniglotSplitNet,
+            LeNet,
+            MLP,
+            PaperCNN,
+        )
+    }
     assert set(built) == set(serialization.architectures())
     for arch, model in built.items():
         loaded = tf.load(tf.save(tmp_path / f"{arch}.safetensors", model.eval()))
         assert type(loaded) is type(model)
-        for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        for (k, a), (k2, b) in zip(
+            model.state_dict().items(), loaded.state_dict().items(), strict=True
+        ):
             assert k == k2 and torch.equal(a, b)
 
 
@@ -175,11 +191,19 @@ def test_header_is_checked_before_any_tensor_is_read(tmp_path):
 
 def test_model_config_that_does_not_build_is_named(tmp_path):
     model = _model()
-    header = {"format": serialization.MODEL_FORMAT, "arch": "PaperCNN", "config": {**model.config(), "channels": "x"}}
-    path = serialization.write_safetensors_atomic(tmp_path / "m.safetensors", model.state_dict(), header)
+    header = {
+        "format": serialization.MODEL_FORMAT,
+        "arch": "PaperCNN",
+        "config": {**model.config(), "channels": "x"},
+    }
+    path = serialization.write_safetensors_atomic(
+        tmp_path / "m.safetensors", model.state_dict(), header
+    )
     with pytest.raises(ValueError, match="does not build PaperCNN"):
         tf.load(path)
     header["config"] = {"hidden": list(range(5000))}
-    path = serialization.write_safetensors_atomic(tmp_path / "m.safetensors", model.state_dict(), header)
+    path = serialization.write_safetensors_atomic(
+        tmp_path / "m.safetensors", model.state_dict(), header
+    )
     with pytest.raises(ValueError, match="at most 4096 characters"):
         tf.load(path)

@@ -81,7 +81,9 @@ def test_image_scores_and_bad_shapes():
 
 
 def test_comparison_png(tmp_path):
-    path = split.save_comparison_png(tmp_path / "c.png", torch.rand(5, 1, 28, 28), torch.rand(5, 1, 28, 28), count=4, pad=2)
+    path = split.save_comparison_png(
+        tmp_path / "c.png", torch.rand(5, 1, 28, 28), torch.rand(5, 1, 28, 28), count=4, pad=2
+    )
     with Image.open(path) as im:
         assert im.size == (4 * 28 + 5 * 2, 2 * 28 + 3 * 2)
 
@@ -92,8 +94,16 @@ def _digest(images: torch.Tensor) -> set[bytes]:
 
 def test_bundled_mnist_split_is_disjoint():
     data = split.split_data("mnist-bundled", n_target=500, n_aux=600, n_test=100, seed=1)
-    assert data.target_images.shape[0] == 500 and data.aux_images.shape[0] == 600 and data.test_images.shape[0] == 100
-    target, aux, test = _digest(data.target_images), _digest(data.aux_images), _digest(data.test_images)
+    assert (
+        data.target_images.shape[0] == 500
+        and data.aux_images.shape[0] == 600
+        and data.test_images.shape[0] == 100
+    )
+    target, aux, test = (
+        _digest(data.target_images),
+        _digest(data.aux_images),
+        _digest(data.test_images),
+    )
     assert not target & aux and not target & test and not aux & test
 
 
@@ -115,7 +125,11 @@ def test_omniglot_split_is_disjoint_by_alphabet_and_drawing(shared_data):
     # Other alphabets for the attacker (the small sets share Greek and Latin, which it must not
     # get: 1,000 identical files), other drawings for the test.
     assert "Greek" not in data.description.split("attacker")[1]
-    target, aux, test = _digest(data.target_images), _digest(data.aux_images), _digest(data.test_images)
+    target, aux, test = (
+        _digest(data.target_images),
+        _digest(data.aux_images),
+        _digest(data.test_images),
+    )
     assert not target & aux and not target & test and not aux & test
 
 
@@ -124,9 +138,16 @@ def test_attack_on_nonprivate_target_beats_mean_image_baseline():
     torch.manual_seed(0)
     data = split.split_data("mnist-bundled", n_target=800, n_aux=1200, n_test=200, seed=0)
     target = split.MnistSplitNet()
-    train_dp(target, data.target_images, data.target_labels,
-             DPTrainingConfig(noise_multiplier=None, epochs=2, batch_size=64, lr=2e-3), progress=False)
-    decoder = split.train_decoder(target, data.aux_images, epochs=4, batch_size=50, width=32, progress=False)
+    train_dp(
+        target,
+        data.target_images,
+        data.target_labels,
+        DPTrainingConfig(noise_multiplier=None, epochs=2, batch_size=64, lr=2e-3),
+        progress=False,
+    )
+    decoder = split.train_decoder(
+        target, data.aux_images, epochs=4, batch_size=50, width=32, progress=False
+    )
     guesses = split.reconstruct_inputs(target, decoder, data.test_images)
     attack = split.image_scores(data.test_images, guesses)
     baseline = split.mean_image_baseline(data.aux_images, data.test_images)
@@ -144,11 +165,38 @@ def test_train_decoder_bad_input():
 
 def test_cli_attack_split_writes_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([
-        "attack", "split", "--dataset", "mnist-bundled", "--noise", "1.0", "--n-target", "256", "--n-aux", "256",
-        "--n-test", "32", "--epochs", "1", "--batch-size", "32", "--decoder-epochs", "2", "--decoder-width", "8",
-        "--decoder-batch-size", "64", "--untrained", "--seed", "3", "--out", str(out), "--no-progress",
-    ])
+    code = main(
+        [
+            "attack",
+            "split",
+            "--dataset",
+            "mnist-bundled",
+            "--noise",
+            "1.0",
+            "--n-target",
+            "256",
+            "--n-aux",
+            "256",
+            "--n-test",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--decoder-epochs",
+            "2",
+            "--decoder-width",
+            "8",
+            "--decoder-batch-size",
+            "64",
+            "--untrained",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "results.json").read_text())
     rows = summary["rows"]
@@ -174,11 +222,41 @@ def test_cli_attack_split_writes_run_directory(tmp_path, capsys):
 
 
 def test_cli_attack_split_bad_input_exits_2(tmp_path, capsys):
-    code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "-0.5", "--n-target", "64", "--n-aux", "64",
-                 "--n-test", "8", "--batch-size", "32", "--out", str(tmp_path / "r"), "--no-progress"])
+    code = main(
+        [
+            "attack",
+            "split",
+            "--dataset",
+            "mnist-bundled",
+            "--noise",
+            "-0.5",
+            "--n-target",
+            "64",
+            "--n-aux",
+            "64",
+            "--n-test",
+            "8",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "noise_multiplier" in capsys.readouterr().err
-    code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "--no-nonprivate", "--out", str(tmp_path / "r")])
+    code = main(
+        [
+            "attack",
+            "split",
+            "--dataset",
+            "mnist-bundled",
+            "--noise",
+            "--no-nonprivate",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2
     assert "no rows" in capsys.readouterr().err
 
@@ -189,7 +267,7 @@ def test_t_interval_is_student_t_over_values():
     one = split.t_interval([0.25])
     assert one["mean"] == 0.25 and one["half_width"] is one["low"] is one["high"] is None
     three = split.t_interval([1.0, 2.0, 3.0])  # sample sd 1
-    half = stats.t.ppf(0.975, 2) / 3 ** 0.5
+    half = stats.t.ppf(0.975, 2) / 3**0.5
     assert three["mean"] == pytest.approx(2.0) and three["half_width"] == pytest.approx(half)
     assert (three["low"], three["high"]) == pytest.approx((2.0 - half, 2.0 + half))
     with pytest.raises(ValueError, match="at least one"):
@@ -198,8 +276,18 @@ def test_t_interval_is_student_t_over_values():
 
 def _tiny_table(tmp_path, name: str, seeds) -> dict:
     config = split.SplitAttackConfig(
-        dataset="mnist-bundled", noise_multipliers=(None, 1.0), n_target=128, n_aux=128, n_test=16, target_epochs=1,
-        batch_size=32, decoder_epochs=1, decoder_batch_size=64, decoder_width=8, pictures=2, seeds=seeds,
+        dataset="mnist-bundled",
+        noise_multipliers=(None, 1.0),
+        n_target=128,
+        n_aux=128,
+        n_test=16,
+        target_epochs=1,
+        batch_size=32,
+        decoder_epochs=1,
+        decoder_batch_size=64,
+        decoder_width=8,
+        pictures=2,
+        seeds=seeds,
     )
     return split.run_split_attack(config, tmp_path / name, progress=False)
 
@@ -218,16 +306,28 @@ def test_seeds_repeat_every_row_with_means_intervals_and_paired_differences(tmp_
             stat = row["seed_statistics"][score]
             assert stat["values"] == values and values[0] != values[1]
             assert stat["mean"] == pytest.approx(sum(values) / 2) == row["attack"][score]
-            assert stat["half_width"] == pytest.approx(t * abs(values[0] - values[1]) / 2)  # s / sqrt(2) = |a-b| / 2
-        assert "picture" not in row and all((tmp_path / "two" / r["picture"]).is_file() for r in row["per_seed"])
+            assert stat["half_width"] == pytest.approx(
+                t * abs(values[0] - values[1]) / 2
+            )  # s / sqrt(2) = |a-b| / 2
+        assert "picture" not in row and all(
+            (tmp_path / "two" / r["picture"]).is_file() for r in row["per_seed"]
+        )
     assert "paired_vs_nonprivate" not in nonprivate
     paired = private["paired_vs_nonprivate"]
     assert paired["seeds"] == [0, 1]
     for score in ("mse", "ssim"):
-        diffs = [p["attack"][score] - n["attack"][score] for p, n in zip(private["per_seed"], nonprivate["per_seed"])]
+        diffs = [
+            p["attack"][score] - n["attack"][score]
+            for p, n in zip(private["per_seed"], nonprivate["per_seed"])
+        ]
         assert paired[score]["values"] == pytest.approx(diffs)
         assert paired[score]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["per_seed"][1]["seed"] == 1
+    assert (
+        json.loads((tmp_path / "two" / "results.json").read_text())["rows"][1]["per_seed"][1][
+            "seed"
+        ]
+        == 1
+    )
 
     # A seed reproduces its rows on its own, in the single-seed layout (row-level keys, plain file names).
     alone = _tiny_table(tmp_path, "one", (1,))
@@ -239,8 +339,10 @@ def test_seeds_repeat_every_row_with_means_intervals_and_paired_differences(tmp_
     assert (tmp_path / "one" / alone["rows"][1]["picture"]).name == "recon-sigma1.png"
 
 
-@pytest.mark.parametrize("seeds, match", [((), "at least one"), ((0, -1), "seeds"), ((2, 0, 2), "must not repeat"),
-                                          ((0, 1.5), "seeds")])
+@pytest.mark.parametrize(
+    "seeds, match",
+    [((), "at least one"), ((0, -1), "seeds"), ((2, 0, 2), "must not repeat"), ((0, 1.5), "seeds")],
+)
 def test_bad_seeds_are_named(seeds, match):
     with pytest.raises(ValueError, match=match) as err:
         split.SplitAttackConfig(seeds=seeds)
@@ -248,7 +350,16 @@ def test_bad_seeds_are_named(seeds, match):
 
 
 def test_cli_bad_seeds_exit_2(tmp_path, capsys):
-    args = ["attack", "split", "--dataset", "mnist-bundled", "--out", str(tmp_path / "r"), "--no-progress", "--seeds"]
+    args = [
+        "attack",
+        "split",
+        "--dataset",
+        "mnist-bundled",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--seeds",
+    ]
     assert main([*args, "1", "1"]) == 2
     assert "seeds" in capsys.readouterr().err
     assert main([*args, "-2"]) == 2
@@ -259,12 +370,41 @@ def test_cli_bad_seeds_exit_2(tmp_path, capsys):
 
 
 def test_cli_seeds_print_per_seed_scores_and_paired_differences(tmp_path, capsys):
-    code = main(["attack", "split", "--dataset", "mnist-bundled", "--noise", "1.0", "--n-target", "128", "--n-aux", "128",
-                 "--n-test", "16", "--epochs", "1", "--batch-size", "32", "--decoder-epochs", "1", "--decoder-width", "8",
-                 "--seeds", "0", "1", "--out", str(tmp_path / "r"), "--no-progress"])
+    code = main(
+        [
+            "attack",
+            "split",
+            "--dataset",
+            "mnist-bundled",
+            "--noise",
+            "1.0",
+            "--n-target",
+            "128",
+            "--n-aux",
+            "128",
+            "--n-test",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--decoder-epochs",
+            "1",
+            "--decoder-width",
+            "8",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "seeds 0, 1; 95% Student t" in printed and "difference from the non-private row" in printed
+    assert (
+        "seeds 0, 1; 95% Student t" in printed and "difference from the non-private row" in printed
+    )
     summary = json.loads((tmp_path / "r" / "results.json").read_text())
     assert summary["config"]["seeds"] == [0, 1] and summary["config"]["seed"] == 0
     private = summary["rows"][1]

@@ -160,7 +160,10 @@ def test_rejects_images_smaller_than_the_window():
 
 def test_rejects_values_outside_unit_range_with_observed_min_max():
     with pytest.raises(ValueError, match=r"B must lie in \[0, 1\], observed min 0 and max 255"):
-        ssim_matrix(torch.rand(1, 1, 8, 8), torch.cat([torch.zeros(1, 1, 8, 4), torch.full((1, 1, 8, 4), 255.0)], 3))
+        ssim_matrix(
+            torch.rand(1, 1, 8, 8),
+            torch.cat([torch.zeros(1, 1, 8, 4), torch.full((1, 1, 8, 4), 255.0)], 3),
+        )
     with pytest.raises(ValueError, match="observed min -0.5"):
         ssim(torch.full((1, 1, 8, 8), -0.5), torch.rand(1, 1, 8, 8))
 

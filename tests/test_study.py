@@ -11,14 +11,26 @@ from tldr_fast import study
 from tldr_fast.cli import main
 from tldr_fast.evaluate import reconstruction_scores
 
-SPEC = {"dataset": "mnist-bundled", "train_sizes": [10, 20], "archs": ["kkt-mlp"], "methods": ["tldr", "kkt"],
-        "seeds": [0]}
+SPEC = {
+    "dataset": "mnist-bundled",
+    "train_sizes": [10, 20],
+    "archs": ["kkt-mlp"],
+    "methods": ["tldr", "kkt"],
+    "seeds": [0],
+}
 
 
 def _fake_row(cell: dict) -> dict:
     row = {key: 0.0 for key in study.ROW_FIELDS}
-    row.update(cell, gap=0.01 * cell["train_size"], gap_ci=[0.0, 0.02 * cell["train_size"]], nn_count_train=1,
-               nn_count_heldout=0, evaluator_accuracy=None, num_reconstructions=2 * cell["train_size"])
+    row.update(
+        cell,
+        gap=0.01 * cell["train_size"],
+        gap_ci=[0.0, 0.02 * cell["train_size"]],
+        nn_count_train=1,
+        nn_count_heldout=0,
+        evaluator_accuracy=None,
+        num_reconstructions=2 * cell["train_size"],
+    )
     return row
 
 
@@ -52,7 +64,9 @@ def test_study_files_have_a_stable_schema(tmp_path, fake_cells):
     payload = json.loads((tmp_path / "results" / "leakage-study.json").read_text())
     assert payload["schema"] == list(study.ROW_FIELDS)
     assert payload["spec"] == spec
-    assert all(sorted(row) == sorted(study.ROW_FIELDS) for row in payload["rows"])  # the file sorts keys
+    assert all(
+        sorted(row) == sorted(study.ROW_FIELDS) for row in payload["rows"]
+    )  # the file sorts keys
     table = (tmp_path / "results" / "leakage-study.md").read_text().splitlines()
     assert len(table) == 2 + 4 and table[2].startswith("| tldr | kkt-mlp | 10 | 0 |")
     assert (tmp_path / "results" / "leakage-study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,7 +76,9 @@ def test_row_from_real_metrics_has_the_schema_fields():
     gen = torch.Generator().manual_seed(0)
     images = lambda n: torch.rand(n, 1, 8, 8, generator=gen)  # noqa: E731
     labels = torch.arange(6) % 2
-    metrics = reconstruction_scores(images(6), labels, images(6), labels, images(6), labels, num_bootstrap=20)
+    metrics = reconstruction_scores(
+        images(6), labels, images(6), labels, images(6), labels, num_bootstrap=20
+    )
     metrics["fidelity"]["evaluator_accuracy"] = 0.5
     cell = {"method": "kkt", "arch": "kkt-mlp", "train_size": 6, "seed": 0}
     row = study.study_row(cell, metrics, test_accuracy=0.9, seconds=1.5)
@@ -82,20 +98,25 @@ def test_cells_cover_the_grid_in_target_order():
 
 
 def test_grid_leaves_out_the_prior_on_targets_without_batchnorm():
-    spec = study.check_spec({**SPEC, "archs": ["mlp", "kkt-mlp"], "methods": ["tldr+prior", "kkt"], "seeds": [0]})
+    spec = study.check_spec(
+        {**SPEC, "archs": ["mlp", "kkt-mlp"], "methods": ["tldr+prior", "kkt"], "seeds": [0]}
+    )
     pairs = {(c["method"], c["arch"]) for c in study.cells(spec)}
     assert pairs == {("tldr+prior", "mlp"), ("kkt", "mlp"), ("kkt", "kkt-mlp")}
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"methods": ["tldr", "dream"]}, "methods"),
-    ({"train_sizes": [0]}, "train_sizes"),
-    ({"seeds": []}, "seeds"),
-    ({"archs": "mlp"}, "archs"),
-    ({"budgets": {"tldr_step": 3}}, "budgets"),
-    ({"bootstrap": 0}, "bootstrap"),
-    ({"colour": "red"}, "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"methods": ["tldr", "dream"]}, "methods"),
+        ({"train_sizes": [0]}, "train_sizes"),
+        ({"seeds": []}, "seeds"),
+        ({"archs": "mlp"}, "archs"),
+        ({"budgets": {"tldr_step": 3}}, "budgets"),
+        ({"bootstrap": 0}, "bootstrap"),
+        ({"colour": "red"}, "unknown keys"),
+    ],
+)
 def test_spec_errors_name_the_key(change, match):
     with pytest.raises(ValueError, match=match):
         study.check_spec({**SPEC, **change})
@@ -103,8 +124,10 @@ def test_spec_errors_name_the_key(change, match):
 
 def test_toml_spec_and_default_budgets(tmp_path):
     path = tmp_path / "spec.toml"
-    path.write_text('dataset = "mnist"\ntrain_sizes = [100]\narchs = ["mlp"]\nmethods = ["kkt"]\nseeds = [0]\n'
-                    '[budgets]\nkkt_steps = 7\n')
+    path.write_text(
+        'dataset = "mnist"\ntrain_sizes = [100]\narchs = ["mlp"]\nmethods = ["kkt"]\nseeds = [0]\n'
+        "[budgets]\nkkt_steps = 7\n"
+    )
     spec = study.read_spec(path)
     assert spec["budgets"]["kkt_steps"] == 7
     assert spec["budgets"]["tldr_steps"] == study.DEFAULT_BUDGETS["tldr_steps"]

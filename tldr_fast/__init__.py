@@ -11,8 +11,20 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "attacks", "conditioning", "datasets", "engine", "evaluate", "grad_norm", "kernels",
-    "losses", "models", "objective", "report", "serialization", "ssim", "training",
+    "attacks",
+    "conditioning",
+    "datasets",
+    "engine",
+    "evaluate",
+    "grad_norm",
+    "kernels",
+    "losses",
+    "models",
+    "objective",
+    "report",
+    "serialization",
+    "ssim",
+    "training",
 }
 
 _NAMES = {

@@ -64,7 +64,9 @@ class Result:
         c, h, w = self.image_shape
         rows = [self.images[self.labels == y] for y in range(self.num_classes)]
         columns = max((len(r) for r in rows), default=0)
-        canvas = torch.ones(c, self.num_classes * (h + padding) + padding, columns * (w + padding) + padding)
+        canvas = torch.ones(
+            c, self.num_classes * (h + padding) + padding, columns * (w + padding) + padding
+        )
         for y, row in enumerate(rows):
             for j, image in enumerate(row):
                 top, left = padding + y * (h + padding), padding + j * (w + padding)
@@ -81,25 +83,36 @@ class Result:
         serialization.write_safetensors_atomic(
             run_dir / "generators.safetensors",
             params,
-            {"format": GENERATORS_FORMAT, "generator": self.generators[0].config(), "num_generators": len(self.generators)},
+            {
+                "format": GENERATORS_FORMAT,
+                "generator": self.generators[0].config(),
+                "num_generators": len(self.generators),
+            },
         )
-        serialization.write_json_atomic(run_dir / "history.json", {
-            "steps": len(next(iter(self.history.values()), [])), "terms": self.history,
-        })
-        serialization.write_json_atomic(run_dir / "config.json", {
-            "format": RUN_FORMAT,
-            "kind": self.kind,
-            "config": self.config.to_dict(),
-            "num_classes": self.num_classes,
-            "image_shape": list(self.image_shape),
-            "model": self.model,
-            "dataset": self.dataset,
-            "subset": self.subset,
-            "seed": self.config.seed,
-            "train_seconds": self.train_seconds,
-            "compile_seconds": self.compile_seconds,
-            **self.extra,
-        })
+        serialization.write_json_atomic(
+            run_dir / "history.json",
+            {
+                "steps": len(next(iter(self.history.values()), [])),
+                "terms": self.history,
+            },
+        )
+        serialization.write_json_atomic(
+            run_dir / "config.json",
+            {
+                "format": RUN_FORMAT,
+                "kind": self.kind,
+                "config": self.config.to_dict(),
+                "num_classes": self.num_classes,
+                "image_shape": list(self.image_shape),
+                "model": self.model,
+                "dataset": self.dataset,
+                "subset": self.subset,
+                "seed": self.config.seed,
+                "train_seconds": self.train_seconds,
+                "compile_seconds": self.compile_seconds,
+                **self.extra,
+            },
+        )
         _write_png(run_dir / "grid.png", self.grid())
         return run_dir
 
@@ -117,11 +130,25 @@ class Result:
         generators = _read_generators(run_dir / "generators.safetensors")
         history = serialization.read_json_object(run_dir / "history.json").get("terms")
         if not isinstance(history, dict) or not all(
-            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in history.values()
+            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+            for v in history.values()
         ):
-            raise ValueError(f"{run_dir / 'history.json'}: 'terms' must map each term to a list of numbers")
-        known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
-                 "train_seconds", "compile_seconds"}
+            raise ValueError(
+                f"{run_dir / 'history.json'}: 'terms' must map each term to a list of numbers"
+            )
+        known = {
+            "format",
+            "kind",
+            "config",
+            "num_classes",
+            "image_shape",
+            "model",
+            "dataset",
+            "subset",
+            "seed",
+            "train_seconds",
+            "compile_seconds",
+        }
         return cls(
             kind=config.kind,
             images=images["images"],
@@ -149,8 +176,14 @@ def _run_shape(header: dict) -> tuple[int, tuple[int, int, int]]:
     num_classes, image_shape = header.get("num_classes"), header.get("image_shape")
     if not _is_count(num_classes, 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r:.80}")
-    if not (isinstance(image_shape, list) and len(image_shape) == 3 and all(_is_count(s, 1) for s in image_shape)):
-        raise ValueError(f"image_shape must be three integers >= 1 (C, H, W), got {image_shape!r:.80}")
+    if not (
+        isinstance(image_shape, list)
+        and len(image_shape) == 3
+        and all(_is_count(s, 1) for s in image_shape)
+    ):
+        raise ValueError(
+            f"image_shape must be three integers >= 1 (C, H, W), got {image_shape!r:.80}"
+        )
     return num_classes, tuple(image_shape)
 
 
@@ -158,9 +191,14 @@ def _read_images(path: Path, image_shape: tuple[int, int, int]) -> dict[str, tor
     infos, _ = serialization.read_header(path)
     shape = infos["images"].shape if "images" in infos else ()
     count = shape[0] if len(shape) == 4 else 0
-    layout = {"images": TensorInfo(torch.float32, (count, *image_shape)),
-              "labels": TensorInfo(torch.int64, (count,)), "generator_index": TensorInfo(torch.int64, (count,))}
-    return serialization.read_safetensors(path, layout, f"a run's images of shape (M, {', '.join(map(str, image_shape))})")[0]
+    layout = {
+        "images": TensorInfo(torch.float32, (count, *image_shape)),
+        "labels": TensorInfo(torch.int64, (count,)),
+        "generator_index": TensorInfo(torch.int64, (count,)),
+    }
+    return serialization.read_safetensors(
+        path, layout, f"a run's images of shape (M, {', '.join(map(str, image_shape))})"
+    )[0]
 
 
 def _read_generators(path: Path) -> list[Generator]:
@@ -170,7 +208,9 @@ def _read_generators(path: Path) -> list[Generator]:
         raise ValueError(f"{path}: num_generators must be an integer >= 1, got {k!r:.80}")
     single = serialization.expected_state(Generator, meta.get("generator"), str(path))
     layout = {name: TensorInfo(info.dtype, (k, *info.shape)) for name, info in single.items()}
-    weights, _ = serialization.read_safetensors(path, layout, f"{k} stacked generators of its config")
+    weights, _ = serialization.read_safetensors(
+        path, layout, f"{k} stacked generators of its config"
+    )
     generators = []
     for index in range(k):
         module = Generator(**meta["generator"])
@@ -189,7 +229,9 @@ def _write_images(path: Path, result: Result) -> None:
         "generator_index": result.generator_index.long().contiguous(),
     }
     # Plain safetensors metadata for any reader, plus the tldr-fast header read_safetensors expects.
-    serialization.write_safetensors_atomic(path, tensors, {"format": IMAGES_FORMAT}, plain_metadata={"format": IMAGES_FORMAT})
+    serialization.write_safetensors_atomic(
+        path, tensors, {"format": IMAGES_FORMAT}, plain_metadata={"format": IMAGES_FORMAT}
+    )
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -216,8 +258,12 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         z = torch.randn(k, len(labels), template.latent_dim, device=device)
-        noise = torch.randn(k * len(labels), n, device=device) if cfg.vector_kind == "soft" else None
-        vectors = conditioning.condition_vectors(stacked.flatten(), n, cfg.vector_kind, noise).view(k, len(labels), n)
+        noise = (
+            torch.randn(k * len(labels), n, device=device) if cfg.vector_kind == "soft" else None
+        )
+        vectors = conditioning.condition_vectors(stacked.flatten(), n, cfg.vector_kind, noise).view(
+            k, len(labels), n
+        )
         template.train(dropout)
         try:
             x = generate(template, trained.params, trained.buffers, z, stacked, vectors)
@@ -231,30 +277,85 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
 
 
 def _run(
-    kind_cls, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress, samples_per_class,
-    features, **meta,
+    kind_cls,
+    classifier,
+    num_classes,
+    image_shape,
+    config,
+    run_dir,
+    resume,
+    overwrite,
+    progress,
+    samples_per_class,
+    features,
+    **meta,
 ) -> Result:
     config = kind_cls() if config is None else config
     if not isinstance(config, kind_cls):
         raise TypeError(f"config must be a {kind_cls.__name__}, got {type(config).__name__}")
-    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
+    if (
+        isinstance(samples_per_class, bool)
+        or not isinstance(samples_per_class, int)
+        or samples_per_class < 1
+    ):
         raise ValueError(f"samples_per_class must be an integer >= 1, got {samples_per_class!r}")
     if features is not None or needs_features(config):
         classifier = with_features(classifier, features)
     if run_dir is None:
-        return _train_and_sample(classifier, num_classes, image_shape, config, None, resume, overwrite, progress,
-                                 samples_per_class, features, meta)
+        return _train_and_sample(
+            classifier,
+            num_classes,
+            image_shape,
+            config,
+            None,
+            resume,
+            overwrite,
+            progress,
+            samples_per_class,
+            features,
+            meta,
+        )
     # The directory is held from before training until the result is saved in it.
     with claim(run_dir, run_intent(resume, overwrite)):
-        return _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
-                                 samples_per_class, features, meta)
+        return _train_and_sample(
+            classifier,
+            num_classes,
+            image_shape,
+            config,
+            run_dir,
+            resume,
+            overwrite,
+            progress,
+            samples_per_class,
+            features,
+            meta,
+        )
 
 
-def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
-                      samples_per_class, features, meta) -> Result:
+def _train_and_sample(
+    classifier,
+    num_classes,
+    image_shape,
+    config,
+    run_dir,
+    resume,
+    overwrite,
+    progress,
+    samples_per_class,
+    features,
+    meta,
+) -> Result:
     start = time.perf_counter()
-    trained = engine.train(classifier, num_classes, image_shape, config, run_dir=run_dir, resume=resume,
-                           overwrite=overwrite, progress=progress)
+    trained = engine.train(
+        classifier,
+        num_classes,
+        image_shape,
+        config,
+        run_dir=run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+    )
     train_seconds = time.perf_counter() - start
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
     shard = distributed.current_shard(config.batch_size)  # the images are the same on every rank
@@ -272,7 +373,10 @@ def _train_and_sample(classifier, num_classes, image_shape, config, run_dir, res
         train_seconds=train_seconds,
         compile_seconds=trained.compile_seconds,
         # A layer name is recorded so the evaluation reads the same features; a callable cannot be.
-        extra={**distributed.run_record(shard), **({"features": features} if isinstance(features, str) else {})},
+        extra={
+            **distributed.run_record(shard),
+            **({"features": features} if isinstance(features, str) else {}),
+        },
         **meta,
     )
     if run_dir is not None:
@@ -307,8 +411,22 @@ def invert(
     last nn.Linear), a submodule name (its output, flattened; recorded in config.json) or a
     callable x -> (logits, features).
     """
-    return _run(InversionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
-                samples_per_class, features, model=model, dataset=dataset, subset=subset)
+    return _run(
+        InversionConfig,
+        classifier,
+        num_classes,
+        image_shape,
+        config,
+        run_dir,
+        resume,
+        overwrite,
+        progress,
+        samples_per_class,
+        features,
+        model=model,
+        dataset=dataset,
+        subset=subset,
+    )
 
 
 def reconstruct(
@@ -328,5 +446,19 @@ def reconstruct(
     features: FeatureSpec = None,
 ) -> Result:
     """Training-like data reconstruction (hot vectors, all nine terms); arguments as in `invert`."""
-    return _run(ReconstructionConfig, classifier, num_classes, image_shape, config, run_dir, resume, overwrite, progress,
-                samples_per_class, features, model=model, dataset=dataset, subset=subset)
+    return _run(
+        ReconstructionConfig,
+        classifier,
+        num_classes,
+        image_shape,
+        config,
+        run_dir,
+        resume,
+        overwrite,
+        progress,
+        samples_per_class,
+        features,
+        model=model,
+        dataset=dataset,
+        subset=subset,
+    )

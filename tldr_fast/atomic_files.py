@@ -74,7 +74,9 @@ def check_output_dir(path: str | os.PathLike, name: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"{name} {path}: cannot create the directory ({err.strerror or err})") from err
+        raise ValueError(
+            f"{name} {path}: cannot create the directory ({err.strerror or err})"
+        ) from err
     _probe_writable(path, name)
     return path
 
@@ -83,8 +85,10 @@ def check_output_file(path: str | os.PathLike, name: str) -> Path:
     """`path` must be a file path (not a directory) whose directory exists or can be made, writable."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{name} {path} is a directory; expected the path of a file to write "
-                         f"(e.g. {path / 'model.safetensors'})")
+        raise ValueError(
+            f"{name} {path} is a directory; expected the path of a file to write "
+            f"(e.g. {path / 'model.safetensors'})"
+        )
     if path.exists() and not path.is_file():
         raise ValueError(f"{name} {path} exists and is not a regular file")
     check_output_dir(path.parent, f"{name} {path}: its directory")

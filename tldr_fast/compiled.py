@@ -47,7 +47,9 @@ class CompiledStep:
 
     def __init__(self, step, cuda_graph: bool | None = None, backend: str = "inductor"):
         options = INDUCTOR_OPTIONS if backend == "inductor" else None
-        self._compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, options=options)
+        self._compiled = torch.compile(
+            step, fullgraph=True, dynamic=False, backend=backend, options=options
+        )
         self._cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[dict, object, dict] | None = None  # params, AdamState, report
@@ -118,16 +120,21 @@ def _recompile_limit(limit: int):
 
 
 def _clone_state(state):
-    return type(state)({k: v.clone() for k, v in state.m.items()}, {k: v.clone() for k, v in state.v.items()},
-                       state.t.clone())
+    return type(state)(
+        {k: v.clone() for k, v in state.m.items()},
+        {k: v.clone() for k, v in state.v.items()},
+        state.t.clone(),
+    )
 
 
 def _copy_into(static_params, static_state, params, state, skip_identical: bool = False) -> None:
     """Copy params and state into the static buffers (device-side copies, no host sync)."""
-    pairs = [*((static_params[k], params[k]) for k in static_params),
-             *((static_state.m[k], state.m[k]) for k in static_state.m),
-             *((static_state.v[k], state.v[k]) for k in static_state.v),
-             (static_state.t, state.t)]
+    pairs = [
+        *((static_params[k], params[k]) for k in static_params),
+        *((static_state.m[k], state.m[k]) for k in static_state.m),
+        *((static_state.v[k], state.v[k]) for k in static_state.v),
+        (static_state.t, state.t),
+    ]
     for dst, src in pairs:
         if not (skip_identical and dst is src):
             dst.copy_(src)

@@ -68,9 +68,7 @@ def soft_vectors(
     labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Random soft conditioning vectors (B, N) whose argmax is `labels`."""
-    noise = torch.randn(
-        labels.shape[0], num_classes, generator=generator, device=labels.device
-    )
+    noise = torch.randn(labels.shape[0], num_classes, generator=generator, device=labels.device)
     return soft_vectors_from_noise(noise, labels)
 
 

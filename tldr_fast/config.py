@@ -49,11 +49,18 @@ PRESETS = ("paper", "authors")
 # torch.manual_seed takes seeds below 2^64.
 MAX_SEED = 2**64 - 1
 
-RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every", "compile", "classifier_chunk_size"})
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "checkpoint_every", "log_every", "compile", "classifier_chunk_size"}
+)
 
 
 def _check_weight(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"weight {name} must be a finite number >= 0, got {value!r}")
 
 
@@ -180,7 +187,9 @@ class _EngineConfig:
     def from_dict(cls, fields: dict):
         """The config of a `to_dict()` dict; unknown or non-string field names are refused by name."""
         if not isinstance(fields, dict):
-            raise ValueError(f"a {cls.__name__} is read from a dict of fields, got {type(fields).__name__}")
+            raise ValueError(
+                f"a {cls.__name__} is read from a dict of fields, got {type(fields).__name__}"
+            )
         unknown = sorted(map(str, set(fields) - {f.name for f in dataclasses.fields(cls)}))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
@@ -224,14 +233,26 @@ class ReconstructionConfig(_EngineConfig):
     grad_norm_chunk_size: int | None = None
 
     kind: ClassVar[str] = "reconstruction"
-    WEIGHTS: ClassVar[tuple[str, ...]] = ("alpha", "alpha_pert", "beta", "beta_pert", "gamma", "delta", "eta_tv", "eta_pix",
-                                          "eta_grad", "eta_bn")
+    WEIGHTS: ClassVar[tuple[str, ...]] = (
+        "alpha",
+        "alpha_pert",
+        "beta",
+        "beta_pert",
+        "gamma",
+        "delta",
+        "eta_tv",
+        "eta_pix",
+        "eta_grad",
+        "eta_bn",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         _check_weight("eps", self.eps)
         if self.eps > 1:
-            raise ValueError(f"eps must lie in [0, 1] (an L-inf radius on the [0, 1] pixel scale), got {self.eps!r}")
+            raise ValueError(
+                f"eps must lie in [0, 1] (an L-inf radius on the [0, 1] pixel scale), got {self.eps!r}"
+            )
         self._check_batch_compares("the feature-statistics prior", ("eta_bn",))
         _check_choice("grad_norm_mode", self.grad_norm_mode, GRAD_NORM_MODES)
         _check_choice("grad_norm_backend", self.grad_norm_backend, ENGINE_GRAD_NORM_BACKENDS)

@@ -137,7 +137,9 @@ def load_dataset(
     if name not in NAMES:
         raise ValueError(f"unknown dataset name {name!r}; valid names are: {', '.join(NAMES)}")
     if split not in SPLITS[name]:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; valid splits are: {', '.join(SPLITS[name])}")
+        raise ValueError(
+            f"dataset {name!r} has no split {split!r}; valid splits are: {', '.join(SPLITS[name])}"
+        )
     if name == "mnist-bundled":
         ds = _load_bundled(split)
     else:
@@ -151,9 +153,13 @@ def balanced_subset(ds: Dataset, subset: int, seed: int = 0) -> Dataset:
     """subset/num_classes images of every class, drawn without replacement with a seeded generator."""
     k = ds.num_classes
     if isinstance(subset, bool) or not isinstance(subset, int) or subset < k:
-        raise ValueError(f"subset must be an integer >= the number of classes ({k}), got {subset!r}")
+        raise ValueError(
+            f"subset must be an integer >= the number of classes ({k}), got {subset!r}"
+        )
     if subset % k:
-        raise ValueError(f"subset={subset} is not divisible by the number of classes ({k}); balanced subsets need a multiple of {k}")
+        raise ValueError(
+            f"subset={subset} is not divisible by the number of classes ({k}); balanced subsets need a multiple of {k}"
+        )
     per_class = subset // k
     counts = torch.bincount(ds.labels, minlength=k)
     if int(counts.min()) < per_class:
@@ -185,7 +191,9 @@ def _required_files(name: str, split: str) -> list[str]:
 
 
 def _subdir(name: str) -> str:
-    return {"cifar10": "", "svhn": "svhn", "omniglot": "omniglot-py"}.get(name, f"{_FOLDERS.get(name, '')}/raw")
+    return {"cifar10": "", "svhn": "svhn", "omniglot": "omniglot-py"}.get(
+        name, f"{_FOLDERS.get(name, '')}/raw"
+    )
 
 
 def _candidates(base: Path, name: str, filename: str) -> list[Path]:
@@ -282,7 +290,11 @@ def _download(name: str, wanted: list[str], base: Path) -> dict[str, Path]:
     mirror = os.environ.get("TLDR_DATA_MIRROR", _MIRRORS[name])
     target = base / _subdir(name) if _subdir(name) else base
     if name == "cifar10":
-        archive = _fetch(mirror + "cifar-10-python.tar.gz", target / "cifar-10-python.tar.gz", MD5["cifar10"]["cifar-10-python.tar.gz"])
+        archive = _fetch(
+            mirror + "cifar-10-python.tar.gz",
+            target / "cifar-10-python.tar.gz",
+            MD5["cifar10"]["cifar-10-python.tar.gz"],
+        )
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")
         return {"cifar-10-batches-py": target / "cifar-10-batches-py"}
@@ -312,7 +324,9 @@ def read_idx(path: Path) -> np.ndarray:
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {tuple(dims)} but holds {data.size} values")
+        raise ValueError(
+            f"{path} is truncated: header says {tuple(dims)} but holds {data.size} values"
+        )
     return data.reshape(tuple(dims))
 
 
@@ -326,12 +340,25 @@ def _load_idx(paths: dict[str, Path], split: str, class_names: tuple[str, ...]) 
     images = read_idx(paths[img_name])
     labels = read_idx(paths[lbl_name])
     if len(images) != len(labels):
-        raise ValueError(f"{paths[img_name]} has {len(images)} images but {paths[lbl_name]} has {len(labels)} labels")
+        raise ValueError(
+            f"{paths[img_name]} has {len(images)} images but {paths[lbl_name]} has {len(labels)} labels"
+        )
     x, y = _to_tensor(images[:, None], labels)
     return Dataset(x, y, class_names)
 
 
-_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FASHION = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 _DIGITS = tuple(str(d) for d in range(10))
 
 
@@ -344,11 +371,19 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return np.ndarray.__reduce__(np.empty(0))[0]  # numpy's own _reconstruct, whatever its module
-        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+            return np.ndarray.__reduce__(np.empty(0))[
+                0
+            ]  # numpy's own _reconstruct, whatever its module
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,
+        }
         if (module, name) in allowed:
             return allowed[(module, name)]
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a dataset pickle")
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name} from a dataset pickle"
+        )
 
 
 def read_cifar_batch(path: Path) -> dict:
@@ -356,11 +391,23 @@ def read_cifar_batch(path: Path) -> dict:
         try:
             obj = _ArrayUnpickler(fh, encoding="bytes").load()
         except pickle.UnpicklingError as err:
-            raise UnreadablePickle(f"{path} is not a CIFAR batch this reader accepts: {err} (only numpy arrays, "
-                                   "lists, dicts, strings and numbers are built)") from err
-        except (EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError, MemoryError) as err:
-            raise UnreadablePickle(f"{path} is not a readable CIFAR batch (truncated or corrupt pickle): "
-                                   f"{type(err).__name__}: {err}") from err
+            raise UnreadablePickle(
+                f"{path} is not a CIFAR batch this reader accepts: {err} (only numpy arrays, "
+                "lists, dicts, strings and numbers are built)"
+            ) from err
+        except (
+            EOFError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            MemoryError,
+        ) as err:
+            raise UnreadablePickle(
+                f"{path} is not a readable CIFAR batch (truncated or corrupt pickle): "
+                f"{type(err).__name__}: {err}"
+            ) from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a CIFAR batch (top-level object is {type(obj).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -375,7 +422,9 @@ def _load_cifar10(paths: dict[str, Path], split: str) -> Dataset:
         xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch["labels"], dtype=np.int64))
     meta = read_cifar_batch(folder / "batches.meta") if (folder / "batches.meta").exists() else {}
-    classes = tuple(n.decode() if isinstance(n, bytes) else n for n in meta.get("label_names", [])) or tuple(str(i) for i in range(10))
+    classes = tuple(
+        n.decode() if isinstance(n, bytes) else n for n in meta.get("label_names", [])
+    ) or tuple(str(i) for i in range(10))
     x, y = _to_tensor(np.concatenate(xs), np.concatenate(ys))
     return Dataset(x, y, classes)
 
@@ -405,7 +454,9 @@ def _load_omniglot(paths: dict[str, Path], split: str) -> Dataset:
         raise ValueError(f"no Omniglot images found in {', '.join(map(str, paths.values()))}")
     classes = tuple(sorted({c for c, _ in entries}))
     index = {c: i for i, c in enumerate(classes)}
-    images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("L"), dtype=np.uint8) for _, b in entries])
+    images = np.stack(
+        [np.asarray(Image.open(io.BytesIO(b)).convert("L"), dtype=np.uint8) for _, b in entries]
+    )
     labels = np.array([index[c] for c, _ in entries], dtype=np.int64)
     x, y = _to_tensor(images[:, None], labels)
     return Dataset(x, y, classes)

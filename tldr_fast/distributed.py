@@ -57,9 +57,14 @@ class Shard:
 def split(batch_size: int, world_size: int) -> list[tuple[int, int]]:
     """[start, stop) of each rank: rank r gets images r B // W to (r + 1) B // W."""
     if world_size > batch_size:
-        raise ValueError(f"batch_size {batch_size} is smaller than the world size {world_size}: every rank "
-                         f"needs at least one image of each generator's batch")
-    return [(r * batch_size // world_size, (r + 1) * batch_size // world_size) for r in range(world_size)]
+        raise ValueError(
+            f"batch_size {batch_size} is smaller than the world size {world_size}: every rank "
+            f"needs at least one image of each generator's batch"
+        )
+    return [
+        (r * batch_size // world_size, (r + 1) * batch_size // world_size)
+        for r in range(world_size)
+    ]
 
 
 def current_shard(batch_size: int) -> Shard | None:
@@ -155,7 +160,9 @@ def sum_statistics(shard: Shard | None, stats):
         return stats
     leaves, spec = tree_flatten(stats)
     totals = _all_reduce_sum([t.detach() for t in leaves], shard)
-    return tree_unflatten([t + (total - t.detach()) for t, total in zip(leaves, totals, strict=True)], spec)
+    return tree_unflatten(
+        [t + (total - t.detach()) for t, total in zip(leaves, totals, strict=True)], spec
+    )
 
 
 def report_shares(shard: Shard | None, values: dict, batch_values: dict) -> dict:
@@ -163,7 +170,10 @@ def report_shares(shard: Shard | None, values: dict, batch_values: dict) -> dict
     per-image terms are shares already; whole-batch terms (the same on every rank) count 1/W."""
     if shard is None:
         return values
-    return {term: value / shard.world_size if term in batch_values else value for term, value in values.items()}
+    return {
+        term: value / shard.world_size if term in batch_values else value
+        for term, value in values.items()
+    }
 
 
 def sum_over_ranks(shard: Shard, grads: dict[str, torch.Tensor], report: dict[str, torch.Tensor]):
@@ -171,25 +181,36 @@ def sum_over_ranks(shard: Shard, grads: dict[str, torch.Tensor], report: dict[st
     and loss values from the ranks' shares."""
     names = list(grads)
     leaves = _all_reduce_sum([grads[n] for n in names] + list(report.values()), shard)
-    return dict(zip(names, leaves[: len(names)], strict=True)), dict(zip(report, leaves[len(names):], strict=True))
+    return dict(zip(names, leaves[: len(names)], strict=True)), dict(
+        zip(report, leaves[len(names) :], strict=True)
+    )
 
 
 # -- refusing mismatched ranks ------------------------------------------------------------------
 
 
-def check_identical(shard: Shard | None, config: dict, classifier_sha256: str, device: torch.device) -> None:
+def check_identical(
+    shard: Shard | None, config: dict, classifier_sha256: str, device: torch.device
+) -> None:
     """Refuse to start when a rank's config or classifier weights differ from rank 0's: the
     sha256 of each is all-gathered (tensors on the rank's device, as NCCL needs: nothing is
     unpickled) and compared on every rank."""
     if shard is None:
         return
-    digests = [hashlib.sha256(json.dumps(config, sort_keys=True).encode()).digest(), bytes.fromhex(classifier_sha256)]
+    digests = [
+        hashlib.sha256(json.dumps(config, sort_keys=True).encode()).digest(),
+        bytes.fromhex(classifier_sha256),
+    ]
     mine = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).to(device)
     gathered = [torch.empty_like(mine) for _ in range(shard.world_size)]
     dist.all_gather(gathered, mine)
     for what, part in (("config", slice(0, 32)), ("classifier weights", slice(32, 64))):
-        differing = [r for r, g in enumerate(gathered) if not torch.equal(g[part], gathered[0][part])]
+        differing = [
+            r for r, g in enumerate(gathered) if not torch.equal(g[part], gathered[0][part])
+        ]
         if differing:
             ranks = ", ".join(map(str, differing))
-            raise ValueError(f"rank {ranks} has a different {what} than rank 0 (sha256 differs): every rank "
-                             f"of a data-parallel run must be given the same")
+            raise ValueError(
+                f"rank {ranks} has a different {what} than rank 0 (sha256 differs): every rank "
+                f"of a data-parallel run must be given the same"
+            )

@@ -69,7 +69,11 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, term: str, step: int, checkpoint: Path | None):
         self.term, self.step, self.checkpoint = term, step, checkpoint
-        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else "; no checkpoint was written"
+        kept = (
+            f"; the last good checkpoint is {checkpoint}"
+            if checkpoint
+            else "; no checkpoint was written"
+        )
         super().__init__(f"loss term {term!r} is not finite at step {step}{kept}")
 
 
@@ -108,7 +112,9 @@ def adam_update(params, grads, state: AdamState, lr: float, beta1: float, beta2:
         m[name] = torch.lerp(state.m[name], g, 1 - beta1)
         v[name] = torch.mul(state.v[name], beta2).addcmul_(g, g, value=1 - beta2)
         denom = v[name].sqrt().div_(correction2_sqrt.to(p.dtype)).add_(ADAM_EPS)
-        new_params[name] = torch.addcmul(p, torch.div(m[name], denom), step_size.to(p.dtype), value=-1)
+        new_params[name] = torch.addcmul(
+            p, torch.div(m[name], denom), step_size.to(p.dtype), value=-1
+        )
     return new_params, AdamState(m, v, t)
 
 
@@ -119,7 +125,9 @@ def make_step(problem: Problem, buffers: dict[str, torch.Tensor]):
     def step(params, state: AdamState):
         noise = draw_noise(problem)
         grads, (_, report) = grad_and_report(params, buffers, noise, problem)
-        if problem.shard is not None:  # the global batch's gradient and values from the ranks' shares
+        if (
+            problem.shard is not None
+        ):  # the global batch's gradient and values from the ranks' shares
             grads, report = distributed.sum_over_ranks(problem.shard, grads, report)
         params, state = adam_update(params, grads, state, cfg.lr, cfg.adam_beta1, cfg.adam_beta2)
         return params, state, report
@@ -224,7 +232,9 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(tensors["rng/cuda"], device)
 
 
-def save_checkpoint(run_dir: Path, trained: Trained, state: AdamState, fingerprint: str, run_id: str) -> Path:
+def save_checkpoint(
+    run_dir: Path, trained: Trained, state: AdamState, fingerprint: str, run_id: str
+) -> Path:
     """Write the checkpoint of trained.steps_done, then delete this run's checkpoints beyond the newest few."""
     tensors = {f"params/{k}": v for k, v in trained.params.items()}
     tensors.update({f"buffers/{k}": v for k, v in trained.buffers.items()})
@@ -254,14 +264,20 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str, device) -> dict[str, t
 def _checkpoint_layout(trained: Trained, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     """The tensors a checkpoint of this run must hold: names, dtypes and shapes."""
     layout = {}
-    for prefix, group in (("params/", trained.params), ("buffers/", trained.buffers),
-                          ("adam_m/", trained.params), ("adam_v/", trained.params)):
+    for prefix, group in (
+        ("params/", trained.params),
+        ("buffers/", trained.buffers),
+        ("adam_m/", trained.params),
+        ("adam_v/", trained.params),
+    ):
         layout.update({prefix + k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in group.items()})
     layout["adam_t"] = TensorInfo(torch.float64, ())
     layout["rng/cpu"] = TensorInfo(torch.uint8, tuple(torch.get_rng_state().shape))
     device = next(iter(trained.params.values())).device
     cuda = infos.get("rng/cuda")
-    if device.type == "cuda" or (cuda is not None and cuda.dtype == torch.uint8 and len(cuda.shape) == 1):
+    if device.type == "cuda" or (
+        cuda is not None and cuda.dtype == torch.uint8 and len(cuda.shape) == 1
+    ):
         layout["rng/cuda"] = TensorInfo(torch.uint8, cuda.shape if cuda is not None else (0,))
     return layout
 
@@ -275,21 +291,31 @@ def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[Ada
         raise UnreadableCheckpoint(str(err)) from err
     check_checkpoint_header(path, meta)
     if meta["kind"] != trained.config.kind:
-        raise ValueError(f"cannot resume: {path} is a {meta['kind']!r:.40} run, this is a {trained.config.kind} run")
+        raise ValueError(
+            f"cannot resume: {path} is a {meta['kind']!r:.40} run, this is a {trained.config.kind} run"
+        )
     try:
         saved = config_from_dict(meta["kind"], meta["config"])
     except (TypeError, ValueError) as err:
         raise UnreadableCheckpoint(f"{path}: its config does not read back: {err}") from err
     differing = [f for f in trained.config.differing_fields(saved) if f not in RESUMABLE_FIELDS]
     if differing:
-        detail = ", ".join(f"{f}: {getattr(saved, f)!r} -> {getattr(trained.config, f)!r}" for f in differing)
+        detail = ", ".join(
+            f"{f}: {getattr(saved, f)!r} -> {getattr(trained.config, f)!r}" for f in differing
+        )
         raise ValueError(f"cannot resume from {path}: the config differs in {detail}")
     if meta["classifier_sha256"] != fingerprint:
-        raise ValueError(f"cannot resume from {path}: it was made against a different classifier (weights differ)")
+        raise ValueError(
+            f"cannot resume from {path}: it was made against a different classifier (weights differ)"
+        )
     if meta["step"] > trained.config.steps:
-        raise ValueError(f"cannot resume: {path} is at step {meta['step']}, beyond steps={trained.config.steps}")
+        raise ValueError(
+            f"cannot resume: {path} is at step {meta['step']}, beyond steps={trained.config.steps}"
+        )
     try:
-        tensors, _ = read_safetensors(path, _checkpoint_layout(trained, infos), "this run's checkpoint layout")
+        tensors, _ = read_safetensors(
+            path, _checkpoint_layout(trained, infos), "this run's checkpoint layout"
+        )
     except ValueError as err:
         raise UnreadableCheckpoint(str(err)) from err
     device = next(iter(trained.params.values())).device
@@ -298,7 +324,11 @@ def load_checkpoint(path: Path, trained: Trained, fingerprint: str) -> tuple[Ada
     trained.history = {k: list(v) for k, v in meta["history"].items()}
     trained.steps_done = int(meta["step"])
     _set_rng_state(tensors, device)
-    state = AdamState(_group(tensors, "adam_m/", device), _group(tensors, "adam_v/", device), tensors["adam_t"].to(device))
+    state = AdamState(
+        _group(tensors, "adam_m/", device),
+        _group(tensors, "adam_v/", device),
+        tensors["adam_t"].to(device),
+    )
     return state, meta.get("run_id")
 
 
@@ -320,14 +350,20 @@ def train(
     With run_dir, the directory is held for the run and must be empty unless resume=True (continue
     from its newest readable checkpoint) or overwrite=True (delete its run first)."""
     if not isinstance(config, _EngineConfig):
-        raise TypeError(f"config must be an InversionConfig or ReconstructionConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be an InversionConfig or ReconstructionConfig, got {type(config).__name__}"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     image_shape = tuple(int(s) for s in image_shape)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir whose checkpoints to continue from")
     run_dir = Path(run_dir) if run_dir is not None else None
-    owner = claim(run_dir, run_intent(resume, overwrite)) if run_dir is not None else contextlib.nullcontext()
+    owner = (
+        claim(run_dir, run_intent(resume, overwrite))
+        if run_dir is not None
+        else contextlib.nullcontext()
+    )
 
     validate_classifier(classifier, num_classes, image_shape, needs_features(config))
     if "bn" in active_terms(config) and not batch_norm_layers(classifier):
@@ -338,8 +374,13 @@ def train(
     device = _device_of(classifier)
     template, params, buffers = build_generators(config, num_classes, image_shape, device)
     labels = conditioning.balanced_labels(config.batch_size, num_classes, device)
-    problem = Problem(template, classifier, config, labels.expand(config.num_generators, -1).contiguous(),
-                      distributed.current_shard(config.batch_size))
+    problem = Problem(
+        template,
+        classifier,
+        config,
+        labels.expand(config.num_generators, -1).contiguous(),
+        distributed.current_shard(config.batch_size),
+    )
 
     frozen = [(p, p.requires_grad) for p in classifier.parameters()]
     was_training = classifier.training
@@ -353,7 +394,9 @@ def train(
         classifier.train(was_training)
 
 
-def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, progress: bool) -> Trained:
+def _run(
+    problem: Problem, params, buffers, run_dir: Path | None, resume: bool, progress: bool
+) -> Trained:
     cfg = problem.config
     trained = Trained(problem.template, params, buffers, cfg)
     fingerprint = classifier_fingerprint(problem.classifier)
@@ -361,7 +404,9 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
     torch.manual_seed(cfg.seed)
     (state, run_id), last_checkpoint = (
         resume_newest(run_dir, partial(load_checkpoint, trained=trained, fingerprint=fingerprint))
-        if resume else ((None, None), None))
+        if resume
+        else ((None, None), None)
+    )
     state = state or AdamState.zeros_like(params)
     run_id = run_id or uuid.uuid4().hex
     step_fn = make_step(problem, trained.buffers)
@@ -374,13 +419,19 @@ def _run(problem: Problem, params, buffers, run_dir: Path | None, resume: bool, 
             trained.params, state, report = step_fn(trained.params, state)
             trained.steps_done += 1
             pending.append(report)
-            at_checkpoint = run_dir is not None and cfg.checkpoint_every and trained.steps_done % cfg.checkpoint_every == 0
+            at_checkpoint = (
+                run_dir is not None
+                and cfg.checkpoint_every
+                and trained.steps_done % cfg.checkpoint_every == 0
+            )
             if at_checkpoint or len(pending) >= cfg.log_every or trained.steps_done == cfg.steps:
                 _flush(pending, trained, last_checkpoint, bar)
                 pending = []
             if at_checkpoint:
                 # Rank 0 writes the (global) state; every rank knows the file's name.
-                distributed.rank_zero(problem.shard, save_checkpoint, run_dir, trained, state, fingerprint, run_id)
+                distributed.rank_zero(
+                    problem.shard, save_checkpoint, run_dir, trained, state, fingerprint, run_id
+                )
                 last_checkpoint = checkpoint_path(run_dir, trained.steps_done)
     finally:
         if bar is not None:
@@ -398,7 +449,9 @@ def _flush(pending, trained: Trained, last_checkpoint, bar) -> None:
     weights = active_terms(trained.config)
     for offset, per_step in enumerate(values):
         if not bool(torch.isfinite(per_step).all()):
-            raise NonFiniteLossError(_first_non_finite(names, per_step, weights), first_step + offset, last_checkpoint)
+            raise NonFiniteLossError(
+                _first_non_finite(names, per_step, weights), first_step + offset, last_checkpoint
+            )
         per_step = per_step.double()
         for name, v in zip(names, per_step.mean(dim=1).tolist(), strict=True):
             trained.history.setdefault(name, []).append(v)

@@ -74,7 +74,9 @@ def class_ssim_matrices(
     for c in classes:
         rows[c] = torch.nonzero(recon_labels == c).flatten().numpy()
         cols[c] = torch.nonzero(ref_labels == c).flatten().numpy()
-        s = ssim_matrix(recon[rows[c]], ref[cols[c]], chunk_size=chunk_size, device=device, impl=impl)
+        s = ssim_matrix(
+            recon[rows[c]], ref[cols[c]], chunk_size=chunk_size, device=device, impl=impl
+        )
         matrices[c] = s.double().cpu().numpy()
     return ClassMatrices(matrices, rows, cols, len(recon), len(ref))
 
@@ -82,32 +84,80 @@ def class_ssim_matrices(
 # ------------------------------------------------------------------------------ the protocols
 
 
-def authors_protocol(recon, recon_labels, train, train_labels, threshold: float = THRESHOLD, *,
-                     num_classes=None, device=None, chunk_size=None) -> dict:
+def authors_protocol(
+    recon,
+    recon_labels,
+    train,
+    train_labels,
+    threshold: float = THRESHOLD,
+    *,
+    num_classes=None,
+    device=None,
+    chunk_size=None,
+) -> dict:
     """TLDR authors' protocol: per-class Hungarian matching, reconstructed if matched SSIM >= threshold."""
-    cm = class_ssim_matrices(recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size)
+    cm = class_ssim_matrices(
+        recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size
+    )
     return authors_statistics(cm, threshold)
 
 
-def nearest_neighbour_protocol(recon, recon_labels, train, train_labels, threshold: float = THRESHOLD, *,
-                               num_classes=None, device=None, chunk_size=None) -> dict:
+def nearest_neighbour_protocol(
+    recon,
+    recon_labels,
+    train,
+    train_labels,
+    threshold: float = THRESHOLD,
+    *,
+    num_classes=None,
+    device=None,
+    chunk_size=None,
+) -> dict:
     """Haim et al. 2022: each training image's best reconstruction; count SSIM > threshold; the 10 best."""
-    cm = class_ssim_matrices(recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size)
+    cm = class_ssim_matrices(
+        recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size
+    )
     return nearest_neighbour_statistics(cm, threshold)
 
 
-def leakage_gap(recon, recon_labels, train, train_labels, heldout, heldout_labels,
-                threshold: float = THRESHOLD, *, num_bootstrap: int = 1000, confidence: float = 0.95,
-                seed: int = 0, num_classes=None, device=None, chunk_size=None) -> dict:
+def leakage_gap(
+    recon,
+    recon_labels,
+    train,
+    train_labels,
+    heldout,
+    heldout_labels,
+    threshold: float = THRESHOLD,
+    *,
+    num_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    num_classes=None,
+    device=None,
+    chunk_size=None,
+) -> dict:
     """Training minus held-out statistics; see the module docstring for the interval."""
     num_classes = num_classes or _num_classes(recon_labels, train_labels, heldout_labels)
-    cm_train = class_ssim_matrices(recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size)
-    cm_held = class_ssim_matrices(recon, recon_labels, heldout, heldout_labels, num_classes, "heldout", device, chunk_size)
+    cm_train = class_ssim_matrices(
+        recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size
+    )
+    cm_held = class_ssim_matrices(
+        recon, recon_labels, heldout, heldout_labels, num_classes, "heldout", device, chunk_size
+    )
     return gap_statistics(cm_train, cm_held, threshold, num_bootstrap, confidence, seed)
 
 
-def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=None, device=None,
-             chunk_size=None, features: FeatureSpec = None) -> dict:
+def fidelity(
+    recon,
+    recon_labels,
+    evaluator=None,
+    target=None,
+    *,
+    num_classes=None,
+    device=None,
+    chunk_size=None,
+    features: FeatureSpec = None,
+) -> dict:
     """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean
     pairwise SSIM, and mean pairwise cosine similarity of the target's features).
 
@@ -117,7 +167,12 @@ def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=No
     """
     check_images(recon, "recon")
     check_unit_range(recon, "recon")
-    check_labels(recon_labels, "recon_labels", num_classes or _num_classes(recon_labels), batch=recon.shape[0])
+    check_labels(
+        recon_labels,
+        "recon_labels",
+        num_classes or _num_classes(recon_labels),
+        batch=recon.shape[0],
+    )
     out: dict = {}
     per_class = {}
     for c in torch.unique(recon_labels).tolist():
@@ -135,7 +190,9 @@ def fidelity(recon, recon_labels, evaluator=None, target=None, *, num_classes=No
         probs = torch.softmax(logits.double(), dim=1)
         out["target_mean_confidence"] = float(probs.gather(1, recon_labels.view(-1, 1)).mean())
         out["target_accuracy"] = float((logits.argmax(1) == recon_labels).double().mean())
-        out["target_feature_similarity"] = _feature_similarity(target, recon, recon_labels, features)
+        out["target_feature_similarity"] = _feature_similarity(
+            target, recon, recon_labels, features
+        )
     return out
 
 
@@ -156,16 +213,35 @@ def _feature_similarity(target, recon, recon_labels, features: FeatureSpec) -> f
     return float(np.mean(per_class)) if per_class else None
 
 
-def reconstruction_scores(recon, recon_labels, train, train_labels, heldout=None, heldout_labels=None, *,
-                          threshold: float = THRESHOLD, target=None, evaluator=None, num_classes=None,
-                          num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
-                          device=None, chunk_size=None, features: FeatureSpec = None) -> dict:
+def reconstruction_scores(
+    recon,
+    recon_labels,
+    train,
+    train_labels,
+    heldout=None,
+    heldout_labels=None,
+    *,
+    threshold: float = THRESHOLD,
+    target=None,
+    evaluator=None,
+    num_classes=None,
+    num_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    device=None,
+    chunk_size=None,
+    features: FeatureSpec = None,
+) -> dict:
     """Every statistic of this module; the SSIM matrices are computed once and shared."""
     if (heldout is None) != (heldout_labels is None):
         raise ValueError("heldout and heldout_labels must be given together")
-    label_sets = [recon_labels, train_labels] + ([heldout_labels] if heldout_labels is not None else [])
+    label_sets = [recon_labels, train_labels] + (
+        [heldout_labels] if heldout_labels is not None else []
+    )
     num_classes = num_classes or _num_classes(*label_sets)
-    cm_train = class_ssim_matrices(recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size)
+    cm_train = class_ssim_matrices(
+        recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size
+    )
     scores = {
         "threshold": threshold,
         "num_reconstructions": len(recon),
@@ -175,15 +251,27 @@ def reconstruction_scores(recon, recon_labels, train, train_labels, heldout=None
         "nearest_neighbour": nearest_neighbour_statistics(cm_train, threshold),
     }
     if heldout is not None:
-        cm_held = class_ssim_matrices(recon, recon_labels, heldout, heldout_labels, num_classes, "heldout", device, chunk_size)
+        cm_held = class_ssim_matrices(
+            recon, recon_labels, heldout, heldout_labels, num_classes, "heldout", device, chunk_size
+        )
         scores["num_heldout"] = len(heldout)
         scores["heldout"] = {
             "authors": authors_statistics(cm_held, threshold),
             "nearest_neighbour": nearest_neighbour_statistics(cm_held, threshold),
         }
-        scores["leakage_gap"] = gap_statistics(cm_train, cm_held, threshold, num_bootstrap, confidence, seed)
-    scores["fidelity"] = fidelity(recon, recon_labels, evaluator, target, num_classes=num_classes,
-                                  device=device, chunk_size=chunk_size, features=features)
+        scores["leakage_gap"] = gap_statistics(
+            cm_train, cm_held, threshold, num_bootstrap, confidence, seed
+        )
+    scores["fidelity"] = fidelity(
+        recon,
+        recon_labels,
+        evaluator,
+        target,
+        num_classes=num_classes,
+        device=device,
+        chunk_size=chunk_size,
+        features=features,
+    )
     return scores
 
 
@@ -220,7 +308,9 @@ def authors_statistics(cm: ClassMatrices, threshold: float = THRESHOLD) -> dict:
     }
 
 
-def nearest_neighbour_statistics(cm: ClassMatrices, threshold: float = THRESHOLD, top: int = TOP_MATCHES) -> dict:
+def nearest_neighbour_statistics(
+    cm: ClassMatrices, threshold: float = THRESHOLD, top: int = TOP_MATCHES
+) -> dict:
     """Each reference image's best reconstruction of its class; count and fraction with SSIM > threshold.
 
     best_ssim[j] is reference image j's best SSIM (every reference image has one: class_ssim_matrices
@@ -238,14 +328,25 @@ def nearest_neighbour_statistics(cm: ClassMatrices, threshold: float = THRESHOLD
         "mean_best_ssim": float(best.mean()),
         "best_ssim": by_index.tolist(),
         "best": [
-            {"reference_index": int(ref_index[j]), "recon_index": int(best_recon[j]), "label": int(labels[j]), "ssim": float(best[j])}
+            {
+                "reference_index": int(ref_index[j]),
+                "recon_index": int(best_recon[j]),
+                "label": int(labels[j]),
+                "ssim": float(best[j]),
+            }
             for j in order
         ],
     }
 
 
-def gap_statistics(cm_train: ClassMatrices, cm_heldout: ClassMatrices, threshold: float = THRESHOLD,
-                   num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+def gap_statistics(
+    cm_train: ClassMatrices,
+    cm_heldout: ClassMatrices,
+    threshold: float = THRESHOLD,
+    num_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """Training minus held-out: nearest-neighbour statistics with a bootstrap interval, authors' size-matched."""
     check_positive_int(num_bootstrap, "num_bootstrap")
     if not 0 < confidence < 1:
@@ -257,14 +358,24 @@ def gap_statistics(cm_train: ClassMatrices, cm_heldout: ClassMatrices, threshold
     boot_h = _stratified_bootstrap(held_best, held_cls, threshold, num_bootstrap, rng)
     alpha = (1 - confidence) / 2
     gap: dict = {"confidence": confidence, "num_bootstrap": num_bootstrap}
-    for key, fn in (("mean_best_ssim", lambda b: b.mean()), ("fraction_above", lambda b: (b > threshold).mean())):
+    for key, fn in (
+        ("mean_best_ssim", lambda b: b.mean()),
+        ("fraction_above", lambda b: (b > threshold).mean()),
+    ):
         t, h = float(fn(train_best)), float(fn(held_best))
         diff = boot_t[key] - boot_h[key]
-        gap[key] = {"train": t, "heldout": h, "difference": t - h,
-                    "ci": [float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha))]}
+        gap[key] = {
+            "train": t,
+            "heldout": h,
+            "difference": t - h,
+            "ci": [float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha))],
+        }
     gap["training_like"] = gap["mean_best_ssim"]["ci"][0] > 0
     matched_train = _subsample_columns(cm_train, cm_heldout, rng)
-    a_t, a_h = authors_statistics(matched_train, threshold), authors_statistics(cm_heldout, threshold)
+    a_t, a_h = (
+        authors_statistics(matched_train, threshold),
+        authors_statistics(cm_heldout, threshold),
+    )
     for key in ("percent_reconstructed", "mean_matched_ssim", "mean_class_max_ssim"):
         gap[key] = {"train": a_t[key], "heldout": a_h[key], "difference": a_t[key] - a_h[key]}
     gap["train_subsampled"] = matched_train.num_ref != cm_train.num_ref
@@ -280,7 +391,9 @@ def _best_per_reference(cm: ClassMatrices) -> tuple[np.ndarray, np.ndarray, np.n
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
-def _stratified_bootstrap(values: np.ndarray, classes: np.ndarray, threshold: float, n: int, rng) -> dict:
+def _stratified_bootstrap(
+    values: np.ndarray, classes: np.ndarray, threshold: float, n: int, rng
+) -> dict:
     """Bootstrap replicates of the mean and of the fraction above threshold, resampling within each class."""
     total = np.zeros(n)
     above = np.zeros(n)
@@ -297,16 +410,25 @@ def _subsample_columns(cm: ClassMatrices, like: ClassMatrices, rng) -> ClassMatr
     ssim, cols = {}, {}
     for c, s in cm.ssim.items():
         k = min(s.shape[1], like.ssim[c].shape[1])
-        pick = np.sort(rng.choice(s.shape[1], size=k, replace=False)) if k < s.shape[1] else np.arange(k)
+        pick = (
+            np.sort(rng.choice(s.shape[1], size=k, replace=False))
+            if k < s.shape[1]
+            else np.arange(k)
+        )
         ssim[c], cols[c] = s[:, pick], cm.ref_index[c][pick]
-    return ClassMatrices(ssim, cm.recon_index, cols, cm.num_recon, sum(len(v) for v in cols.values()))
+    return ClassMatrices(
+        ssim, cm.recon_index, cols, cm.num_recon, sum(len(v) for v in cols.values())
+    )
 
 
 # ------------------------------------------------------------------------------ input checks
 
 
 def _num_classes(*label_sets: torch.Tensor) -> int:
-    return max((int(y.max()) + 1 for y in label_sets if isinstance(y, torch.Tensor) and y.numel()), default=1)
+    return max(
+        (int(y.max()) + 1 for y in label_sets if isinstance(y, torch.Tensor) and y.numel()),
+        default=1,
+    )
 
 
 def _check_inputs(recon, recon_labels, ref, ref_labels, num_classes, ref_name: str) -> list[int]:
@@ -329,7 +451,9 @@ def _check_inputs(recon, recon_labels, ref, ref_labels, num_classes, ref_name: s
     n_ref = torch.bincount(ref_labels, minlength=k)
     for c in range(k):
         if n_recon[c] and not n_ref[c]:
-            raise ValueError(f"class {c} has {int(n_recon[c])} reconstructions but {ref_name} has no images of it")
+            raise ValueError(
+                f"class {c} has {int(n_recon[c])} reconstructions but {ref_name} has no images of it"
+            )
         if n_ref[c] and not n_recon[c]:
             raise ValueError(
                 f"class {c} has {int(n_ref[c])} {ref_name} images but no reconstructions; every class "
@@ -379,30 +503,51 @@ def evaluate_run(
     origin = {**config, **(getattr(target, "metadata", None) or {})}
     train_data = train_data or origin.get("dataset")
     if not train_data:
-        raise ValueError(f"{run_dir}: no training dataset recorded in config.json or the model file; pass train_data")
+        raise ValueError(
+            f"{run_dir}: no training dataset recorded in config.json or the model file; pass train_data"
+        )
     subset = subset if subset is not None else origin.get("subset")
     seed = seed if seed is not None else int(origin.get("seed") or 0)
     data_root = data_root if data_root is not None else origin.get("data_root")
     train = datasets.load_dataset(train_data, "train", root=data_root, subset=subset, seed=seed)
     heldout, heldout_source = _heldout(heldout_data, train_data, len(train.labels), data_root, seed)
-    evaluator, evaluator_info = _evaluator(evaluator, train, train_data, subset, data_root, seed, device, progress)
+    evaluator, evaluator_info = _evaluator(
+        evaluator, train, train_data, subset, data_root, seed, device, progress
+    )
     scores = reconstruction_scores(
-        recon, recon_labels, train.images, train.labels,
+        recon,
+        recon_labels,
+        train.images,
+        train.labels,
         *(heldout if heldout is not None else (None, None)),
-        threshold=threshold, target=target, evaluator=evaluator, num_classes=train.num_classes,
-        num_bootstrap=num_bootstrap, seed=seed, device=device,
+        threshold=threshold,
+        target=target,
+        evaluator=evaluator,
+        num_classes=train.num_classes,
+        num_bootstrap=num_bootstrap,
+        seed=seed,
+        device=device,
         features=features if features is not None else config.get("features"),
     )
     metrics = {
-        "run": {"run_dir": str(run_dir), "kind": config.get("kind"), "dataset": train_data, "subset": subset,
-                "seed": seed, "model": config.get("model"), "image_shape": list(recon.shape[1:])},
+        "run": {
+            "run_dir": str(run_dir),
+            "kind": config.get("kind"),
+            "dataset": train_data,
+            "subset": subset,
+            "seed": seed,
+            "model": config.get("model"),
+            "image_shape": list(recon.shape[1:]),
+        },
         "heldout_source": heldout_source,
         "evaluator": evaluator_info,
         **scores,
     }
     metrics["seconds"] = time.perf_counter() - start
     write_json_atomic(run_dir / "metrics.json", metrics)
-    report.write_report(run_dir, metrics, recon, recon_labels, generator_index, train.images, train.class_names)
+    report.write_report(
+        run_dir, metrics, recon, recon_labels, generator_index, train.images, train.class_names
+    )
     return metrics
 
 
@@ -439,11 +584,15 @@ def _heldout(heldout_data, name: str, size: int, data_root, seed: int):
     if isinstance(heldout_data, tuple):
         return heldout_data, "given"
     if heldout_data != "test":
-        raise ValueError(f"heldout_data must be 'test', an (images, labels) pair or None, got {heldout_data!r}")
+        raise ValueError(
+            f"heldout_data must be 'test', an (images, labels) pair or None, got {heldout_data!r}"
+        )
     from tldr_fast import datasets
 
     test = datasets.load_dataset(name, "test", root=data_root)
-    per_class = min(size // test.num_classes, int(torch.bincount(test.labels, minlength=test.num_classes).min()))
+    per_class = min(
+        size // test.num_classes, int(torch.bincount(test.labels, minlength=test.num_classes).min())
+    )
     held = datasets.balanced_subset(test, per_class * test.num_classes, seed)
     return (held.images, held.labels), f"{name} test split, balanced, {len(held.labels)} images"
 
@@ -457,7 +606,10 @@ def _evaluator(evaluator, train, name: str, subset, data_root, seed: int, device
 
         return load(evaluator), {"source": str(evaluator)}
     if evaluator is not None:
-        return evaluator, {"source": "given", "arch": getattr(evaluator, "arch", type(evaluator).__name__)}
+        return evaluator, {
+            "source": "given",
+            "arch": getattr(evaluator, "arch", type(evaluator).__name__),
+        }
     from tldr_fast import datasets, models
     from tldr_fast.training import build_seeded, evaluate_classifier, train_classifier
 
@@ -472,12 +624,31 @@ def _evaluator(evaluator, train, name: str, subset, data_root, seed: int, device
         images, labels = test.images, test.labels
         source = f"{name} test split (the target used the whole training split)"
     if len(images) > EVALUATOR_MAX_IMAGES:
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[:EVALUATOR_MAX_IMAGES]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))[
+            :EVALUATOR_MAX_IMAGES
+        ]
         images, labels = images[pick], labels[pick]
     c, h, w = images.shape[1:]
-    model = build_seeded(lambda: models.MLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed + 1)
-    train_classifier(model, images, labels, epochs=5, batch_size=128, seed=seed + 1, device=device, progress=progress)
+    model = build_seeded(
+        lambda: models.MLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w)),
+        seed + 1,
+    )
+    train_classifier(
+        model,
+        images,
+        labels,
+        epochs=5,
+        batch_size=128,
+        seed=seed + 1,
+        device=device,
+        progress=progress,
+    )
     return model, {
-        "source": source, "arch": "MLP", "num_images": len(images), "seed": seed + 1,
-        "accuracy_on_target_train": evaluate_classifier(model, train.images, train.labels, device=device),
+        "source": source,
+        "arch": "MLP",
+        "num_images": len(images),
+        "seed": seed + 1,
+        "accuracy_on_target_train": evaluate_classifier(
+            model, train.images, train.labels, device=device
+        ),
     }

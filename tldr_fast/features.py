@@ -37,8 +37,13 @@ class WithFeatures(nn.Module):
     output) and `fn` (x -> (logits, features)) is given. forward(x) is classifier(x).
     """
 
-    def __init__(self, classifier: nn.Module, layer: str | None = None, read_input: bool = False,
-                 fn: Callable | None = None):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        layer: str | None = None,
+        read_input: bool = False,
+        fn: Callable | None = None,
+    ):
         super().__init__()
         if (layer is None) == (fn is None):
             raise ValueError("WithFeatures needs exactly one of layer and fn")
@@ -75,7 +80,9 @@ class WithFeatures(nn.Module):
             logits, feat = self._tapped_forward(x)
         if not isinstance(feat, torch.Tensor) or feat.dim() < 1 or feat.shape[0] != x.shape[0]:
             got = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
-            raise ValueError(f"features from {self.describe()} must have one row per image ({x.shape[0]}), got {got}")
+            raise ValueError(
+                f"features from {self.describe()} must have one row per image ({x.shape[0]}), got {got}"
+            )
         return logits, feat.flatten(1)
 
     def _tapped_forward(self, x: torch.Tensor):
@@ -84,33 +91,41 @@ class WithFeatures(nn.Module):
         def hook_for(_):
             def keep(module, args, kwargs, output):
                 if captured:
-                    raise ValueError(f"{self.layer} runs more than once per forward, so its "
-                                     f"{'input' if self.read_input else 'output'} is not one feature "
-                                     "vector per image; pass features= another submodule name or a callable")
+                    raise ValueError(
+                        f"{self.layer} runs more than once per forward, so its "
+                        f"{'input' if self.read_input else 'output'} is not one feature "
+                        "vector per image; pass features= another submodule name or a callable"
+                    )
                 captured.append(args[0] if self.read_input else output)
+
             return keep
 
         with temporary_forward_hooks([self.model.get_submodule(self.layer)], hook_for):
             logits = self.model(x)
         if not captured:
-            raise ValueError(f"{self.layer} did not run in the classifier's forward pass; "
-                             "pass features= a submodule that does, or a callable")
+            raise ValueError(
+                f"{self.layer} did not run in the classifier's forward pass; "
+                "pass features= a submodule that does, or a callable"
+            )
         return logits, captured[0]
 
 
 def offers_features(classifier: nn.Module) -> bool:
     """Whether features=None finds features: a forward_with_features method or an nn.Linear."""
     return callable(getattr(classifier, "forward_with_features", None)) or any(
-        isinstance(module, nn.Linear) for module in classifier.modules())
+        isinstance(module, nn.Linear) for module in classifier.modules()
+    )
 
 
 def last_linear(classifier: nn.Module) -> str:
     """Name of the classifier's last nn.Linear in module order; refuses a classifier without one."""
     names = [name for name, module in classifier.named_modules() if isinstance(module, nn.Linear)]
     if not names:
-        raise ValueError(f"{type(classifier).__name__} has neither forward_with_features nor an nn.Linear "
-                         "whose input could serve as features; pass features= a submodule name or a callable "
-                         "x -> (logits, features)")
+        raise ValueError(
+            f"{type(classifier).__name__} has neither forward_with_features nor an nn.Linear "
+            "whose input could serve as features; pass features= a submodule name or a callable "
+            "x -> (logits, features)"
+        )
     return names[-1]
 
 
@@ -127,18 +142,26 @@ def with_features(classifier: nn.Module, features: FeatureSpec = None) -> nn.Mod
         modules = dict(classifier.named_modules())
         if not features or features not in modules:
             known = ", ".join([name for name in modules if name][:8])
-            raise ValueError(f"features = {features!r} is not a submodule of {type(classifier).__name__}; "
-                             f"its module names look like: {known}")
+            raise ValueError(
+                f"features = {features!r} is not a submodule of {type(classifier).__name__}; "
+                f"its module names look like: {known}"
+            )
         return WithFeatures(classifier, layer=features)
     if callable(features):
         return WithFeatures(classifier, fn=features)
-    raise TypeError(f"features must be None, a submodule name or a callable x -> (logits, features), "
-                    f"got {type(features).__name__}")
+    raise TypeError(
+        f"features must be None, a submodule name or a callable x -> (logits, features), "
+        f"got {type(features).__name__}"
+    )
 
 
 @torch.no_grad()
-def extract_features(classifier: nn.Module, images: torch.Tensor, features: FeatureSpec = None,
-                     batch_size: int = 1024) -> torch.Tensor:
+def extract_features(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    features: FeatureSpec = None,
+    batch_size: int = 1024,
+) -> torch.Tensor:
     """(N, D) float32 features of `images` on the CPU, read as `with_features` says, with the
     classifier in eval mode and run in batches on its own device."""
     adapted = with_features(classifier, features)
@@ -146,8 +169,10 @@ def extract_features(classifier: nn.Module, images: torch.Tensor, features: Feat
     was_training = classifier.training
     classifier.eval()
     try:
-        out = [adapted.forward_with_features(images[i : i + batch_size].to(device))[1].float().cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            adapted.forward_with_features(images[i : i + batch_size].to(device))[1].float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     finally:
         classifier.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

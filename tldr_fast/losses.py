@@ -58,7 +58,7 @@ def _problem_size(loss: str, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def resolve_impl(impl: str, x: torch.Tensor, loss: str) -> str:
-    """"triton" or "torch" for `loss` ("diversity" or "tv_pixel") on input x; the one place that
+    """ "triton" or "torch" for `loss` ("diversity" or "tv_pixel") on input x; the one place that
     decides. "torch" is this module's code; "triton" the fused kernels of tldr_fast.kernels (CUDA
     tensors, or CPU tensors under TRITON_INTERPRET=1), with a clear error where they cannot run;
     "auto" per device from measured speed: torch on CPU (Triton has no CPU backend; the
@@ -74,7 +74,10 @@ def resolve_impl(impl: str, x: torch.Tensor, loss: str) -> str:
     supported = x.dtype in runtime.SUPPORTED_DTYPES
     if impl == "auto":
         smallest = _AUTO_TRITON_FROM[loss, torch.compiler.is_compiling()]
-        if not (x.is_cuda and supported and runtime.device_unsupported(x) is None) or smallest is None:
+        if (
+            not (x.is_cuda and supported and runtime.device_unsupported(x) is None)
+            or smallest is None
+        ):
             return "torch"
         size = _problem_size(loss, x)
         return "triton" if all(s >= m for s, m in zip(size, smallest, strict=True)) else "torch"
@@ -112,7 +115,9 @@ def _check_features(feat: torch.Tensor, shape: str = "(N, D)") -> None:
             f"{tuple(feat.shape)}; use batch_size >= 2 or set gamma = delta = 0"
         )
     if feat.shape[-1] < 1:
-        raise ValueError(f"feat must have at least 1 column (D >= 1), got shape {tuple(feat.shape)}")
+        raise ValueError(
+            f"feat must have at least 1 column (D >= 1), got shape {tuple(feat.shape)}"
+        )
 
 
 def _check_image_batch(x: torch.Tensor, shape: str = "(N, C, H, W)") -> None:
@@ -125,7 +130,9 @@ def kl(logits: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of KL(cond || softmax(logits)); cond rows are distributions (0 log 0 = 0)."""
     _check_logits(logits)
     if cond.shape != logits.shape:
-        raise ValueError(f"cond must have the shape of logits {tuple(logits.shape)}, got {tuple(cond.shape)}")
+        raise ValueError(
+            f"cond must have the shape of logits {tuple(logits.shape)}, got {tuple(cond.shape)}"
+        )
     log_q = F.log_softmax(_acc(logits), dim=-1)
     cond = cond.to(log_q.dtype)
     return (torch.special.xlogy(cond, cond) - cond * log_q).sum(-1).mean()
@@ -158,7 +165,11 @@ def _ortho_from_rows(f: torch.Tensor) -> torch.Tensor:
     # f (..., N, D) -> (...).
     n, d = f.shape[-2:]
     if d < n:
-        sq = (f.mT @ f).square().sum((-2, -1)) - 2 * torch.linalg.vector_norm(f, dim=(-2, -1)).square() + n
+        sq = (
+            (f.mT @ f).square().sum((-2, -1))
+            - 2 * torch.linalg.vector_norm(f, dim=(-2, -1)).square()
+            + n
+        )
     else:
         eye = torch.eye(n, dtype=f.dtype, device=f.device)
         sq = (f @ f.mT - eye).square().sum((-2, -1))
@@ -256,26 +267,38 @@ def weighted_tv_pixel(x: torch.Tensor, w_tv, w_pix, impl: str = "auto"):
     from tldr_fast.kernels.tv_pixel import weighted_tv_pixel as fused
 
     # torch.full, not torch.tensor: a fill kernel, no host-to-device copy, so CUDA graphs capture it.
-    weights = [v.float().reshape(1) if isinstance(v, torch.Tensor)
-               else torch.full((1,), float(v), device=x.device, dtype=torch.float32) for v in (w_tv, w_pix)]
+    weights = [
+        v.float().reshape(1)
+        if isinstance(v, torch.Tensor)
+        else torch.full((1,), float(v), device=x.device, dtype=torch.float32)
+        for v in (w_tv, w_pix)
+    ]
     loss, tv, pix = fused(x.unsqueeze(0), *weights)
     return loss[0], tv[0], pix[0]
 
 
-def feature_statistics(a: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+def feature_statistics(
+    a: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> torch.Tensor:
     """Distance of a batch's per-channel statistics from a BatchNorm layer's running statistics.
 
     a: (N, C, ...) the layer's input; running_mean, running_var: (C,), what the layer accumulated
     over its training data. ||mean(a) - running_mean||_2 + ||var(a) - running_var||_2, per channel
     over every dimension but 1, variance unbiased (as BatchNorm accumulates it).
     """
-    if a.dim() < 2 or a.shape[1] != running_mean.shape[0] or running_var.shape != running_mean.shape:
+    if (
+        a.dim() < 2
+        or a.shape[1] != running_mean.shape[0]
+        or running_var.shape != running_mean.shape
+    ):
         raise ValueError(
             f"feature_statistics needs a (N, C, ...) input and (C,) statistics, got {tuple(a.shape)}, "
             f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}"
         )
     if a.numel() // a.shape[1] < 2:
-        raise ValueError(f"feature_statistics needs at least 2 values per channel, got input {tuple(a.shape)}")
+        raise ValueError(
+            f"feature_statistics needs at least 2 values per channel, got input {tuple(a.shape)}"
+        )
     channels = _acc(a).transpose(0, 1).flatten(1)  # (C, N * positions)
     mean, var = channels.mean(1), channels.var(1, correction=1)
     return (mean - _acc(running_mean)).norm() + (var - _acc(running_var)).norm()
@@ -288,9 +311,14 @@ def shifted_channel_sums(a: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Te
     return d.sum(1), d.square().sum(1)
 
 
-def feature_statistics_from_sums(shifted_sum: torch.Tensor, shifted_square_sum: torch.Tensor, count: int,
-                                 shift: torch.Tensor, running_mean: torch.Tensor,
-                                 running_var: torch.Tensor) -> torch.Tensor:
+def feature_statistics_from_sums(
+    shifted_sum: torch.Tensor,
+    shifted_square_sum: torch.Tensor,
+    count: int,
+    shift: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+) -> torch.Tensor:
     """`feature_statistics` from `shifted_channel_sums` over count values per channel:
     mean = shift + S1 / M, var = (S2 - S1^2 / M) / (M - 1). A shift near the mean (the running
     mean) keeps S2 - S1^2 / M from cancelling."""
@@ -306,5 +334,7 @@ def perturb(x: torch.Tensor, eps: float, noise: torch.Tensor) -> torch.Tensor:
     stays pure and the noise can be generated inside a compiled step.
     """
     if noise.shape != x.shape:
-        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}"
+        )
     return (x + eps * torch.sign(noise)).clamp(0.0, 1.0)

@@ -21,14 +21,25 @@ ForwardPreHook = Callable[..., object]
 
 
 @contextmanager
-def _extended_hook_dicts(modules: Sequence[nn.Module], hook_for: Callable[[int], Callable], hooks_attr: str,
-                         kwargs_attr: str, first: bool):
-    saved = [(module, getattr(module, hooks_attr), getattr(module, kwargs_attr)) for module in modules]
+def _extended_hook_dicts(
+    modules: Sequence[nn.Module],
+    hook_for: Callable[[int], Callable],
+    hooks_attr: str,
+    kwargs_attr: str,
+    first: bool,
+):
+    saved = [
+        (module, getattr(module, hooks_attr), getattr(module, kwargs_attr)) for module in modules
+    ]
     for i, (module, hooks, with_kwargs) in enumerate(saved):
         # Negative keys never collide with torch's handle ids, nor with an enclosing block's key.
         key = min([0, *hooks]) - 1
         added = [(key, hook_for(i))]
-        setattr(module, hooks_attr, OrderedDict([*added, *hooks.items()] if first else [*hooks.items(), *added]))
+        setattr(
+            module,
+            hooks_attr,
+            OrderedDict([*added, *hooks.items()] if first else [*hooks.items(), *added]),
+        )
         setattr(module, kwargs_attr, OrderedDict([*with_kwargs.items(), (key, True)]))
     try:
         yield
@@ -38,16 +49,23 @@ def _extended_hook_dicts(modules: Sequence[nn.Module], hook_for: Callable[[int],
             setattr(module, kwargs_attr, with_kwargs)
 
 
-def temporary_forward_hooks(modules: Sequence[nn.Module], hook_for: Callable[[int], ForwardHook],
-                            first: bool = False):
+def temporary_forward_hooks(
+    modules: Sequence[nn.Module], hook_for: Callable[[int], ForwardHook], first: bool = False
+):
     """Within the block, hook_for(i) runs (with kwargs) as the last forward hook of modules[i], or
     as the first with first=True."""
-    return _extended_hook_dicts(modules, hook_for, "_forward_hooks", "_forward_hooks_with_kwargs", first)
+    return _extended_hook_dicts(
+        modules, hook_for, "_forward_hooks", "_forward_hooks_with_kwargs", first
+    )
 
 
-def temporary_forward_pre_hooks(modules: Sequence[nn.Module], hook_for: Callable[[int], ForwardPreHook]):
+def temporary_forward_pre_hooks(
+    modules: Sequence[nn.Module], hook_for: Callable[[int], ForwardPreHook]
+):
     """Within the block, hook_for(i) runs (with kwargs) as the last forward pre-hook of modules[i]."""
-    return _extended_hook_dicts(modules, hook_for, "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", False)
+    return _extended_hook_dicts(
+        modules, hook_for, "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", False
+    )
 
 
 @contextmanager

@@ -50,13 +50,20 @@ TERM_WEIGHTS = {
 def active_terms(config: _EngineConfig) -> dict[str, float]:
     """term -> weight for the terms of this config with a non-zero weight, in equation order."""
     weights = config.weights()
-    return {term: weights[field] for term, field in TERM_WEIGHTS.items() if weights.get(field, 0.0) > 0}
+    return {
+        term: weights[field] for term, field in TERM_WEIGHTS.items() if weights.get(field, 0.0) > 0
+    }
 
 
 def batch_norm_layers(classifier: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The classifier's BatchNorm layers that hold running statistics, in module order."""
-    return [m for m in classifier.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None]
+    return [
+        m
+        for m in classifier.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.running_mean is not None
+        and m.running_var is not None
+    ]
 
 
 def needs_features(config: _EngineConfig) -> bool:
@@ -69,7 +76,9 @@ def needs_features(config: _EngineConfig) -> bool:
 class Problem:
     """Everything static about a run: the generator template, the frozen classifier and the labels."""
 
-    template: Generator  # parameters live on the meta device; the values come from the stacked state
+    template: (
+        Generator  # parameters live on the meta device; the values come from the stacked state
+    )
     classifier: nn.Module
     config: _EngineConfig
     labels: torch.Tensor  # (K, B) int64: each generator's fixed, balanced conditioning labels
@@ -161,6 +170,7 @@ def _classify(classifier: nn.Module, needs_features: bool, bn_layers, x: torch.T
     def hook_for(i):
         def keep_input(module, args, kwargs, output):
             bn_inputs[i] = args[0]
+
         return keep_input
 
     with temporary_forward_hooks(bn_layers, hook_for):
@@ -179,7 +189,9 @@ def _bn_channel_sums(bn_layers, bn_inputs, k: int):
     sums = []
     for layer, a in zip(bn_layers, bn_inputs, strict=True):
         per_generator = a.unflatten(0, (k, -1))
-        sums.append(vmap(losses.shifted_channel_sums, in_dims=(0, None))(per_generator, layer.running_mean))
+        sums.append(
+            vmap(losses.shifted_channel_sums, in_dims=(0, None))(per_generator, layer.running_mean)
+        )
     return sums
 
 
@@ -187,8 +199,9 @@ def _feature_statistics_from_sums(bn_layers, counts, sums) -> dict[str, torch.Te
     """{bn: (K,)} the feature-statistics prior of the whole batch from its channel sums."""
     total = 0
     for layer, count, (s1, s2) in zip(bn_layers, counts, sums, strict=True):
-        total = total + vmap(losses.feature_statistics_from_sums, in_dims=(0, 0, None, None, None, None))(
-            s1, s2, count, layer.running_mean, layer.running_mean, layer.running_var)
+        total = total + vmap(
+            losses.feature_statistics_from_sums, in_dims=(0, 0, None, None, None, None)
+        )(s1, s2, count, layer.running_mean, layer.running_mean, layer.running_var)
     return {"bn": total}
 
 
@@ -200,13 +213,22 @@ def _classifier_terms(problem: Problem, x, labels, vectors, perturb_noise, bn_la
     k, n = labels.shape
     flat_x, flat_y = x.flatten(0, 1), labels.flatten()
     classify = partial(_classify, problem.classifier, problem.needs_features, bn_layers)
-    perturbed = losses.perturb(flat_x, cfg.eps, perturb_noise.flatten(0, 1)) if problem.needs_perturbation else None
+    perturbed = (
+        losses.perturb(flat_x, cfg.eps, perturb_noise.flatten(0, 1))
+        if problem.needs_perturbation
+        else None
+    )
     values: dict[str, torch.Tensor] = {}
     if "grad" in terms and cfg.grad_norm_mode == "per_sample":
         # The norms' own forward pass on the clean images also gives their logits and features.
         norms, (logits, extras) = per_sample_grad_norm_and_forward(
-            problem.classifier, flat_x, flat_y, classify, backend=cfg.grad_norm_backend,
-            chunk_size=cfg.grad_norm_chunk_size)
+            problem.classifier,
+            flat_x,
+            flat_y,
+            classify,
+            backend=cfg.grad_norm_backend,
+            chunk_size=cfg.grad_norm_chunk_size,
+        )
         values["grad"] = norms.view(k, n).mean(1)
         if perturbed is not None:
             logits = torch.cat([logits, problem.classifier(perturbed)])
@@ -237,7 +259,9 @@ def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float):
     if problem.needs_features:
         stats["feat"] = extras["feat"][: k * n].view(k, n, -1)  # perturbed rows may follow
         if problem.shard is not None:  # ranks combine the diversity losses' additive sums
-            stats["div"] = distributed.diversity_sums(stats.pop("feat"), problem.config.ortho_normalized)
+            stats["div"] = distributed.diversity_sums(
+                stats.pop("feat"), problem.config.ortho_normalized
+            )
     if bn_layers:
         stats["bn"] = _bn_channel_sums(bn_layers, [a[: k * n] for a in extras["bn"]], k)
     if _batch_grad_norm(problem):
@@ -253,13 +277,18 @@ def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.
     values: dict[str, torch.Tensor] = {}
     if "feat" in stats:
         values["cos"], values["ortho"] = losses.stacked_diversity_losses(
-            stats["feat"], normalized=problem.config.ortho_normalized, impl=problem.config.impl)
+            stats["feat"], normalized=problem.config.ortho_normalized, impl=problem.config.impl
+        )
     if "div" in stats:
-        values["cos"], values["ortho"] = distributed.diversity_from_sums(stats["div"], problem.labels.shape[1])
+        values["cos"], values["ortho"] = distributed.diversity_from_sums(
+            stats["div"], problem.labels.shape[1]
+        )
     if "bn" in stats:
         values.update(_feature_statistics_from_sums(bn_layers, counts, stats["bn"]))
     if "grad" in stats:
-        values["grad"] = torch.stack([safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in stats["grad"]])
+        values["grad"] = torch.stack(
+            [safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in stats["grad"]]
+        )
     return values
 
 
@@ -291,9 +320,19 @@ def _weighted_grad(problem: Problem, term_values, inputs):
 def _mean_gradients(problem: Problem, x, labels, share: float):
     """Per generator k: share * grad_theta of the mean CE of the classifier over x[k] (graph to x kept)."""
     cfg = problem.config
-    return [tuple(share * g for g in batch_mean_gradient(problem.classifier, x_k, y_k, backend=cfg.grad_norm_backend,
-                                                         chunk_size=cfg.grad_norm_chunk_size))
-            for x_k, y_k in zip(x, labels, strict=True)]
+    return [
+        tuple(
+            share * g
+            for g in batch_mean_gradient(
+                problem.classifier,
+                x_k,
+                y_k,
+                backend=cfg.grad_norm_backend,
+                chunk_size=cfg.grad_norm_chunk_size,
+            )
+        )
+        for x_k, y_k in zip(x, labels, strict=True)
+    ]
 
 
 def _report(problem: Problem, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -308,8 +347,14 @@ def _chunk_terms(problem: Problem, x, vectors, perturb_noise, bn_layers, s: int,
     the batch means. One classifier pass of the clean (and perturbed) images."""
     share = (e - s) / problem.labels.shape[1]
     labels = problem.labels[:, s:e]
-    values, extras = _classifier_terms(problem, x, labels, vectors[:, s:e],
-                                       None if perturb_noise is None else perturb_noise[:, s:e], bn_layers)
+    values, extras = _classifier_terms(
+        problem,
+        x,
+        labels,
+        vectors[:, s:e],
+        None if perturb_noise is None else perturb_noise[:, s:e],
+        bn_layers,
+    )
     stats, positions = _statistics(problem, bn_layers, x, labels, extras, share)
     return {term: share * value for term, value in values.items()}, stats, positions
 
@@ -321,15 +366,21 @@ def objective(params, buffers, noise, problem: Problem):
     x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
     s, e = _local_range(problem)
-    values, stats, positions = _chunk_terms(problem, _local_images(problem, x), vectors, noise.get("perturb"),
-                                            bn_layers, s, e)
-    batch_values = _batch_terms(problem, bn_layers, [b * p for p in positions],
-                                distributed.sum_statistics(problem.shard, stats))
+    values, stats, positions = _chunk_terms(
+        problem, _local_images(problem, x), vectors, noise.get("perturb"), bn_layers, s, e
+    )
+    batch_values = _batch_terms(
+        problem,
+        bn_layers,
+        [b * p for p in positions],
+        distributed.sum_statistics(problem.shard, stats),
+    )
     values.update(batch_values)
     if "tv" in problem.terms or "pix" in problem.terms:
         values.update(_local_image_terms(problem, x))
-    return _weighted_sum(problem, values).sum(), _report(problem, distributed.report_shares(problem.shard, values,
-                                                                                           batch_values))
+    return _weighted_sum(problem, values).sum(), _report(
+        problem, distributed.report_shares(problem.shard, values, batch_values)
+    )
 
 
 def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size: int):
@@ -348,7 +399,10 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     """
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
-    x, pull_back = vjp(lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors), params)
+    x, pull_back = vjp(
+        lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors),
+        params,
+    )
     first, stop = _local_range(problem)
     chunks = [(s, min(s + chunk_size, stop)) for s in range(first, stop, chunk_size)]
     perturb_noise = noise.get("perturb")
@@ -362,15 +416,25 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     if problem.needs_features or bn_layers or _batch_grad_norm(problem):
         parts = []
         for s, e in chunks:
-            _, extras = _classify(problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1))
-            parts.append(_statistics(problem, bn_layers, x[:, s:e], problem.labels[:, s:e], extras, (e - s) / b))
+            _, extras = _classify(
+                problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1)
+            )
+            parts.append(
+                _statistics(
+                    problem, bn_layers, x[:, s:e], problem.labels[:, s:e], extras, (e - s) / b
+                )
+            )
         stats = distributed.sum_statistics(problem.shard, _combine([part for part, _ in parts]))
         counts = [b * p for p in parts[0][1]]
-        stats_grad, batch_values = _weighted_grad(problem, partial(_batch_terms, problem, bn_layers, counts), stats)
+        stats_grad, batch_values = _weighted_grad(
+            problem, partial(_batch_terms, problem, bn_layers, counts), stats
+        )
         values.update(batch_values)
 
     def chunk_loss(x_c, s, e):
-        chunk_values, stats_c, _ = _chunk_terms(problem, x_c, vectors, perturb_noise, bn_layers, s, e)
+        chunk_values, stats_c, _ = _chunk_terms(
+            problem, x_c, vectors, perturb_noise, bn_layers, s, e
+        )
         loss = _weighted_sum(problem, chunk_values).sum()
         if stats_grad is not None:
             loss = loss + _inner(_slice_per_image(stats_grad, s, e), stats_c)
@@ -383,8 +447,10 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
         for term, value in chunk_values.items():
             values[term] = values[term] + value if term in values else value
     (param_grads,) = pull_back(x_grad + _embed_local(problem, torch.cat(x_chunk_grads, dim=1)))
-    return param_grads, (_weighted_sum(problem, values).sum().detach(),
-                         _report(problem, distributed.report_shares(problem.shard, values, batch_values)))
+    return param_grads, (
+        _weighted_sum(problem, values).sum().detach(),
+        _report(problem, distributed.report_shares(problem.shard, values, batch_values)),
+    )
 
 
 # Statistics of each image (chunks concatenate them along the batch dim); the others add up.
@@ -393,8 +459,12 @@ _PER_IMAGE_STATISTICS = ("feat",)
 
 def _combine(parts):
     """The whole batch's statistics from its chunks' (`_statistics`)."""
-    return {name: torch.cat([p[name] for p in parts], dim=1) if name in _PER_IMAGE_STATISTICS
-            else _tree_sum([p[name] for p in parts]) for name in parts[0]}
+    return {
+        name: torch.cat([p[name] for p in parts], dim=1)
+        if name in _PER_IMAGE_STATISTICS
+        else _tree_sum([p[name] for p in parts])
+        for name in parts[0]
+    }
 
 
 def _tree_sum(trees):
@@ -404,14 +474,19 @@ def _tree_sum(trees):
 
 
 def _slice_per_image(stats, s: int, e: int):
-    return {name: value[:, s:e] if name in _PER_IMAGE_STATISTICS else value for name, value in stats.items()}
+    return {
+        name: value[:, s:e] if name in _PER_IMAGE_STATISTICS else value
+        for name, value in stats.items()
+    }
 
 
 def _inner(a, b) -> torch.Tensor:
     """Sum over matching tensors of two statistics trees of <a, b> (the linearised batch terms)."""
     if isinstance(a, torch.Tensor):
         return (a * b).sum()
-    pairs = zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
+    pairs = (
+        zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
+    )
     return sum(_inner(x, y) for x, y in pairs)
 
 
@@ -444,7 +519,10 @@ def _local_image_terms(problem: Problem, x: torch.Tensor) -> dict[str, torch.Ten
     if problem.shard is None:
         return _image_terms(problem, x)
     share = (problem.shard.stop - problem.shard.start) / problem.labels.shape[1]
-    return {term: share * value for term, value in _image_terms(problem, _local_images(problem, x)).items()}
+    return {
+        term: share * value
+        for term, value in _image_terms(problem, _local_images(problem, x)).items()
+    }
 
 
 def grad_and_report(params, buffers, noise, problem: Problem):

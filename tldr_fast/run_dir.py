@@ -38,8 +38,15 @@ LOCK_NAME = ".tldr-fast.lock"
 INTENTS = ("new", "resume", "overwrite", "existing")
 # What a run writes into its directory (tldr_fast.api.Result.save_to and the evaluation); only
 # these and the checkpoints are deleted by "overwrite".
-RUN_OUTPUTS = ("images.safetensors", "generators.safetensors", "config.json", "history.json", "grid.png",
-               "metrics.json", "report.html")
+RUN_OUTPUTS = (
+    "images.safetensors",
+    "generators.safetensors",
+    "config.json",
+    "history.json",
+    "grid.png",
+    "metrics.json",
+    "report.html",
+)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 _held: dict[Path, int] = {}  # resolved run directory -> claim depth in this process
 
@@ -59,7 +66,9 @@ class RunDirectoryError(RuntimeError):
 def run_intent(resume: bool, overwrite: bool) -> str:
     """The claim intent of a training run started with these flags."""
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite deletes it")
+        raise ValueError(
+            "resume and overwrite exclude each other: resume continues the run, overwrite deletes it"
+        )
     return "resume" if resume else "overwrite" if overwrite else "new"
 
 
@@ -141,7 +150,9 @@ def _check_intent(path: Path, intent: str, name: str) -> None:
         for output in RUN_OUTPUTS:
             (path / output).unlink(missing_ok=True)
         return
-    occupied = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not _empty_checkpoint_dir(p))
+    occupied = sorted(
+        p.name for p in path.iterdir() if p.name != LOCK_NAME and not _empty_checkpoint_dir(p)
+    )
     if occupied:
         shown = ", ".join(occupied[:5]) + (", ..." if len(occupied) > 5 else "")
         raise RunDirectoryError(
@@ -174,7 +185,11 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _CHECKPOINT_NAME.match(p.name) and not p.name.startswith(TEMP_PREFIX)]
+    found = [
+        p
+        for p in folder.iterdir()
+        if _CHECKPOINT_NAME.match(p.name) and not p.name.startswith(TEMP_PREFIX)
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -183,8 +198,11 @@ def rotate_checkpoints(newest: Path, run_id: str, keep: int) -> list[Path]:
 
     Checkpoints of other runs, and files whose run id does not read back, are never touched."""
     step = checkpoint_step(newest)
-    older = [p for p in list_checkpoints(newest.parent.parent)
-             if checkpoint_step(p) < step and checkpoint_run_id(p) == run_id]
+    older = [
+        p
+        for p in list_checkpoints(newest.parent.parent)
+        if checkpoint_step(p) < step and checkpoint_run_id(p) == run_id
+    ]
     doomed = older[: max(len(older) - (keep - 1), 0)]
     for p in doomed:
         p.unlink(missing_ok=True)
@@ -200,25 +218,44 @@ def checkpoint_run_id(path: Path) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
-_HEADER_TYPES = {"kind": str, "config": dict, "generator": dict, "step": int, "history": dict, "classifier_sha256": str}
+_HEADER_TYPES = {
+    "kind": str,
+    "config": dict,
+    "generator": dict,
+    "step": int,
+    "history": dict,
+    "classifier_sha256": str,
+}
 
 
 def check_checkpoint_header(path: Path, meta: dict) -> None:
     """Types and ranges of a checkpoint header; UnreadableCheckpoint naming the field otherwise."""
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UnreadableCheckpoint(f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r:.80})")
+        raise UnreadableCheckpoint(
+            f"{path} is not a tldr-fast checkpoint (format {meta.get('format')!r:.80})"
+        )
     for key, kind in _HEADER_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UnreadableCheckpoint(f"{path}: header field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}")
+            raise UnreadableCheckpoint(
+                f"{path}: header field {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.80}"
+            )
     if meta["step"] != checkpoint_step(path):
-        raise UnreadableCheckpoint(f"{path}: header says step {meta['step']}, the file name step {checkpoint_step(path)}")
+        raise UnreadableCheckpoint(
+            f"{path}: header says step {meta['step']}, the file name step {checkpoint_step(path)}"
+        )
     for term, values in meta["history"].items():
-        if not isinstance(values, list) or len(values) != meta["step"] or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        if (
+            not isinstance(values, list)
+            or len(values) != meta["step"]
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         ):
-            raise UnreadableCheckpoint(f"{path}: history of {term!r} must be {meta['step']} numbers")
+            raise UnreadableCheckpoint(
+                f"{path}: history of {term!r} must be {meta['step']} numbers"
+            )
     if not isinstance(meta.get("run_id", ""), str):
-        raise UnreadableCheckpoint(f"{path}: header field 'run_id' must be a string, got {meta['run_id']!r:.80}")
+        raise UnreadableCheckpoint(
+            f"{path}: header field 'run_id' must be a string, got {meta['run_id']!r:.80}"
+        )
 
 
 def resume_newest(run_dir: str | os.PathLike, load):
@@ -233,9 +270,14 @@ def resume_newest(run_dir: str | os.PathLike, load):
             skipped.append(str(err))
             continue
         if skipped:
-            warnings.warn(CheckpointSkipped(f"resuming from {path}; skipped: {'; '.join(skipped)}"), stacklevel=2)
+            warnings.warn(
+                CheckpointSkipped(f"resuming from {path}; skipped: {'; '.join(skipped)}"),
+                stacklevel=2,
+            )
         return loaded, path
     if skipped:
-        raise ValueError(f"cannot resume in {run_dir}: no checkpoint reads back ({'; '.join(skipped)}); "
-                         "start again with --overwrite (API: overwrite=True)")
+        raise ValueError(
+            f"cannot resume in {run_dir}: no checkpoint reads back ({'; '.join(skipped)}); "
+            "start again with --overwrite (API: overwrite=True)"
+        )
     return (None, None), None

@@ -39,9 +39,18 @@ _FORMAT_LOADERS: dict[str, Callable[[Path], object]] = {}
 # sizes; a longer one is not a model tldr-fast wrote).
 MAX_HEADER_BYTES = 256 * 2**20
 MAX_CONFIG_CHARS = 4096
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def register_architecture(cls: type[nn.Module]) -> type[nn.Module]:
@@ -62,8 +71,12 @@ def architectures() -> dict[str, type[nn.Module]]:
 
 
 # Modules whose classifiers are registered with @register_architecture when imported.
-_ARCHITECTURE_MODULES = ("tldr_fast.attacks.bnn_model", "tldr_fast.attacks.dp", "tldr_fast.attacks.kkt",
-                         "tldr_fast.attacks.split")
+_ARCHITECTURE_MODULES = (
+    "tldr_fast.attacks.bnn_model",
+    "tldr_fast.attacks.dp",
+    "tldr_fast.attacks.kkt",
+    "tldr_fast.attacks.split",
+)
 
 
 def _register_builtin() -> None:
@@ -93,11 +106,17 @@ class TensorInfo:
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return save(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata
+    )
 
 
-def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict,
-                             plain_metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors_atomic(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict,
+    plain_metadata: dict[str, str] | None = None,
+) -> Path:
     """Tensors (made contiguous, on CPU) plus a JSON-serialisable metadata dict, written atomically.
 
     The file is serialised in memory and written by the one atomic writer (safetensors' own
@@ -112,13 +131,17 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
     infos, plain = read_layout(path)
     raw_meta = plain.get(_META_KEY)
     if raw_meta is None:
-        raise ValueError(f"{path} is a safetensors file but has no tldr-fast header (key {_META_KEY!r} in its metadata)")
+        raise ValueError(
+            f"{path} is a safetensors file but has no tldr-fast header (key {_META_KEY!r} in its metadata)"
+        )
     try:
         metadata = json.loads(raw_meta)
     except (ValueError, RecursionError) as err:
         raise ValueError(f"{path} has a corrupt tldr-fast header: {err}") from err
     if not isinstance(metadata, dict):
-        raise ValueError(f"{path} has a tldr-fast header that is {type(metadata).__name__}, expected a JSON object")
+        raise ValueError(
+            f"{path} has a tldr-fast header that is {type(metadata).__name__}, expected a JSON object"
+        )
     return infos, metadata
 
 
@@ -129,7 +152,9 @@ def read_layout(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     cannot exceed the file. ValueError naming the file and the fault otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"file {path} does not exist" if not path.exists() else f"{path} is not a file")
+        raise FileNotFoundError(
+            f"file {path} does not exist" if not path.exists() else f"{path} is not a file"
+        )
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -152,24 +177,41 @@ def read_layout(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 def _tensor_infos(path: Path, entries: dict, data_size: int) -> dict[str, TensorInfo]:
     infos, total = {}, 0
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("dtype"), str)
+            or entry["dtype"] not in _DTYPES
+        ):
             got = entry.get("dtype") if isinstance(entry, dict) else entry
-            raise _unreadable(path, f"tensor {name!r} has dtype {_clip(got)}; expected one of {sorted(_DTYPES)}")
+            raise _unreadable(
+                path, f"tensor {name!r} has dtype {_clip(got)}; expected one of {sorted(_DTYPES)}"
+            )
         dtype = _DTYPES[entry["dtype"]]
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not _int_list(shape) or len(shape) > 8:
-            raise _unreadable(path, f"tensor {name!r} has shape {_clip(shape)}; expected a list of at most 8 integers >= 0")
+            raise _unreadable(
+                path,
+                f"tensor {name!r} has shape {_clip(shape)}; expected a list of at most 8 integers >= 0",
+            )
         if not _int_list(offsets) or len(offsets) != 2 or not offsets[0] <= offsets[1] <= data_size:
-            raise _unreadable(path, f"tensor {name!r} has byte range {_clip(offsets)}; expected [begin, end] "
-                                    f"within the file's {data_size} data bytes")
+            raise _unreadable(
+                path,
+                f"tensor {name!r} has byte range {_clip(offsets)}; expected [begin, end] "
+                f"within the file's {data_size} data bytes",
+            )
         nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise _unreadable(path, f"tensor {name!r}: shape {tuple(shape)} of {entry['dtype']} needs {nbytes} "
-                                    f"bytes, its byte range holds {offsets[1] - offsets[0]}")
+            raise _unreadable(
+                path,
+                f"tensor {name!r}: shape {tuple(shape)} of {entry['dtype']} needs {nbytes} "
+                f"bytes, its byte range holds {offsets[1] - offsets[0]}",
+            )
         total += nbytes
         infos[name] = TensorInfo(dtype, tuple(shape))
     if total > data_size:
-        raise _unreadable(path, f"its tensors claim {total} bytes but the file holds {data_size} data bytes")
+        raise _unreadable(
+            path, f"its tensors claim {total} bytes but the file holds {data_size} data bytes"
+        )
     return infos
 
 
@@ -178,26 +220,40 @@ def _unreadable(path: Path, why: str) -> ValueError:
 
 
 def _int_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
-def check_tensors(path, infos: dict[str, TensorInfo], expected: dict[str, TensorInfo], what: str) -> None:
+def check_tensors(
+    path, infos: dict[str, TensorInfo], expected: dict[str, TensorInfo], what: str
+) -> None:
     """The file's tensors must be exactly `expected` (names, dtypes, shapes); ValueError naming the first fault."""
     missing = sorted(expected.keys() - infos.keys())
     unexpected = sorted(infos.keys() - expected.keys())
     if missing or unexpected:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:5])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "") if part)
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:5])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            )
+            if part
+        )
         raise ValueError(f"{path}: its tensors do not fit {what}: {detail}")
     for name, want in expected.items():
         if infos[name] != want:
-            raise ValueError(f"{path}: tensor {name} is {infos[name].describe()} in the file; "
-                             f"{what} needs {want.describe()}")
+            raise ValueError(
+                f"{path}: tensor {name} is {infos[name].describe()} in the file; "
+                f"{what} needs {want.describe()}"
+            )
 
 
-def read_safetensors(path: str | os.PathLike, expected: dict[str, TensorInfo] | None = None,
-                     what: str = "the expected layout") -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(
+    path: str | os.PathLike,
+    expected: dict[str, TensorInfo] | None = None,
+    what: str = "the expected layout",
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a file written by `write_safetensors_atomic`; clear errors for foreign files.
 
     The header is checked (`read_header`, and against `expected` when given) before any tensor is read."""
@@ -225,14 +281,18 @@ def expected_state(cls: type[nn.Module], config: dict, where: str) -> dict[str, 
 
 def _build(cls: type[nn.Module], config, where: str, device=None) -> nn.Module:
     if not isinstance(config, dict) or len(json.dumps(config)) > MAX_CONFIG_CHARS:
-        raise ValueError(f"{where}: config must be a JSON object of at most {MAX_CONFIG_CHARS} characters, "
-                         f"got {_clip(config)}")
+        raise ValueError(
+            f"{where}: config must be a JSON object of at most {MAX_CONFIG_CHARS} characters, "
+            f"got {_clip(config)}"
+        )
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return cls(**config)
     except Exception as err:  # a constructor's own complaint about its arguments
-        raise ValueError(f"{where}: config {_clip(config)} does not build {cls.__name__}: "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"{where}: config {_clip(config)} does not build {cls.__name__}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def _clip(value, limit: int = 200) -> str:
@@ -271,19 +331,32 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     if isinstance(fmt, str) and fmt in _FORMAT_LOADERS:
         return _FORMAT_LOADERS[fmt](path)
     if fmt != MODEL_FORMAT:
-        raise ValueError(f"{path} has format {_clip(fmt)}; expected {MODEL_FORMAT!r} or one of {sorted(_FORMAT_LOADERS)}")
+        raise ValueError(
+            f"{path} has format {_clip(fmt)}; expected {MODEL_FORMAT!r} or one of {sorted(_FORMAT_LOADERS)}"
+        )
     archs = architectures()
     arch = header.get("arch")
     if not isinstance(arch, str) or arch not in archs:
-        raise ValueError(f"{path} names unknown architecture {_clip(arch)}; known architectures: {', '.join(sorted(archs))}")
+        raise ValueError(
+            f"{path} names unknown architecture {_clip(arch)}; known architectures: {', '.join(sorted(archs))}"
+        )
     config = header.get("config", {})
     what = f"architecture {arch!r} with config {_clip(config)}"
     skeleton = _build(archs[arch], config, str(path), device="meta")
-    check_tensors(path, infos, {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in skeleton.state_dict().items()}, what)
+    check_tensors(
+        path,
+        infos,
+        {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in skeleton.state_dict().items()},
+        what,
+    )
     # Buffers a constructor makes without storing them (non-persistent) are bounded by the file too.
-    needed = sum(t.numel() * t.element_size() for t in chain(skeleton.parameters(), skeleton.buffers()))
+    needed = sum(
+        t.numel() * t.element_size() for t in chain(skeleton.parameters(), skeleton.buffers())
+    )
     if needed > 2 * path.stat().st_size + 2**20:
-        raise ValueError(f"{path}: {what} needs {needed} bytes, far more than the file's {path.stat().st_size}")
+        raise ValueError(
+            f"{path}: {what} needs {needed} bytes, far more than the file's {path.stat().st_size}"
+        )
     tensors = _read_tensors(path)
     model = _build(archs[arch], config, str(path))
     model.load_state_dict(tensors, strict=True)
@@ -304,7 +377,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".pt":
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
             raise ValueError(f"{path} does not hold a flat state dict of tensors")
         return state
     read_layout(path)  # a foreign file: its layout checked before any tensor is read
@@ -328,10 +403,14 @@ def read_json_object(path: str | os.PathLike) -> dict:
 def _load_directory(path: Path):
     header_file = path / "config.json"
     if not header_file.is_file():
-        raise FileNotFoundError(f"{path} is a directory but has no config.json; not a tldr-fast run directory")
+        raise FileNotFoundError(
+            f"{path} is a directory but has no config.json; not a tldr-fast run directory"
+        )
     header = read_json_object(header_file)
     if not isinstance(header.get("format", ""), str):
-        raise ValueError(f"{header_file}: 'format' must be a string, got {_clip(header.get('format'))}")
+        raise ValueError(
+            f"{header_file}: 'format' must be a string, got {_clip(header.get('format'))}"
+        )
     fmt = header.get("format", "tldr-fast/run")
     if fmt not in _FORMAT_LOADERS:
         import tldr_fast.api  # noqa: F401  (registers the run-directory format)

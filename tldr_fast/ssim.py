@@ -137,7 +137,9 @@ def _check_pair(a, b, name_a: str, name_b: str, same_count: bool) -> None:
             f"{tuple(a.shape[1:])} and {tuple(b.shape[1:])}"
         )
     if same_count and a.shape[0] != b.shape[0]:
-        raise ValueError(f"{name_a} has {a.shape[0]} images but {name_b} has {b.shape[0]}; ssim compares pairs")
+        raise ValueError(
+            f"{name_a} has {a.shape[0]} images but {name_b} has {b.shape[0]}; ssim compares pairs"
+        )
     if min(a.shape[2:]) < WIN_SIZE:
         raise ValueError(
             f"images must be at least {WIN_SIZE}x{WIN_SIZE} (the SSIM window), got {tuple(a.shape[2:])}"

@@ -37,14 +37,32 @@ from pathlib import Path
 ARCHS = ("mlp", "cnn", "kkt-mlp")
 METHODS = ("inversion", "tldr", "tldr+prior", "kkt")
 DEFAULT_BUDGETS = {
-    "train_epochs": 15, "kkt_train_steps": 5000, "kkt_hidden": [1000],
-    "inversion_steps": 500, "tldr_steps": 500, "kkt_steps": 1500, "generators": 3, "batch_size": 100,
+    "train_epochs": 15,
+    "kkt_train_steps": 5000,
+    "kkt_hidden": [1000],
+    "inversion_steps": 500,
+    "tldr_steps": 500,
+    "kkt_steps": 1500,
+    "generators": 3,
+    "batch_size": 100,
 }
 ROW_FIELDS = (
-    "method", "arch", "train_size", "seed", "test_accuracy",
-    "percent_reconstructed_train", "percent_reconstructed_heldout",
-    "nn_count_train", "nn_count_heldout", "mean_best_ssim_train", "mean_best_ssim_heldout",
-    "gap", "gap_ci", "evaluator_accuracy", "num_reconstructions", "wall_seconds",
+    "method",
+    "arch",
+    "train_size",
+    "seed",
+    "test_accuracy",
+    "percent_reconstructed_train",
+    "percent_reconstructed_heldout",
+    "nn_count_train",
+    "nn_count_heldout",
+    "mean_best_ssim_train",
+    "mean_best_ssim_heldout",
+    "gap",
+    "gap_ci",
+    "evaluator_accuracy",
+    "num_reconstructions",
+    "wall_seconds",
 )
 PRIOR_ETA_BN = 3.0
 # (method, arch) pairs left out of every grid: the prior has no BatchNorm statistics to match.
@@ -77,32 +95,59 @@ def check_spec(raw: dict) -> dict:
     known = {"dataset", "train_sizes", "archs", "methods", "seeds", "budgets", "bootstrap"}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"study spec has unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        raise ValueError(
+            f"study spec has unknown keys {sorted(unknown)}; expected some of {sorted(known)}"
+        )
     spec = {"dataset": raw.get("dataset", "mnist"), "bootstrap": raw.get("bootstrap", 1000)}
-    for key, choices in (("train_sizes", None), ("archs", ARCHS), ("methods", METHODS), ("seeds", None)):
+    for key, choices in (
+        ("train_sizes", None),
+        ("archs", ARCHS),
+        ("methods", METHODS),
+        ("seeds", None),
+    ):
         value = raw.get(key)
         if not isinstance(value, list) or not value:
             raise ValueError(f"study spec {key!r} must be a non-empty list, got {value!r}")
         for item in value:
             if choices is not None and item not in choices:
-                raise ValueError(f"study spec {key!r} has {item!r}; expected one of {list(choices)}")
-            if choices is None and (isinstance(item, bool) or not isinstance(item, int) or item < (1 if key == "train_sizes" else 0)):
-                raise ValueError(f"study spec {key!r} must hold integers >= {1 if key == 'train_sizes' else 0}, got {item!r}")
+                raise ValueError(
+                    f"study spec {key!r} has {item!r}; expected one of {list(choices)}"
+                )
+            if choices is None and (
+                isinstance(item, bool)
+                or not isinstance(item, int)
+                or item < (1 if key == "train_sizes" else 0)
+            ):
+                raise ValueError(
+                    f"study spec {key!r} must hold integers >= {1 if key == 'train_sizes' else 0}, got {item!r}"
+                )
         spec[key] = list(value)
     budgets = raw.get("budgets", {})
     if not isinstance(budgets, dict) or set(budgets) - set(DEFAULT_BUDGETS):
-        raise ValueError(f"study spec 'budgets' must be an object with keys among {sorted(DEFAULT_BUDGETS)}, got {budgets!r}")
+        raise ValueError(
+            f"study spec 'budgets' must be an object with keys among {sorted(DEFAULT_BUDGETS)}, got {budgets!r}"
+        )
     spec["budgets"] = {**DEFAULT_BUDGETS, **budgets}
-    if isinstance(spec["bootstrap"], bool) or not isinstance(spec["bootstrap"], int) or spec["bootstrap"] < 1:
-        raise ValueError(f"study spec 'bootstrap' must be an integer >= 1, got {spec['bootstrap']!r}")
+    if (
+        isinstance(spec["bootstrap"], bool)
+        or not isinstance(spec["bootstrap"], int)
+        or spec["bootstrap"] < 1
+    ):
+        raise ValueError(
+            f"study spec 'bootstrap' must be an integer >= 1, got {spec['bootstrap']!r}"
+        )
     return spec
 
 
 def cells(spec: dict) -> list[dict]:
     """The grid in run order: per (train size, seed, arch) target, every method that applies to it."""
-    return [{"method": m, "arch": a, "train_size": n, "seed": s}
-            for n, s, a, m in product(spec["train_sizes"], spec["seeds"], spec["archs"], spec["methods"])
-            if (m, a) not in WITHOUT_BATCHNORM]
+    return [
+        {"method": m, "arch": a, "train_size": n, "seed": s}
+        for n, s, a, m in product(
+            spec["train_sizes"], spec["seeds"], spec["archs"], spec["methods"]
+        )
+        if (m, a) not in WITHOUT_BATCHNORM
+    ]
 
 
 def cell_name(cell: dict) -> str:
@@ -116,8 +161,15 @@ def target_name(cell: dict) -> str:
 # ------------------------------------------------------------------------------ running
 
 
-def run_study(spec: dict, root: str | Path, results: str | Path | None = None, data_root=None, device=None,
-              progress: bool = False, log=print) -> list[dict]:
+def run_study(
+    spec: dict,
+    root: str | Path,
+    results: str | Path | None = None,
+    data_root=None,
+    device=None,
+    progress: bool = False,
+    log=print,
+) -> list[dict]:
     """Run every unfinished cell of `spec` under `root`, then write the study files to `results` (default root)."""
     from tldr_fast.serialization import write_json_atomic
 
@@ -130,31 +182,48 @@ def run_study(spec: dict, root: str | Path, results: str | Path | None = None, d
         else:
             row = run_cell(spec, cell, root, data_root=data_root, device=device, progress=progress)
             write_json_atomic(done, row)
-            log(f"{cell_name(cell)}: gap {row['gap']:+.4f} [{row['gap_ci'][0]:+.4f}, {row['gap_ci'][1]:+.4f}], "
-                f"NN count {row['nn_count_train']} (held-out {row['nn_count_heldout']}), {row['wall_seconds']:.0f} s")
+            log(
+                f"{cell_name(cell)}: gap {row['gap']:+.4f} [{row['gap_ci'][0]:+.4f}, {row['gap_ci'][1]:+.4f}], "
+                f"NN count {row['nn_count_train']} (held-out {row['nn_count_heldout']}), {row['wall_seconds']:.0f} s"
+            )
         rows.append(json.loads(done.read_text()))
     write_results(spec, rows, Path(results) if results is not None else root)
     return rows
 
 
-def run_cell(spec: dict, cell: dict, root: Path, data_root=None, device=None, progress: bool = False) -> dict:
+def run_cell(
+    spec: dict, cell: dict, root: Path, data_root=None, device=None, progress: bool = False
+) -> dict:
     """Train (or reuse) the cell's target, run its attack into the cell directory, evaluate, return the row."""
     from tldr_fast import serialization
     from tldr_fast.evaluate import evaluate_run
 
     start = time.perf_counter()
-    model_path = ensure_target(spec, cell, root, data_root=data_root, device=device, progress=progress)
+    model_path = ensure_target(
+        spec, cell, root, data_root=data_root, device=device, progress=progress
+    )
     target = serialization.load(model_path)
     run_dir = root / "cells" / cell_name(cell)
     attack_cell(spec, cell, target, model_path, run_dir, device=device, progress=progress)
     evaluator = ensure_evaluator(spec, cell, root, data_root=data_root, device=device)
-    metrics = evaluate_run(run_dir, train_data=spec["dataset"], subset=cell["train_size"], seed=cell["seed"],
-                           evaluator=str(evaluator), device=device, data_root=data_root,
-                           num_bootstrap=spec["bootstrap"])
-    return study_row(cell, metrics, target.metadata.get("test_accuracy"), time.perf_counter() - start)
+    metrics = evaluate_run(
+        run_dir,
+        train_data=spec["dataset"],
+        subset=cell["train_size"],
+        seed=cell["seed"],
+        evaluator=str(evaluator),
+        device=device,
+        data_root=data_root,
+        num_bootstrap=spec["bootstrap"],
+    )
+    return study_row(
+        cell, metrics, target.metadata.get("test_accuracy"), time.perf_counter() - start
+    )
 
 
-def ensure_target(spec: dict, cell: dict, root: Path, data_root=None, device=None, progress: bool = False) -> Path:
+def ensure_target(
+    spec: dict, cell: dict, root: Path, data_root=None, device=None, progress: bool = False
+) -> Path:
     """The cell's target model file, trained once per (arch, train size, seed) and reused by every method."""
     from tldr_fast.cli.train import train_and_save, train_kkt_and_save
 
@@ -164,11 +233,29 @@ def ensure_target(spec: dict, cell: dict, root: Path, data_root=None, device=Non
     path.parent.mkdir(parents=True, exist_ok=True)
     b = spec["budgets"]
     if cell["arch"] == "kkt-mlp":
-        train_kkt_and_save(spec["dataset"], cell["train_size"], str(path), seed=cell["seed"], hidden=b["kkt_hidden"],
-                           steps=b["kkt_train_steps"], data_root=data_root, device=device, progress=progress)
+        train_kkt_and_save(
+            spec["dataset"],
+            cell["train_size"],
+            str(path),
+            seed=cell["seed"],
+            hidden=b["kkt_hidden"],
+            steps=b["kkt_train_steps"],
+            data_root=data_root,
+            device=device,
+            progress=progress,
+        )
     else:
-        train_and_save(spec["dataset"], cell["train_size"], cell["arch"], b["train_epochs"], str(path),
-                       seed=cell["seed"], data_root=data_root, device=device, progress=progress)
+        train_and_save(
+            spec["dataset"],
+            cell["train_size"],
+            cell["arch"],
+            b["train_epochs"],
+            str(path),
+            seed=cell["seed"],
+            data_root=data_root,
+            device=device,
+            progress=progress,
+        )
     return path
 
 
@@ -180,13 +267,25 @@ def ensure_evaluator(spec: dict, cell: dict, root: Path, data_root=None, device=
 
     path = root / "targets" / f"evaluator-n{cell['train_size']}-s{cell['seed']}.safetensors"
     if not path.is_file():
-        train = datasets.load_dataset(spec["dataset"], "train", root=data_root, subset=cell["train_size"], seed=cell["seed"])
-        model, info = _evaluator(None, train, spec["dataset"], cell["train_size"], data_root, cell["seed"], device, False)
+        train = datasets.load_dataset(
+            spec["dataset"], "train", root=data_root, subset=cell["train_size"], seed=cell["seed"]
+        )
+        model, info = _evaluator(
+            None, train, spec["dataset"], cell["train_size"], data_root, cell["seed"], device, False
+        )
         serialization.save(path, model.cpu(), metadata={"evaluator": info})
     return path
 
 
-def attack_cell(spec: dict, cell: dict, target, model_path: Path, run_dir: Path, device=None, progress: bool = False):
+def attack_cell(
+    spec: dict,
+    cell: dict,
+    target,
+    model_path: Path,
+    run_dir: Path,
+    device=None,
+    progress: bool = False,
+):
     """Run the cell's method against `target`, writing the run directory."""
     from tldr_fast import api
     from tldr_fast.attacks import kkt
@@ -196,21 +295,49 @@ def attack_cell(spec: dict, cell: dict, target, model_path: Path, run_dir: Path,
     meta = {"model": str(model_path.resolve()), "dataset": spec["dataset"], "subset": n}
     if cell["method"] == "kkt":
         config = kkt.KKTConfig(steps=b["kkt_steps"], seed=seed)
-        return kkt.attack(target, n, config, device=device, progress=progress, run_dir=run_dir,
-                          model_path=meta["model"], dataset=meta["dataset"], subset=n)
+        return kkt.attack(
+            target,
+            n,
+            config,
+            device=device,
+            progress=progress,
+            run_dir=run_dir,
+            model_path=meta["model"],
+            dataset=meta["dataset"],
+            subset=n,
+        )
     k = b["generators"]
     samples = math.ceil(2 * n / (k * target.num_classes))
     if cell["method"] == "inversion":
-        config = InversionConfig.preset("paper", steps=b["inversion_steps"], num_generators=k, seed=seed,
-                                        batch_size=b["batch_size"])
+        config = InversionConfig.preset(
+            "paper",
+            steps=b["inversion_steps"],
+            num_generators=k,
+            seed=seed,
+            batch_size=b["batch_size"],
+        )
         entry = api.invert
     else:
         extra = {"eta_bn": PRIOR_ETA_BN} if cell["method"] == "tldr+prior" else {}
-        config = ReconstructionConfig.preset("paper", steps=b["tldr_steps"], num_generators=k, seed=seed,
-                                             batch_size=b["batch_size"], **extra)
+        config = ReconstructionConfig.preset(
+            "paper",
+            steps=b["tldr_steps"],
+            num_generators=k,
+            seed=seed,
+            batch_size=b["batch_size"],
+            **extra,
+        )
         entry = api.reconstruct
-    return entry(target, target.num_classes, target.input_shape, config, run_dir=run_dir, progress=progress,
-                 samples_per_class=samples, **meta)
+    return entry(
+        target,
+        target.num_classes,
+        target.input_shape,
+        config,
+        run_dir=run_dir,
+        progress=progress,
+        samples_per_class=samples,
+        **meta,
+    )
 
 
 def study_row(cell: dict, metrics: dict, test_accuracy, seconds: float) -> dict:
@@ -242,23 +369,51 @@ def write_results(spec: dict, rows: list[dict], results: Path) -> None:
     from tldr_fast.serialization import atomic_write, write_json_atomic
 
     results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results / "leakage-study.json", {"spec": spec, "schema": list(ROW_FIELDS), "rows": rows})
+    write_json_atomic(
+        results / "leakage-study.json", {"spec": spec, "schema": list(ROW_FIELDS), "rows": rows}
+    )
     atomic_write(results / "leakage-study.md", lambda tmp: tmp.write_text(markdown_table(rows)))
     figure = plot(rows)
-    atomic_write(results / "leakage-study.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    atomic_write(
+        results / "leakage-study.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120)
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ["method", "arch", "n", "seed", "test acc", "% rec. train", "% rec. held-out", "NN > 0.4 train",
-              "NN > 0.4 held-out", "best SSIM train", "best SSIM held-out", "gap [95% CI]", "evaluator acc", "s"]
+    header = [
+        "method",
+        "arch",
+        "n",
+        "seed",
+        "test acc",
+        "% rec. train",
+        "% rec. held-out",
+        "NN > 0.4 train",
+        "NN > 0.4 held-out",
+        "best SSIM train",
+        "best SSIM held-out",
+        "gap [95% CI]",
+        "evaluator acc",
+        "s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells_ = [r["method"], r["arch"], r["train_size"], r["seed"], _fmt(r["test_accuracy"], ".3f"),
-                  _fmt(r["percent_reconstructed_train"], ".1f"), _fmt(r["percent_reconstructed_heldout"], ".1f"),
-                  r["nn_count_train"], r["nn_count_heldout"], _fmt(r["mean_best_ssim_train"], ".3f"),
-                  _fmt(r["mean_best_ssim_heldout"], ".3f"),
-                  f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]",
-                  _fmt(r["evaluator_accuracy"], ".2f"), f"{r['wall_seconds']:.0f}"]
+        cells_ = [
+            r["method"],
+            r["arch"],
+            r["train_size"],
+            r["seed"],
+            _fmt(r["test_accuracy"], ".3f"),
+            _fmt(r["percent_reconstructed_train"], ".1f"),
+            _fmt(r["percent_reconstructed_heldout"], ".1f"),
+            r["nn_count_train"],
+            r["nn_count_heldout"],
+            _fmt(r["mean_best_ssim_train"], ".3f"),
+            _fmt(r["mean_best_ssim_heldout"], ".3f"),
+            f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]",
+            _fmt(r["evaluator_accuracy"], ".2f"),
+            f"{r['wall_seconds']:.0f}",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells_) + " |")
     return "\n".join(lines) + "\n"
 
@@ -278,17 +433,25 @@ def plot(rows: list[dict]):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     series = sorted({(r["method"], r["arch"]) for r in rows})
     for i, (method, arch) in enumerate(series):
-        mine = sorted((r for r in rows if (r["method"], r["arch"]) == (method, arch)),
-                      key=lambda r: (r["train_size"], r["seed"]))
+        mine = sorted(
+            (r for r in rows if (r["method"], r["arch"]) == (method, arch)),
+            key=lambda r: (r["train_size"], r["seed"]),
+        )
         # Spread the points of one size over a few percent of it, so seeds and series do not overlap.
-        xs = [r["train_size"] * (1 + 0.04 * (i - (len(series) - 1) / 2) + 0.01 * r["seed"]) for r in mine]
+        xs = [
+            r["train_size"] * (1 + 0.04 * (i - (len(series) - 1) / 2) + 0.01 * r["seed"])
+            for r in mine
+        ]
         ys = [r["gap"] for r in mine]
         err = [[r["gap"] - r["gap_ci"][0] for r in mine], [r["gap_ci"][1] - r["gap"] for r in mine]]
         left.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=f"{method} ({arch})")
         right.plot(xs, [r["nn_count_train"] for r in mine], "o", label=f"{method} ({arch})")
     left.axhline(0, color="grey", lw=0.8)
     sizes = sorted({r["train_size"] for r in rows})
-    for ax, ylabel in ((left, "gap: mean best SSIM, train - held-out"), (right, "training images with best SSIM > 0.4")):
+    for ax, ylabel in (
+        (left, "gap: mean best SSIM, train - held-out"),
+        (right, "training images with best SSIM > 0.4"),
+    ):
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()

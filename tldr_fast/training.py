@@ -79,7 +79,9 @@ def train_classifier(
         model.train()
         total, count = torch.zeros((), device=device), 0
         for idx in _batches(len(images), batch_size, gen):
-            if len(idx) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if len(idx) < 2 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+            ):
                 continue  # BatchNorm cannot train on a single sample
             x, y = images[idx].to(device), labels[idx].to(device)
             loss = F.cross_entropy(model(x), y)
@@ -102,17 +104,28 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device=None) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 1024, device=None
+) -> torch.Tensor:
     """Logits of `model` in eval mode, computed in batches, returned on the CPU."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        model(images[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024, device=None) -> float:
+def evaluate_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 1024,
+    device=None,
+) -> float:
     """Top-1 accuracy in [0, 1]."""
     if len(images) != len(labels):
         raise ValueError(f"images has {len(images)} entries but labels has {len(labels)}")
@@ -151,10 +164,20 @@ def train_kkt_recipe(
     of a network whose inputs are not so scaled).
     """
     check_images(images, "images", getattr(model, "input_shape", None))
-    check_labels(labels, "labels", getattr(model, "num_classes", None) or int(labels.max()) + 1, batch=images.shape[0])
+    check_labels(
+        labels,
+        "labels",
+        getattr(model, "num_classes", None) or int(labels.max()) + 1,
+        batch=images.shape[0],
+    )
     check_positive_int(steps, "steps")
     for name, value in (("lr", lr), ("init_scale", init_scale), ("target_loss", target_loss)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value > 0
+            or value == float("inf")
+        ):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     device = torch.device(device) if device is not None else default_device()
     model.to(device)

@@ -16,9 +16,13 @@ import torch
 def check_images(x, name: str, expected_shape: Sequence[int] | None = None) -> None:
     """x must be a floating (N, C, H, W) tensor; with expected_shape, (C, H, W) must match."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of images (N, C, H, W), got {type(x).__name__}"
+        )
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor of images in [0, 1], got dtype {x.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor of images in [0, 1], got dtype {x.dtype}"
+        )
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if expected_shape is not None and tuple(x.shape[1:]) != tuple(expected_shape):
@@ -30,7 +34,9 @@ def check_images(x, name: str, expected_shape: Sequence[int] | None = None) -> N
 
 def check_labels(y, name: str, num_classes: int, batch: int | None = None) -> None:
     if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an integer tensor of class labels, got {getattr(y, 'dtype', type(y))}")
+        raise TypeError(
+            f"{name} must be an integer tensor of class labels, got {getattr(y, 'dtype', type(y))}"
+        )
     if y.dim() != 1:
         raise ValueError(f"{name} must have shape (N,), got {tuple(y.shape)}")
     if batch is not None and y.shape[0] != batch:
@@ -53,7 +59,9 @@ def check_finite_tensors(named_tensors, what: str) -> None:
         if tensor.is_floating_point() or tensor.is_complex():
             bad = int((~torch.isfinite(tensor.detach())).sum())
             if bad:
-                raise ValueError(f"{what} {name} holds {bad} non-finite values (NaN or Inf) of {tensor.numel()}")
+                raise ValueError(
+                    f"{what} {name} holds {bad} non-finite values (NaN or Inf) of {tensor.numel()}"
+                )
 
 
 def check_in_range(value, name: str, low: float, high: float) -> float:
@@ -79,7 +87,12 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
 
 
 def check_nonnegative(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if math.isinf(value):
         raise ValueError(f"{name} must be finite, got {value!r}")

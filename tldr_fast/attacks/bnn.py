@@ -56,12 +56,19 @@ class InversionResult:
         return len(self.pixels) / self.draws if self.draws else float("nan")
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "status": self.status, "timed_out": self.timed_out,
-                "sampler": self.sampler, "samples": int(len(self.pixels)), "draws": self.draws,
-                "distinct_fraction": self.distinct_fraction, "seconds": self.seconds,
-                "samples_per_second": len(self.pixels) / self.seconds if self.seconds > 0 else None,
-                "mean_on_pixels": float((self.pixels > 0).sum(1).mean()) if len(self.pixels) else None,
-                "mean_pairwise_hamming": mean_pairwise_hamming(self.pixels)}
+        return {
+            "label": self.label,
+            "status": self.status,
+            "timed_out": self.timed_out,
+            "sampler": self.sampler,
+            "samples": int(len(self.pixels)),
+            "draws": self.draws,
+            "distinct_fraction": self.distinct_fraction,
+            "seconds": self.seconds,
+            "samples_per_second": len(self.pixels) / self.seconds if self.seconds > 0 else None,
+            "mean_on_pixels": float((self.pixels > 0).sum(1).mean()) if len(self.pixels) else None,
+            "mean_pairwise_hamming": mean_pairwise_hamming(self.pixels),
+        }
 
 
 def cmsgen_available() -> bool:
@@ -77,8 +84,14 @@ def sat_labels(formula: BnnFormula, pixels: np.ndarray) -> list[list[int]]:
     """For each input (N, num_inputs) in {-1, +1}: the labels y for which the formula with z_y is satisfiable."""
     pixels = _check_pixels(pixels, len(formula.input_vars))
     with Solver(name="g4", bootstrap_with=formula.clauses) as solver:
-        return [[y for y, z in enumerate(formula.label_vars) if solver.solve(assumptions=[*formula.input_literals(x), z])]
-                for x in pixels]
+        return [
+            [
+                y
+                for y, z in enumerate(formula.label_vars)
+                if solver.solve(assumptions=[*formula.input_literals(x), z])
+            ]
+            for x in pixels
+        ]
 
 
 def invert(
@@ -100,20 +113,30 @@ def invert(
     `encode(model)`) to reuse one encoding across labels.
     """
     formula = encode(model) if formula is None else formula
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < formula.num_classes:
-        raise ValueError(f"label must be an integer in [0, {formula.num_classes - 1}], got {label!r}")
+    if (
+        isinstance(label, bool)
+        or not isinstance(label, (int, np.integer))
+        or not 0 <= label < formula.num_classes
+    ):
+        raise ValueError(
+            f"label must be an integer in [0, {formula.num_classes - 1}], got {label!r}"
+        )
     check_positive_int(num_samples, "num_samples")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if sampler == "cmsgen" and not cmsgen_available():
-        raise ValueError("sampler 'cmsgen' needs the optional package pycmsgen (pip install pycmsgen)")
+        raise ValueError(
+            "sampler 'cmsgen' needs the optional package pycmsgen (pip install pycmsgen)"
+        )
     if sampler == "auto":
         sampler = "cmsgen" if cmsgen_available() else "blocking"
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a number of seconds > 0, got {time_limit!r}")
     n = len(formula.input_vars)
     for name, value in (("min_on", min_on), ("max_on", max_on)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n
+        ):
             raise ValueError(f"{name} must be an integer in [0, {n}], got {value!r}")
     extra, num_vars = formula.pixel_count_clauses(min_on, max_on)
     clauses = formula.clauses + extra + formula.label_units(int(label))
@@ -123,8 +146,14 @@ def invert(
     found, draws, status = draw(clauses, num_vars, formula.input_vars, num_samples, seed, deadline)
     pixels = np.array(found, dtype=np.int8).reshape(len(found), n)
     _check_samples(model, pixels, int(label))
-    return InversionResult(label=int(label), pixels=pixels, status=status, sampler=sampler,
-                           draws=draws, seconds=time.perf_counter() - start)
+    return InversionResult(
+        label=int(label),
+        pixels=pixels,
+        status=status,
+        sampler=sampler,
+        draws=draws,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def mean_pairwise_hamming(pixels: np.ndarray) -> float | None:
@@ -228,12 +257,18 @@ def _check_samples(model: BinarizedMLP, pixels: np.ndarray, label: int) -> None:
     model.eval()
     try:
         device = next(model.parameters()).device
-        predicted = model.forward_binary(torch.as_tensor(pixels, dtype=torch.float32, device=device)).argmax(1).cpu()
+        predicted = (
+            model.forward_binary(torch.as_tensor(pixels, dtype=torch.float32, device=device))
+            .argmax(1)
+            .cpu()
+        )
     finally:
         model.train(was_training)
     wrong = int((predicted != label).sum())
     if wrong:
-        raise RuntimeError(f"{wrong} of {len(pixels)} SAT samples for label {label} are classified otherwise")
+        raise RuntimeError(
+            f"{wrong} of {len(pixels)} SAT samples for label {label} are classified otherwise"
+        )
 
 
 def _check_pixels(pixels, num_inputs: int) -> np.ndarray:

@@ -49,8 +49,13 @@ class LayerSize:
     encodings: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"layer": self.name, "neurons": self.neurons, "variables": self.variables,
-                "clauses": self.clauses, "encodings": dict(self.encodings)}
+        return {
+            "layer": self.name,
+            "neurons": self.neurons,
+            "variables": self.variables,
+            "clauses": self.clauses,
+            "encodings": dict(self.encodings),
+        }
 
 
 @dataclass
@@ -75,7 +80,9 @@ class BnnFormula:
         """Literals fixing the input variables to pixels (num_inputs,) in {-1, +1}."""
         return [v if p > 0 else -v for v, p in zip(self.input_vars, pixels)]
 
-    def pixel_count_clauses(self, min_on: int | None = None, max_on: int | None = None) -> tuple[list[list[int]], int]:
+    def pixel_count_clauses(
+        self, min_on: int | None = None, max_on: int | None = None
+    ) -> tuple[list[list[int]], int]:
         """(clauses, new num_vars) requiring min_on <= #(+1 pixels) <= max_on; auxiliaries start after num_vars."""
         n = len(self.input_vars)
         clauses: list[list[int]] = []
@@ -89,8 +96,11 @@ class BnnFormula:
         return clauses, top
 
     def sizes(self) -> dict:
-        return {"variables": self.num_vars, "clauses": len(self.clauses),
-                "layers": [layer.to_dict() for layer in self.layers]}
+        return {
+            "variables": self.num_vars,
+            "clauses": len(self.clauses),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
 
 
 @functools.cache
@@ -98,13 +108,17 @@ def _best_encoding(n: int, bound: int) -> str:
     """The CardEnc encoding of sum(n literals) <= bound with the fewest clauses, then variables."""
 
     def size(name: str) -> tuple[int, int]:
-        cnf = CardEnc.atmost(list(range(1, n + 1)), bound=bound, top_id=n, encoding=getattr(EncType, name))
+        cnf = CardEnc.atmost(
+            list(range(1, n + 1)), bound=bound, top_id=n, encoding=getattr(EncType, name)
+        )
         return len(cnf.clauses), cnf.nv - n
 
     return min(ENCODINGS, key=size)
 
 
-def atmost(lits: list[int], bound: int, top: int, guard: int | None = None) -> tuple[list[list[int]], int, str]:
+def atmost(
+    lits: list[int], bound: int, top: int, guard: int | None = None
+) -> tuple[list[list[int]], int, str]:
     """(clauses, new top variable, encoding name) for sum(lits) <= bound, each clause or'ed with `guard`.
 
     With a guard g the clauses say g or (sum <= bound). Trivial bounds need no encoding.
@@ -138,7 +152,9 @@ def _constant_literal(lo: int, hi: int, n: int, true_lit: int) -> int | None:
     return None
 
 
-def _encode_hidden_cardenc(layer: HiddenLayer, inputs: list[int], top: int, size: LayerSize, true_lit: int):
+def _encode_hidden_cardenc(
+    layer: HiddenLayer, inputs: list[int], top: int, size: LayerSize, true_lit: int
+):
     """Each neuron a fresh variable h with h -> (c in [lo, hi]) and ~h -> (c not in [lo, hi]), half-reified CardEnc."""
     clauses: list[list[int]] = []
     outputs = []
@@ -164,7 +180,9 @@ def _encode_hidden_cardenc(layer: HiddenLayer, inputs: list[int], top: int, size
     return clauses, outputs, top
 
 
-def _encode_hidden_totalizer(layer: HiddenLayer, inputs: list[int], top: int, size: LayerSize, true_lit: int):
+def _encode_hidden_totalizer(
+    layer: HiddenLayer, inputs: list[int], top: int, size: LayerSize, true_lit: int
+):
     """Each neuron the literal ge[t] (fires iff c >= t) or ~ge[t] (fires iff c < t) of an exact counter."""
     clauses: list[list[int]] = []
     outputs = []
@@ -182,7 +200,9 @@ def _encode_hidden_totalizer(layer: HiddenLayer, inputs: list[int], top: int, si
     return clauses, outputs, top
 
 
-def _counter(lits: list[int], top: int, k_lo: int, k_hi: int) -> tuple[list[list[int]], dict[int, int], int]:
+def _counter(
+    lits: list[int], top: int, k_lo: int, k_hi: int
+) -> tuple[list[list[int]], dict[int, int], int]:
     """(clauses, ge, top) with ge[k] <=> sum(lits) >= k for k_lo <= k <= k_hi (1 <= k_lo <= k_hi <= n).
 
     An upward totalizer gives sum >= k -> ge[k]; one on the negated literals gives
@@ -201,7 +221,9 @@ def _counter(lits: list[int], top: int, k_lo: int, k_hi: int) -> tuple[list[list
     return clauses, ge, top
 
 
-def _encode_output(layer: OutputLayer, inputs: list[int], top: int) -> tuple[list[list[int]], list[int], int]:
+def _encode_output(
+    layer: OutputLayer, inputs: list[int], top: int
+) -> tuple[list[list[int]], list[int], int]:
     clauses: list[list[int]] = []
     n = len(inputs)
     counters = []
@@ -248,7 +270,9 @@ def encode_folded(folded: FoldedBNN, hidden_encoding: str = "totalizer") -> BnnF
     CardEnc constraints, smallest encoding per bound; auxiliaries are not determined by the input.
     """
     if hidden_encoding not in HIDDEN_ENCODINGS:
-        raise ValueError(f"hidden_encoding must be one of {sorted(HIDDEN_ENCODINGS)}, got {hidden_encoding!r}")
+        raise ValueError(
+            f"hidden_encoding must be one of {sorted(HIDDEN_ENCODINGS)}, got {hidden_encoding!r}"
+        )
     encode_hidden = HIDDEN_ENCODINGS[hidden_encoding]
     inputs = list(range(1, folded.num_inputs + 1))
     true_lit = folded.num_inputs + 1
@@ -265,6 +289,16 @@ def encode_folded(folded: FoldedBNN, hidden_encoding: str = "totalizer") -> BnnF
         layers.append(size)
     start_top = top
     part, label_vars, top = _encode_output(folded.output, current, top)
-    layers.append(LayerSize("output + argmax", len(label_vars), top - start_top, len(part), {"totalizer": 2 * len(label_vars)}))
+    layers.append(
+        LayerSize(
+            "output + argmax",
+            len(label_vars),
+            top - start_top,
+            len(part),
+            {"totalizer": 2 * len(label_vars)},
+        )
+    )
     clauses += part
-    return BnnFormula(clauses=clauses, num_vars=top, input_vars=inputs, label_vars=label_vars, layers=layers)
+    return BnnFormula(
+        clauses=clauses, num_vars=top, input_vars=inputs, label_vars=label_vars, layers=layers
+    )

@@ -80,8 +80,10 @@ def check_binarised(model: nn.Module) -> None:
     """Raise TypeError naming the first layer that is not a binary linear map or a 1-d BatchNorm."""
     if not isinstance(model, BinarizedMLP):
         for name, module in model.named_modules():
-            if name and any(True for _ in module.parameters(recurse=False)) and not isinstance(
-                module, (BinaryLinear, nn.BatchNorm1d)
+            if (
+                name
+                and any(True for _ in module.parameters(recurse=False))
+                and not isinstance(module, (BinaryLinear, nn.BatchNorm1d))
             ):
                 raise TypeError(
                     f"network is not binarised: layer '{name}' ({type(module).__name__}) has real-valued "
@@ -100,11 +102,15 @@ def check_binarised(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _bn_table(linear: BinaryLinear, norm: nn.BatchNorm1d, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _bn_table(
+    linear: BinaryLinear, norm: nn.BatchNorm1d, name: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(weights (m, n) int8, table (m, n + 1) float32): BN output of every neuron at every agreement count."""
     n, m = linear.in_features, linear.out_features
     weights = torch.where(linear.weight >= 0, 1, -1).to(torch.int8).cpu().numpy()
-    pre = (2 * torch.arange(n + 1, dtype=torch.float32) - n).view(-1, 1).expand(n + 1, m).contiguous()
+    pre = (
+        (2 * torch.arange(n + 1, dtype=torch.float32) - n).view(-1, 1).expand(n + 1, m).contiguous()
+    )
     was_training = norm.training
     norm.eval()
     try:
@@ -112,7 +118,9 @@ def _bn_table(linear: BinaryLinear, norm: nn.BatchNorm1d, name: str) -> tuple[np
     finally:
         norm.train(was_training)
     if not np.isfinite(table).all():
-        raise ValueError(f"layer '{name}': its BatchNorm gives non-finite outputs; cannot encode it")
+        raise ValueError(
+            f"layer '{name}': its BatchNorm gives non-finite outputs; cannot encode it"
+        )
     return weights, np.ascontiguousarray(table)
 
 
@@ -127,7 +135,9 @@ def _fold_hidden(linear: BinaryLinear, norm: nn.BatchNorm1d, name: str) -> Hidde
         if len(on) == 0:
             continue
         if on[-1] - on[0] + 1 != len(on) or (on[0] > 0 and on[-1] < n):
-            raise ValueError(f"layer '{name}' neuron {j}: firing counts {on.tolist()} are not monotone")
+            raise ValueError(
+                f"layer '{name}' neuron {j}: firing counts {on.tolist()} are not monotone"
+            )
         lo[j], hi[j] = on[0], on[-1]
     return HiddenLayer(weights=weights, lo=lo, hi=hi)
 
@@ -137,5 +147,7 @@ def _fold_output(linear: BinaryLinear, norm: nn.BatchNorm1d, name: str) -> Outpu
     steps = np.diff(table, axis=1)
     monotone = (steps >= 0).all(axis=1) | (steps <= 0).all(axis=1)
     if not monotone.all():
-        raise ValueError(f"layer '{name}' class {int(np.flatnonzero(~monotone)[0])}: logit is not monotone")
+        raise ValueError(
+            f"layer '{name}' class {int(np.flatnonzero(~monotone)[0])}: logit is not monotone"
+        )
     return OutputLayer(weights=weights, scores=table)

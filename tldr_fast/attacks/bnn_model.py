@@ -135,7 +135,9 @@ class BinarizedMLP(ImageClassifier):
     def forward_binary(self, pixels: torch.Tensor) -> torch.Tensor:
         """Logits of already binarised pixels (N, grid*grid) in {-1, +1}: the function the CNF encodes."""
         if pixels.dim() != 2 or pixels.shape[1] != self.num_inputs:
-            raise ValueError(f"pixels must have shape (N, {self.num_inputs}), got {tuple(pixels.shape)}")
+            raise ValueError(
+                f"pixels must have shape (N, {self.num_inputs}), got {tuple(pixels.shape)}"
+            )
         return self.head(self.binary_features(pixels))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,15 @@ from tldr_fast.attacks.bnn_model import BinarizedMLP
 from tldr_fast.training import predict_logits, train_classifier
 
 
-def real_class_confidence(model: BinarizedMLP, images: torch.Tensor, num_real: int) -> tuple[float, float]:
+def real_class_confidence(
+    model: BinarizedMLP, images: torch.Tensor, num_real: int
+) -> tuple[float, float]:
     """(mean max softmax probability over the first num_real outputs, share of argmax >= num_real)."""
     logits = predict_logits(model, images)
     probs = logits.softmax(1)
-    garbage = float((logits.argmax(1) >= num_real).float().mean()) if logits.shape[1] > num_real else 0.0
+    garbage = (
+        float((logits.argmax(1) >= num_real).float().mean()) if logits.shape[1] > num_real else 0.0
+    )
     return float(probs[:, :num_real].max(1).values.mean()), garbage
 
 
@@ -48,14 +52,26 @@ def garbage_class_experiment(
     garbage = model.pixels_to_images(torch.as_tensor(garbage_pixels, dtype=torch.float32))
     train_x = torch.cat([images, garbage])
     train_y = torch.cat([labels, torch.full((len(garbage),), k, dtype=labels.dtype)])
-    train_classifier(retrained, train_x, train_y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                     progress=False, device="cpu")
+    train_classifier(
+        retrained,
+        train_x,
+        train_y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        progress=False,
+        device="cpu",
+    )
     report = {"garbage_samples": int(len(garbage)), "epochs": epochs}
     for name, net in (("original", model), ("with_garbage_class", retrained)):
         logits = predict_logits(net, test[0])
         entry = {"test_accuracy": float((logits.argmax(1) == test[1]).float().mean())}
         for set_name, x in {"in_distribution_test": test[0], **ood_sets}.items():
             confidence, garbage_share = real_class_confidence(net, x, k)
-            entry[set_name] = {"mean_top_real_confidence": confidence, "share_to_garbage": garbage_share}
+            entry[set_name] = {
+                "mean_top_real_confidence": confidence,
+                "share_to_garbage": garbage_share,
+            }
         report[name] = entry
     return report

@@ -143,13 +143,17 @@ def extract(
     Backgrounds are drawn uniformly with replacement; each gets its own virtual target.
     """
     check_images(backgrounds, "backgrounds", getattr(model, "input_shape", None))
-    num_classes = check_positive_int(int(getattr(model, "num_classes", 0)), "model.num_classes", minimum=2)
+    num_classes = check_positive_int(
+        int(getattr(model, "num_classes", 0)), "model.num_classes", minimum=2
+    )
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(backgrounds.shape[0], (config.num_images,), generator=gen)
     targets, _ = virtual_logits(config.num_images, num_classes, generator=gen)
     images, logits = [], []
     with evaluating(model):
-        for start in progress_bar(range(0, config.num_images, config.batch_size), progress, desc="extract"):
+        for start in progress_bar(
+            range(0, config.num_images, config.batch_size), progress, desc="extract"
+        ):
             x0 = backgrounds[picks[start : start + config.batch_size]]
             t = targets[start : start + config.batch_size].to(x0.device)
             x = l2_pgd(
@@ -232,7 +236,12 @@ def adversarial_train(
 ) -> nn.Module:
     """Madry adversarial training: cross-entropy on l2-PGD examples (radius epsilon) of every batch."""
     check_images(images, "images", getattr(model, "input_shape", None))
-    check_labels(labels, "labels", getattr(model, "num_classes", int(labels.max()) + 1), batch=images.shape[0])
+    check_labels(
+        labels,
+        "labels",
+        getattr(model, "num_classes", int(labels.max()) + 1),
+        batch=images.shape[0],
+    )
     epsilon = check_epsilon(epsilon)
 
     def batch_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -240,7 +249,16 @@ def adversarial_train(
             x_adv = pgd_attack(m, x, y, epsilon=epsilon, steps=steps, step_size=step_size)
         return F.cross_entropy(m(x_adv), y)
 
-    return fit(model, images, labels, batch_loss, config, seed=seed, progress=progress, desc="adversarial training")
+    return fit(
+        model,
+        images,
+        labels,
+        batch_loss,
+        config,
+        seed=seed,
+        progress=progress,
+        desc="adversarial training",
+    )
 
 
 @dataclass
@@ -273,7 +291,11 @@ def evaluate_model(
     clean = robust_accuracy(model, test_images, test_labels, epsilon=0.0)
     xs, ys = test_images[:robustness_size], test_labels[:robustness_size]
     robust = {
-        float(eps): (robust_accuracy(model, xs, ys, epsilon=eps, steps=robustness_steps) if eps > 0 else clean)
+        float(eps): (
+            robust_accuracy(model, xs, ys, epsilon=eps, steps=robustness_steps)
+            if eps > 0
+            else clean
+        )
         for eps in robustness_eps
     }
     return clean, robust
@@ -314,7 +336,9 @@ def run_chain(
             start = time.perf_counter()
             data = extract(model, backgrounds, extraction, seed=seed + cycle, progress=progress)
             torch.manual_seed(seed + cycle)  # the student's initialisation
-            model = distill(make_student(), data, distillation, seed=seed + cycle, progress=progress)
+            model = distill(
+                make_student(), data, distillation, seed=seed + cycle, progress=progress
+            )
             result.seconds.append(time.perf_counter() - start)
             result.samples.append(_one_per_class(data, num_samples))
         clean, robust = evaluate_model(
@@ -363,7 +387,11 @@ def robustness_table(results: dict[str, ChainResult]) -> str:
         cells = [f"M{i}"]
         for r in results.values():
             width = len(r.robustness[0])
-            cells += [_pct(a) for a in r.robustness[i].values()] if i < len(r.robustness) else [""] * width
+            cells += (
+                [_pct(a) for a in r.robustness[i].values()]
+                if i < len(r.robustness)
+                else [""] * width
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

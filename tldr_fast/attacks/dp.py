@@ -34,7 +34,20 @@ from tldr_fast.validation import check_images, check_labels, check_nonnegative, 
 
 # The RDP orders of TensorFlow Privacy's compute_dp_sgd_privacy (2019-2022).
 TF_PRIVACY_ORDERS: tuple[float, ...] = (
-    1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5, *map(float, range(5, 64)), 128.0, 256.0, 512.0,
+    1.25,
+    1.5,
+    1.75,
+    2.0,
+    2.25,
+    2.5,
+    3.0,
+    3.5,
+    4.0,
+    4.5,
+    *map(float, range(5, 64)),
+    128.0,
+    256.0,
+    512.0,
 )
 
 
@@ -45,8 +58,14 @@ def check_delta(delta) -> float:
 
 
 def check_sample_rate(sample_rate) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1] (batch size / dataset size), got {sample_rate!r}")
+    if (
+        isinstance(sample_rate, bool)
+        or not isinstance(sample_rate, (int, float))
+        or not 0 < sample_rate <= 1
+    ):
+        raise ValueError(
+            f"sample_rate must be in (0, 1] (batch size / dataset size), got {sample_rate!r}"
+        )
     return float(sample_rate)
 
 
@@ -56,20 +75,33 @@ def dp_sgd_steps(n: int, batch_size: int, epochs: float) -> int:
     check_positive_int(batch_size, "batch_size")
     if batch_size > n:
         raise ValueError(f"batch_size ({batch_size}) must not exceed the dataset size n ({n})")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0 or math.isinf(epochs):
+    if (
+        isinstance(epochs, bool)
+        or not isinstance(epochs, (int, float))
+        or not epochs > 0
+        or math.isinf(epochs)
+    ):
         raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
     return int(math.ceil(epochs * n / batch_size))
 
 
 @functools.lru_cache(maxsize=64)
-def _rdp_curve(sample_rate: float, steps: int, noise_multiplier: float, orders: tuple[float, ...]) -> tuple[float, ...]:
+def _rdp_curve(
+    sample_rate: float, steps: int, noise_multiplier: float, orders: tuple[float, ...]
+) -> tuple[float, ...]:
     """rdp(alpha) for every order; cached because both RDP conversions read the same (slow) curve."""
     from opacus.accountants.analysis import rdp
 
-    return tuple(rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(orders)))
+    return tuple(
+        rdp.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(orders)
+        )
+    )
 
 
-def _check_mechanism(sample_rate, steps, noise_multiplier, delta) -> tuple[float, int, float, float]:
+def _check_mechanism(
+    sample_rate, steps, noise_multiplier, delta
+) -> tuple[float, int, float, float]:
     return (
         check_sample_rate(sample_rate),
         check_positive_int(steps, "steps"),
@@ -78,19 +110,23 @@ def _check_mechanism(sample_rate, steps, noise_multiplier, delta) -> tuple[float
     )
 
 
-def epsilon_classic(sample_rate: float, steps: int, noise_multiplier: float, delta: float,
-                    orders=TF_PRIVACY_ORDERS) -> tuple[float, float]:
+def epsilon_classic(
+    sample_rate: float, steps: int, noise_multiplier: float, delta: float, orders=TF_PRIVACY_ORDERS
+) -> tuple[float, float]:
     """(epsilon, best order) with the classic conversion min_a rdp(a) + log(1/delta)/(a-1)."""
     q, steps, sigma, delta = _check_mechanism(sample_rate, steps, noise_multiplier, delta)
     if sigma == 0:
         return math.inf, math.nan
     curve = _rdp_curve(q, steps, sigma, tuple(orders))
-    eps, order = min((r + math.log(1 / delta) / (a - 1), a) for a, r in zip(orders, curve, strict=True))
+    eps, order = min(
+        (r + math.log(1 / delta) / (a - 1), a) for a, r in zip(orders, curve, strict=True)
+    )
     return float(eps), float(order)
 
 
-def epsilon_rdp_improved(sample_rate: float, steps: int, noise_multiplier: float, delta: float,
-                         orders=TF_PRIVACY_ORDERS) -> tuple[float, float]:
+def epsilon_rdp_improved(
+    sample_rate: float, steps: int, noise_multiplier: float, delta: float, orders=TF_PRIVACY_ORDERS
+) -> tuple[float, float]:
     """(epsilon, best order) from the same RDP curve with Balle et al. 2020's conversion (Opacus)."""
     from opacus.accountants.analysis import rdp
 
@@ -100,12 +136,15 @@ def epsilon_rdp_improved(sample_rate: float, steps: int, noise_multiplier: float
     with warnings.catch_warnings():
         # Opacus warns when the best order is at the grid's end; the grid is fixed on purpose.
         warnings.simplefilter("ignore", UserWarning)
-        eps, order = rdp.get_privacy_spent(orders=list(orders), rdp=list(_rdp_curve(q, steps, sigma, tuple(orders))), delta=delta)
+        eps, order = rdp.get_privacy_spent(
+            orders=list(orders), rdp=list(_rdp_curve(q, steps, sigma, tuple(orders))), delta=delta
+        )
     return float(eps), float(order)
 
 
-def epsilon_prv(sample_rate: float, steps: int, noise_multiplier: float, delta: float,
-                eps_error: float = 0.01) -> float:
+def epsilon_prv(
+    sample_rate: float, steps: int, noise_multiplier: float, delta: float, eps_error: float = 0.01
+) -> float:
     """epsilon from Opacus' PRV accountant (an upper bound within eps_error of the true curve)."""
     from opacus.accountants import PRVAccountant
 
@@ -136,7 +175,9 @@ class PrivacySpent:
         return asdict(self)
 
 
-def privacy_spent(sample_rate: float, steps: int, noise_multiplier: float, delta: float) -> PrivacySpent:
+def privacy_spent(
+    sample_rate: float, steps: int, noise_multiplier: float, delta: float
+) -> PrivacySpent:
     eps_c, order_c = epsilon_classic(sample_rate, steps, noise_multiplier, delta)
     return PrivacySpent(
         noise_multiplier=float(noise_multiplier),
@@ -150,7 +191,9 @@ def privacy_spent(sample_rate: float, steps: int, noise_multiplier: float, delta
     )
 
 
-def dp_sgd_privacy(n: int, batch_size: int, epochs: float, noise_multiplier: float, delta: float) -> PrivacySpent:
+def dp_sgd_privacy(
+    n: int, batch_size: int, epochs: float, noise_multiplier: float, delta: float
+) -> PrivacySpent:
     """The setting of compute_dp_sgd_privacy: q = B/n, T = ceil(epochs n / B)."""
     steps = dp_sgd_steps(n, batch_size, epochs)
     return privacy_spent(batch_size / n, steps, noise_multiplier, delta)
@@ -174,7 +217,9 @@ class PaperCNNGroupNorm(PaperCNN):
 def _replace_batchnorm(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features))
+            setattr(
+                module, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features)
+            )
         else:
             _replace_batchnorm(child)
 
@@ -194,7 +239,11 @@ class DPTrainingConfig:
     def __post_init__(self):
         if self.noise_multiplier is not None:
             check_nonnegative(self.noise_multiplier, "noise_multiplier")
-        if isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float)) or not self.max_grad_norm > 0:
+        if (
+            isinstance(self.max_grad_norm, bool)
+            or not isinstance(self.max_grad_norm, (int, float))
+            or not self.max_grad_norm > 0
+        ):
             raise ValueError(f"max_grad_norm must be a number > 0, got {self.max_grad_norm!r}")
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
@@ -216,13 +265,25 @@ class DPTrainingResult:
 
 def _check_training_data(model: nn.Module, images, labels, batch_size: int) -> None:
     check_images(images, "images")
-    check_labels(labels, "labels", num_classes=int(getattr(model, "num_classes", int(labels.max()) + 1)), batch=images.shape[0])
+    check_labels(
+        labels,
+        "labels",
+        num_classes=int(getattr(model, "num_classes", int(labels.max()) + 1)),
+        batch=images.shape[0],
+    )
     if batch_size > images.shape[0]:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed the number of training images ({images.shape[0]})")
+        raise ValueError(
+            f"batch_size ({batch_size}) must not exceed the number of training images ({images.shape[0]})"
+        )
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                 labels: torch.Tensor, config: DPTrainingConfig):
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: DPTrainingConfig,
+):
     """Opacus' (hooks, DPOptimizer, Poisson DataLoader) for `model` (left unwrapped) on the data.
 
     The loader draws each example with probability q = 1 / ceil(n / B) per step (Opacus), for
@@ -257,8 +318,14 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     )
 
 
-def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: DPTrainingConfig,
-             test: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True) -> DPTrainingResult:
+def train_dp(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: DPTrainingConfig,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> DPTrainingResult:
     """Train `model` (in place) with Adam, privately (DP-SGD via Opacus) or not, and account for it.
 
     Cross-entropy on logits; images in [0, 1] (N, C, H, W). Returns the model, the (epsilon,
@@ -278,7 +345,9 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
         hooks, optimizer, loader = make_private(model, optimizer, images, labels, config)
     else:
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(images, labels), batch_size=config.batch_size, shuffle=True,
+            torch.utils.data.TensorDataset(images, labels),
+            batch_size=config.batch_size,
+            shuffle=True,
             generator=torch.Generator().manual_seed(config.seed),
         )
     label = f"DP-SGD sigma={config.noise_multiplier:g}" if config.private else "non-private"
@@ -287,7 +356,12 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
         for epoch in range(config.epochs):
             model.train()
             total_loss, correct, seen = 0.0, 0, 0
-            for x, y in tqdm(loader, desc=f"{label} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False):
+            for x, y in tqdm(
+                loader,
+                desc=f"{label} epoch {epoch + 1}/{config.epochs}",
+                disable=not progress,
+                leave=False,
+            ):
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(x)
                 # Mean over the batch, written so an empty Poisson batch (still a DP step whose
@@ -298,7 +372,11 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
                 total_loss += float(loss.detach()) * x.shape[0]
                 correct += int((logits.argmax(1) == y).sum())
                 seen += x.shape[0]
-            row = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+            row = {
+                "epoch": epoch + 1,
+                "loss": total_loss / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+            }
             if test is not None:
                 row["test_accuracy"] = evaluate_classifier(model, *test)
             history.append(row)
@@ -308,5 +386,7 @@ def train_dp(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, confi
     model.eval()
     privacy = None
     if config.private:
-        privacy = privacy_spent(1 / len(loader), config.epochs * len(loader), config.noise_multiplier, config.delta)
+        privacy = privacy_spent(
+            1 / len(loader), config.epochs * len(loader), config.noise_multiplier, config.delta
+        )
     return DPTrainingResult(model=model, config=config, privacy=privacy, history=history)

@@ -69,8 +69,15 @@ class KKTMLP(ImageClassifier):
 
     arch = "KKTMLP"
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size=28, hidden: tuple[int, ...] = (1000,),
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size=28,
+        hidden: tuple[int, ...] = (1000,),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ):
         d_in = in_channels * math.prod(_pair(image_size))
         std = std or (0.5 * math.sqrt(d_in),) * in_channels
         super().__init__(in_channels, num_classes, image_size, mean, std)
@@ -118,7 +125,9 @@ class KKTConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         check_nonnegative(self.lambda_min, "lambda_min")
         if not check_nonnegative(self.lambda_init, "lambda_init") > self.lambda_min:
-            raise ValueError(f"lambda_init must exceed lambda_min ({self.lambda_min}), got {self.lambda_init!r}")
+            raise ValueError(
+                f"lambda_init must exceed lambda_min ({self.lambda_min}), got {self.lambda_init!r}"
+            )
         check_nonnegative(self.prior_weight, "prior_weight")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -154,14 +163,30 @@ class KKTResult:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_images(run_dir / "images.safetensors", self)
-        write_safetensors_atomic(run_dir / "lambdas.safetensors", {"lambdas": self.lambdas.contiguous()},
-                                 {"format": LAMBDAS_FORMAT})
-        write_json_atomic(run_dir / "history.json", {"steps": len(self.history["loss"]), "terms": self.history})
-        write_json_atomic(run_dir / "config.json", {
-            "format": RUN_FORMAT, "kind": KIND, "config": asdict(self.config), "num_classes": self.num_classes,
-            "image_shape": list(self.image_shape), "model": self.model, "dataset": self.dataset,
-            "subset": self.subset, "seed": self.config.seed, "train_seconds": self.train_seconds, **self.extra,
-        })
+        write_safetensors_atomic(
+            run_dir / "lambdas.safetensors",
+            {"lambdas": self.lambdas.contiguous()},
+            {"format": LAMBDAS_FORMAT},
+        )
+        write_json_atomic(
+            run_dir / "history.json", {"steps": len(self.history["loss"]), "terms": self.history}
+        )
+        write_json_atomic(
+            run_dir / "config.json",
+            {
+                "format": RUN_FORMAT,
+                "kind": KIND,
+                "config": asdict(self.config),
+                "num_classes": self.num_classes,
+                "image_shape": list(self.image_shape),
+                "model": self.model,
+                "dataset": self.dataset,
+                "subset": self.subset,
+                "seed": self.config.seed,
+                "train_seconds": self.train_seconds,
+                **self.extra,
+            },
+        )
         grid = class_grid(self.images, self.labels, per_class=20, scale=1)
         atomic_write(run_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         return run_dir
@@ -175,14 +200,30 @@ class KKTResult:
         header = json.loads((run_dir / "config.json").read_text())
         images, _ = read_safetensors(run_dir / "images.safetensors")
         lambdas, _ = read_safetensors(run_dir / "lambdas.safetensors")
-        known = {"format", "kind", "config", "num_classes", "image_shape", "model", "dataset", "subset", "seed",
-                 "train_seconds"}
+        known = {
+            "format",
+            "kind",
+            "config",
+            "num_classes",
+            "image_shape",
+            "model",
+            "dataset",
+            "subset",
+            "seed",
+            "train_seconds",
+        }
         return cls(
-            images=images["images"], labels=images["labels"], lambdas=lambdas["lambdas"],
+            images=images["images"],
+            labels=images["labels"],
+            lambdas=lambdas["lambdas"],
             history=json.loads((run_dir / "history.json").read_text())["terms"],
-            config=KKTConfig(**header["config"]), num_classes=header["num_classes"],
-            image_shape=tuple(header["image_shape"]), train_seconds=header["train_seconds"],
-            model=header.get("model"), dataset=header.get("dataset"), subset=header.get("subset"),
+            config=KKTConfig(**header["config"]),
+            num_classes=header["num_classes"],
+            image_shape=tuple(header["image_shape"]),
+            train_seconds=header["train_seconds"],
+            model=header.get("model"),
+            dataset=header.get("dataset"),
+            subset=header.get("subset"),
             extra={k: v for k, v in header.items() if k not in known},
         )
 
@@ -205,13 +246,20 @@ def lambdas_from(free: torch.Tensor, lambda_min: float) -> torch.Tensor:
     return lambda_min + F.softplus(free)
 
 
-def kkt_residual(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                 x: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def kkt_residual(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
     """|| params - sum_j lam_j grad_params phi(x_j) ||^2 summed over every parameter tensor.
 
     The weighted sum of per-sample gradients is grad_params of sum_j lam_j phi(x_j); it is built
     with torch.func.grad, so the result is differentiable in x and lam (and in params).
     """
+
     def weighted_margin(p):
         return (lam * margins(functional_call(model, (p, buffers), (x,)), labels)).sum()
 
@@ -227,13 +275,22 @@ def pixel_prior(x: torch.Tensor) -> torch.Tensor:
 def unit_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters divided by their joint L2 norm, detached."""
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    norm = torch.sqrt(sum((p.double() ** 2).sum() for p in params.values())).to(next(iter(params.values())).dtype)
+    norm = torch.sqrt(sum((p.double() ** 2).sum() for p in params.values())).to(
+        next(iter(params.values())).dtype
+    )
     return {k: p / norm for k, p in params.items()}
 
 
-def kkt_loss(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-             x: torch.Tensor, labels: torch.Tensor, free: torch.Tensor, lambda_min: float,
-             prior_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kkt_loss(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    free: torch.Tensor,
+    lambda_min: float,
+    prior_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, KKT residual, pixel prior) of the objective in the module docstring."""
     residual = kkt_residual(model, params, buffers, x, labels, lambdas_from(free, lambda_min))
     prior = pixel_prior(x)
@@ -250,9 +307,19 @@ def candidate_labels(count: int, num_classes: int) -> torch.Tensor:
     return balanced_labels(count, num_classes).sort().values
 
 
-def attack(model: nn.Module, num_train: int | None = None, config: KKTConfig | None = None, *,
-           labels: torch.Tensor | None = None, device=None, progress: bool = True, run_dir=None,
-           model_path: str | None = None, dataset: str | None = None, subset: int | None = None) -> KKTResult:
+def attack(
+    model: nn.Module,
+    num_train: int | None = None,
+    config: KKTConfig | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    device=None,
+    progress: bool = True,
+    run_dir=None,
+    model_path: str | None = None,
+    dataset: str | None = None,
+    subset: int | None = None,
+) -> KKTResult:
     """Run the KKT reconstruction against `model` (an ImageClassifier: num_classes, input_shape).
 
     Candidates: `labels` if given, else config.candidates (default 2 * num_train) balanced labels.
@@ -262,13 +329,17 @@ def attack(model: nn.Module, num_train: int | None = None, config: KKTConfig | N
 
     config = config or KKTConfig()
     if not hasattr(model, "num_classes") or not hasattr(model, "input_shape"):
-        raise TypeError(f"model must be an image classifier with num_classes and input_shape, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be an image classifier with num_classes and input_shape, got {type(model).__name__}"
+        )
     num_classes, shape = int(model.num_classes), tuple(model.input_shape)
     if labels is None:
         count = config.candidates
         if count is None:
             if num_train is None:
-                raise ValueError("num_train is required when neither labels nor config.candidates is given")
+                raise ValueError(
+                    "num_train is required when neither labels nor config.candidates is given"
+                )
             count = 2 * check_positive_int(num_train, "num_train")
         labels = candidate_labels(count, num_classes)
     check_labels(labels, "labels", num_classes)
@@ -279,31 +350,50 @@ def attack(model: nn.Module, num_train: int | None = None, config: KKTConfig | N
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     labels = labels.to(device)
     gen = torch.Generator().manual_seed(config.seed)
-    x = (0.5 + config.init_scale * torch.randn(len(labels), *shape, generator=gen)).to(device).requires_grad_(True)
+    x = (
+        (0.5 + config.init_scale * torch.randn(len(labels), *shape, generator=gen))
+        .to(device)
+        .requires_grad_(True)
+    )
     # softplus^-1(lambda_init - lambda_min); see KKTConfig for why the multipliers start small.
-    free = torch.full((len(labels),), math.log(math.expm1(config.lambda_init - config.lambda_min)), device=device)
+    free = torch.full(
+        (len(labels),), math.log(math.expm1(config.lambda_init - config.lambda_min)), device=device
+    )
     free.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [x], "lr": config.lr_x}, {"params": [free], "lr": config.lr_lambda}])
+    opt = torch.optim.Adam(
+        [{"params": [x], "lr": config.lr_x}, {"params": [free], "lr": config.lr_lambda}]
+    )
     history: dict[str, list[float]] = {"loss": [], "kkt": [], "prior": []}
     bar = progress_bar(range(config.steps), progress, desc="kkt")
     for step in bar:
-        loss, residual, prior = kkt_loss(model, params, buffers, x, labels, free, config.lambda_min, config.prior_weight)
+        loss, residual, prior = kkt_loss(
+            model, params, buffers, x, labels, free, config.lambda_min, config.prior_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % config.log_every == 0 or step == config.steps - 1:
             values = [float(v.detach()) for v in (loss, residual, prior)]
             if not all(math.isfinite(v) for v in values):
-                raise FloatingPointError(f"kkt: the loss became non-finite at step {step} ({values})")
+                raise FloatingPointError(
+                    f"kkt: the loss became non-finite at step {step} ({values})"
+                )
             for key, v in zip(("loss", "kkt", "prior"), values):
                 history[key].append(v)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(kkt=f"{values[1]:.4f}")
     result = KKTResult(
-        images=x.detach().clamp(0, 1).float().cpu(), labels=labels.cpu(),
-        lambdas=lambdas_from(free.detach(), config.lambda_min).float().cpu(), history=history, config=config,
-        num_classes=num_classes, image_shape=shape, train_seconds=time.perf_counter() - start,
-        model=model_path, dataset=dataset, subset=subset,
+        images=x.detach().clamp(0, 1).float().cpu(),
+        labels=labels.cpu(),
+        lambdas=lambdas_from(free.detach(), config.lambda_min).float().cpu(),
+        history=history,
+        config=config,
+        num_classes=num_classes,
+        image_shape=shape,
+        train_seconds=time.perf_counter() - start,
+        model=model_path,
+        dataset=dataset,
+        subset=subset,
     )
     if run_dir is not None:
         result.save_to(run_dir)

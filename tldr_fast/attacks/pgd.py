@@ -27,7 +27,12 @@ STEP_SIZE_FACTOR = 2.5
 
 def check_epsilon(epsilon, name: str = "epsilon") -> float:
     """A perturbation budget must be a finite number > 0."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not math.isfinite(epsilon)
+        or epsilon <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}")
     return float(epsilon)
 
@@ -73,7 +78,11 @@ def l2_pgd(
     check_images(images, "images")
     epsilon = check_epsilon(epsilon)
     steps = check_positive_int(steps, "steps")
-    step_size = default_step_size(epsilon, steps) if step_size is None else check_epsilon(step_size, "step_size")
+    step_size = (
+        default_step_size(epsilon, steps)
+        if step_size is None
+        else check_epsilon(step_size, "step_size")
+    )
     direction = 1.0 if maximize else -1.0
     start = images.detach()
     x = start.clone()
@@ -120,8 +129,18 @@ def robust_accuracy(
 ) -> float:
     """Accuracy under untargeted l2-PGD at radius epsilon; epsilon = 0 gives the clean accuracy."""
     check_images(images, "images")
-    check_labels(labels, "labels", getattr(model, "num_classes", int(labels.max()) + 1), batch=images.shape[0])
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+    check_labels(
+        labels,
+        "labels",
+        getattr(model, "num_classes", int(labels.max()) + 1),
+        batch=images.shape[0],
+    )
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not math.isfinite(epsilon)
+        or epsilon < 0
+    ):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     batch_size = check_positive_int(batch_size, "batch_size")
     correct = 0

@@ -40,7 +40,9 @@ def _block_sizes(size: tuple[int, int], blocks) -> list[tuple[tuple[int, int], t
         ch, cw = h - k + 1, w - k + 1
         h, w = (ch - p) // s + 1, (cw - p) // s + 1
         if min(ch, cw) < p:
-            raise ValueError(f"image size {size} is too small for the on-device blocks {blocks} (block {i} gets {(ch, cw)})")
+            raise ValueError(
+                f"image size {size} is too small for the on-device blocks {blocks} (block {i} gets {(ch, cw)})"
+            )
         sizes.append(((ch, cw), (h, w)))
     return sizes
 
@@ -62,8 +64,15 @@ class SplitClassifier(ImageClassifier):
 
     blocks: tuple[tuple[int, int, int, int], ...] = ()
 
-    def __init__(self, in_channels: int, num_classes: int, image_size, norm: str = "none",
-                 dropout: float = 0.0, hidden: int = 256):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size,
+        norm: str = "none",
+        dropout: float = 0.0,
+        hidden: int = 256,
+    ):
         super().__init__(in_channels, num_classes, image_size)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -74,14 +83,22 @@ class SplitClassifier(ImageClassifier):
         layers: list[nn.Module] = []
         c_in = in_channels
         for c_out, k, p, s in self.blocks:
-            layers += [nn.Conv2d(c_in, c_out, k), nn.ReLU(), *_norm(norm, c_out), nn.MaxPool2d(p, s)]
+            layers += [
+                nn.Conv2d(c_in, c_out, k),
+                nn.ReLU(),
+                *_norm(norm, c_out),
+                nn.MaxPool2d(p, s),
+            ]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             c_in = c_out
         self.on_device = nn.Sequential(*layers)
         self.activation_shape = (c_in, *sizes[-1][1])
         self.server_hidden = nn.Sequential(
-            nn.Flatten(), nn.Linear(math.prod(self.activation_shape), self.hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(math.prod(self.activation_shape), self.hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
         )
         self.classifier = nn.Linear(self.hidden, num_classes)
 
@@ -114,8 +131,15 @@ class MnistSplitNet(SplitClassifier):
     arch = "MnistSplitNet"
     blocks = MNIST_BLOCKS
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size=28, norm: str = "none",
-                 dropout: float = 0.0, hidden: int = 256):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size=28,
+        norm: str = "none",
+        dropout: float = 0.0,
+        hidden: int = 256,
+    ):
         super().__init__(in_channels, num_classes, image_size, norm, dropout, hidden)
 
 
@@ -127,8 +151,15 @@ class OmniglotSplitNet(SplitClassifier):
     arch = "OmniglotSplitNet"
     blocks = OMNIGLOT_BLOCKS
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 5, image_size=105, norm: str = "batch",
-                 dropout: float = 0.2, hidden: int = 256):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 5,
+        image_size=105,
+        norm: str = "batch",
+        dropout: float = 0.2,
+        hidden: int = 256,
+    ):
         super().__init__(in_channels, num_classes, image_size, norm, dropout, hidden)
 
 
@@ -150,7 +181,11 @@ class InversionDecoder(nn.Module):
         for i, ((_, k, p, s), ((ch, cw), (h, w))) in enumerate(reversed_blocks):
             # The pooled map (h, w) came from (ch, cw): undo the pool, then the conv.
             pad = (ch - ((h - 1) * s + p), cw - ((w - 1) * s + p))
-            layers += [nn.ConvTranspose2d(c_in, width, p, stride=s, output_padding=pad), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [
+                nn.ConvTranspose2d(c_in, width, p, stride=s, output_padding=pad),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
             last = i == len(reversed_blocks) - 1
             c_out = target.in_channels if last else width
             layers.append(nn.ConvTranspose2d(width, c_out, k))
@@ -163,17 +198,32 @@ class InversionDecoder(nn.Module):
 
 
 @torch.no_grad()
-def intercept_all(target: SplitClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def intercept_all(
+    target: SplitClassifier, images: torch.Tensor, batch_size: int = 500
+) -> torch.Tensor:
     """On-device activations of all images, target in eval mode (what a deployed device sends)."""
     was_training = target.training
     target.eval()
-    out = torch.cat([target.intercept(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    out = torch.cat(
+        [
+            target.intercept(images[i : i + batch_size])
+            for i in range(0, images.shape[0], batch_size)
+        ]
+    )
     target.train(was_training)
     return out
 
 
-def train_decoder(target: SplitClassifier, aux_images: torch.Tensor, epochs: int = 10, batch_size: int = 64,
-                  lr: float = 1e-3, width: int = 64, seed: int = 0, progress: bool = True) -> InversionDecoder:
+def train_decoder(
+    target: SplitClassifier,
+    aux_images: torch.Tensor,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    width: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> InversionDecoder:
     """Fit an InversionDecoder with MSE on (D(a), a) pairs from the attacker's auxiliary images."""
     from tqdm.auto import tqdm
 
@@ -181,7 +231,9 @@ def train_decoder(target: SplitClassifier, aux_images: torch.Tensor, epochs: int
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     if batch_size > aux_images.shape[0]:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed the number of auxiliary images ({aux_images.shape[0]})")
+        raise ValueError(
+            f"batch_size ({batch_size}) must not exceed the number of auxiliary images ({aux_images.shape[0]})"
+        )
     torch.manual_seed(seed)
     codes = intercept_all(target, aux_images)
     decoder = InversionDecoder(target, width=width)
@@ -192,7 +244,7 @@ def train_decoder(target: SplitClassifier, aux_images: torch.Tensor, epochs: int
         order = torch.randperm(codes.shape[0], generator=gen)
         losses = []
         for start in range(0, codes.shape[0] - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = nn.functional.mse_loss(decoder(codes[idx]), aux_images[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,12 +256,15 @@ def train_decoder(target: SplitClassifier, aux_images: torch.Tensor, epochs: int
 
 
 @torch.no_grad()
-def reconstruct_inputs(target: SplitClassifier, decoder: InversionDecoder, images: torch.Tensor,
-                       batch_size: int = 500) -> torch.Tensor:
+def reconstruct_inputs(
+    target: SplitClassifier, decoder: InversionDecoder, images: torch.Tensor, batch_size: int = 500
+) -> torch.Tensor:
     """G(D(x)) for every image: the attacker's guess of each input from what left the device."""
     check_images(images, "images", expected_shape=target.input_shape)
     codes = intercept_all(target, images, batch_size)
-    return torch.cat([decoder(codes[i:i + batch_size]) for i in range(0, codes.shape[0], batch_size)])
+    return torch.cat(
+        [decoder(codes[i : i + batch_size]) for i in range(0, codes.shape[0], batch_size)]
+    )
 
 
 def image_scores(originals: torch.Tensor, guesses: torch.Tensor) -> dict[str, float]:
@@ -217,9 +272,14 @@ def image_scores(originals: torch.Tensor, guesses: torch.Tensor) -> dict[str, fl
     from tldr_fast.ssim import ssim
 
     if originals.shape != guesses.shape:
-        raise ValueError(f"originals {tuple(originals.shape)} and guesses {tuple(guesses.shape)} differ in shape")
+        raise ValueError(
+            f"originals {tuple(originals.shape)} and guesses {tuple(guesses.shape)} differ in shape"
+        )
     a, b = originals.detach().cpu().float(), guesses.detach().cpu().float().clamp(0, 1)
-    return {"mse": float(((a.double() - b.double()) ** 2).mean()), "ssim": float(ssim(a, b).double().mean())}
+    return {
+        "mse": float(((a.double() - b.double()) ** 2).mean()),
+        "ssim": float(ssim(a, b).double().mean()),
+    }
 
 
 def mean_image_baseline(aux_images: torch.Tensor, test_images: torch.Tensor) -> dict[str, float]:
@@ -228,7 +288,9 @@ def mean_image_baseline(aux_images: torch.Tensor, test_images: torch.Tensor) -> 
     return image_scores(test_images, guess)
 
 
-def save_comparison_png(path, originals: torch.Tensor, guesses: torch.Tensor, count: int = 16, pad: int = 2) -> Path:
+def save_comparison_png(
+    path, originals: torch.Tensor, guesses: torch.Tensor, count: int = 16, pad: int = 2
+) -> Path:
     """A PNG with `count` originals in the top row and their reconstructions below."""
     from PIL import Image
 
@@ -239,7 +301,7 @@ def save_comparison_png(path, originals: torch.Tensor, guesses: torch.Tensor, co
     for r in range(2):
         for i in range(n):
             y, x = pad + r * (h + pad), pad + i * (w + pad)
-            canvas[:, y:y + h, x:x + w] = rows[r, i]
+            canvas[:, y : y + h, x : x + w] = rows[r, i]
     pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
@@ -267,8 +329,14 @@ def _take(n: int | None, available: int, name: str) -> int:
     return n
 
 
-def split_data(dataset: str = "mnist", n_target: int | None = None, n_aux: int | None = None,
-               n_test: int | None = None, seed: int = 0, root=None) -> SplitData:
+def split_data(
+    dataset: str = "mnist",
+    n_target: int | None = None,
+    n_aux: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    root=None,
+) -> SplitData:
     """Disjoint target / auxiliary / test sets.
 
     mnist, mnist-bundled: the training split is shuffled (seeded) and halved; the target trains on
@@ -286,38 +354,67 @@ def split_data(dataset: str = "mnist", n_target: int | None = None, n_aux: int |
         test_images, test_labels = datasets.load(dataset, split="test", root=root)
         order = torch.randperm(images.shape[0], generator=gen)
         half = images.shape[0] // 2
-        t_idx = order[:_take(n_target, half, "n_target")]
-        a_idx = order[half:half + _take(n_aux, images.shape[0] - half, "n_aux")]
-        test_idx = torch.randperm(test_images.shape[0], generator=gen)[:_take(n_test, test_images.shape[0], "n_test")]
-        return SplitData(images[t_idx], labels[t_idx], images[a_idx], test_images[test_idx], test_labels[test_idx], 10,
-                         f"{dataset}: target on {len(t_idx)} of one half of the training split, attacker on "
-                         f"{len(a_idx)} of the other half, {len(test_idx)} test-split inputs")
+        t_idx = order[: _take(n_target, half, "n_target")]
+        a_idx = order[half : half + _take(n_aux, images.shape[0] - half, "n_aux")]
+        test_idx = torch.randperm(test_images.shape[0], generator=gen)[
+            : _take(n_test, test_images.shape[0], "n_test")
+        ]
+        return SplitData(
+            images[t_idx],
+            labels[t_idx],
+            images[a_idx],
+            test_images[test_idx],
+            test_labels[test_idx],
+            10,
+            f"{dataset}: target on {len(t_idx)} of one half of the training split, attacker on "
+            f"{len(a_idx)} of the other half, {len(test_idx)} test-split inputs",
+        )
     if dataset == "omniglot":
         target = datasets.load_dataset("omniglot", split="background_small2", root=root)
         alphabets = sorted({name.split("/")[0] for name in target.class_names})
         # The two small sets share Greek and Latin (1,000 identical files): the attacker keeps
         # only the alphabets the target never saw.
         aux = datasets.load_dataset("omniglot", split="background_small1", root=root)
-        aux_classes = [i for i, name in enumerate(aux.class_names) if name.split("/")[0] not in alphabets]
+        aux_classes = [
+            i for i, name in enumerate(aux.class_names) if name.split("/")[0] not in alphabets
+        ]
         aux_images = aux.images[torch.isin(aux.labels, torch.tensor(aux_classes))]
         aux_alphabets = sorted({aux.class_names[i].split("/")[0] for i in aux_classes})
-        alphabet_of = torch.tensor([alphabets.index(name.split("/")[0]) for name in target.class_names])
+        alphabet_of = torch.tensor(
+            [alphabets.index(name.split("/")[0]) for name in target.class_names]
+        )
         drawing = torch.zeros_like(target.labels)
         for c in range(target.num_classes):
             members = torch.nonzero(target.labels == c).flatten()
             drawing[members] = torch.arange(members.numel())
         train_pool = torch.nonzero(drawing < 14).flatten()
         test_pool = torch.nonzero(drawing >= 14).flatten()
-        t_idx = train_pool[torch.randperm(train_pool.numel(), generator=gen)[:_take(n_target, train_pool.numel(), "n_target")]]
-        test_idx = test_pool[torch.randperm(test_pool.numel(), generator=gen)[:_take(n_test, test_pool.numel(), "n_test")]]
-        a_idx = torch.randperm(aux_images.shape[0], generator=gen)[:_take(n_aux, aux_images.shape[0], "n_aux")]
+        t_idx = train_pool[
+            torch.randperm(train_pool.numel(), generator=gen)[
+                : _take(n_target, train_pool.numel(), "n_target")
+            ]
+        ]
+        test_idx = test_pool[
+            torch.randperm(test_pool.numel(), generator=gen)[
+                : _take(n_test, test_pool.numel(), "n_test")
+            ]
+        ]
+        a_idx = torch.randperm(aux_images.shape[0], generator=gen)[
+            : _take(n_aux, aux_images.shape[0], "n_aux")
+        ]
         labels = alphabet_of[target.labels]
-        return SplitData(target.images[t_idx], labels[t_idx], aux_images[a_idx], target.images[test_idx], labels[test_idx],
-                         len(alphabets),
-                         f"omniglot: target classifies the {len(alphabets)} alphabets of background_small2 "
-                         f"({', '.join(alphabets)}) from {len(t_idx)} images (drawings 1-14), test on {len(test_idx)} "
-                         f"drawings 15-20, attacker on {len(a_idx)} images of background_small1's other alphabets "
-                         f"({', '.join(aux_alphabets)})")
+        return SplitData(
+            target.images[t_idx],
+            labels[t_idx],
+            aux_images[a_idx],
+            target.images[test_idx],
+            labels[test_idx],
+            len(alphabets),
+            f"omniglot: target classifies the {len(alphabets)} alphabets of background_small2 "
+            f"({', '.join(alphabets)}) from {len(t_idx)} images (drawings 1-14), test on {len(test_idx)} "
+            f"drawings 15-20, attacker on {len(a_idx)} images of background_small1's other alphabets "
+            f"({', '.join(aux_alphabets)})",
+        )
     raise ValueError(f"dataset must be 'mnist', 'mnist-bundled' or 'omniglot', got {dataset!r}")
 
 
@@ -325,7 +422,11 @@ def build_target(dataset: str, num_classes: int, private: bool) -> SplitClassifi
     """The paper's target for the dataset; Omniglot without BatchNorm and dropout when trained privately
     (the paper drops dropout for its DP runs; Opacus forbids BatchNorm, GroupNorm replaces it)."""
     if dataset == "omniglot":
-        return OmniglotSplitNet(num_classes=num_classes, norm="group" if private else "batch", dropout=0.0 if private else 0.2)
+        return OmniglotSplitNet(
+            num_classes=num_classes,
+            norm="group" if private else "batch",
+            dropout=0.0 if private else 0.2,
+        )
     return MnistSplitNet(num_classes=num_classes)
 
 
@@ -364,30 +465,47 @@ class SplitAttackConfig:
 
     def __post_init__(self):
         if not self.noise_multipliers and not self.untrained_row:
-            raise ValueError("no rows: noise_multipliers must name at least one setting (None for non-private) "
-                             "or untrained_row must be set")
-        for epochs, name in ((self.target_epochs, "target_epochs"), (self.decoder_epochs, "decoder_epochs")):
+            raise ValueError(
+                "no rows: noise_multipliers must name at least one setting (None for non-private) "
+                "or untrained_row must be set"
+            )
+        for epochs, name in (
+            (self.target_epochs, "target_epochs"),
+            (self.decoder_epochs, "decoder_epochs"),
+        ):
             check_positive_int(epochs, name)
         check_positive_int(self.seed, "seed", minimum=0)
         if self.seeds is not None:
             self.seeds = tuple(self.seeds)
             if not self.seeds:
-                raise ValueError("seeds must name at least one training seed (or be None: the data seed alone)")
+                raise ValueError(
+                    "seeds must name at least one training seed (or be None: the data seed alone)"
+                )
             for seed in self.seeds:
                 check_positive_int(seed, "seeds", minimum=0)
             if len(set(self.seeds)) != len(self.seeds):
-                raise ValueError(f"seeds must not repeat (a repeated seed reruns the same row), got {self.seeds}")
+                raise ValueError(
+                    f"seeds must not repeat (a repeated seed reruns the same row), got {self.seeds}"
+                )
         # Fail before any training: every row's DP settings are checked up front.
         for noise in self.noise_multipliers:
-            DPTrainingConfig(noise_multiplier=noise, max_grad_norm=self.max_grad_norm, epochs=self.target_epochs,
-                             batch_size=self.batch_size, lr=self.lr, delta=self.delta)
+            DPTrainingConfig(
+                noise_multiplier=noise,
+                max_grad_norm=self.max_grad_norm,
+                epochs=self.target_epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                delta=self.delta,
+            )
 
     @property
     def training_seeds(self) -> tuple[int, ...]:
         return self.seeds if self.seeds is not None else (self.seed,)
 
 
-INTERVAL = "95% Student t over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the sample standard deviation"
+INTERVAL = (
+    "95% Student t over seeds: mean +- t(0.975, n-1) * s / sqrt(n), s the sample standard deviation"
+)
 
 
 def t_interval(values, confidence: float = 0.95) -> dict:
@@ -403,8 +521,13 @@ def t_interval(values, confidence: float = 0.95) -> dict:
     if n > 1:
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
         half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-    return {"values": values, "mean": mean, "half_width": half,
-            "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+    return {
+        "values": values,
+        "mean": mean,
+        "half_width": half,
+        "low": None if half is None else mean - half,
+        "high": None if half is None else mean + half,
+    }
 
 
 def _row_tag(noise: float | None) -> str:
@@ -430,7 +553,9 @@ def run_split_attack(config: SplitAttackConfig, run_dir, progress: bool = True, 
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = split_data(config.dataset, config.n_target, config.n_aux, config.n_test, config.seed, root=root)
+    data = split_data(
+        config.dataset, config.n_target, config.n_aux, config.n_test, config.seed, root=root
+    )
     settings = list(config.noise_multipliers) + ([math.inf] if config.untrained_row else [])
     summary = {
         "config": asdict(config),
@@ -451,8 +576,14 @@ def run_split_attack(config: SplitAttackConfig, run_dir, progress: bool = True, 
     return summary
 
 
-def _run_row(noise: float | None, seed: int, data: SplitData, config: SplitAttackConfig, run_dir: Path,
-             progress: bool) -> tuple[dict, dict]:
+def _run_row(
+    noise: float | None,
+    seed: int,
+    data: SplitData,
+    config: SplitAttackConfig,
+    run_dir: Path,
+    progress: bool,
+) -> tuple[dict, dict]:
     """Train (or, for noise inf, leave untrained), save and attack one target.
 
     Returns the row's seed-independent part (noise, privacy, architecture) and this seed's results.
@@ -463,13 +594,27 @@ def _run_row(noise: float | None, seed: int, data: SplitData, config: SplitAttac
     torch.manual_seed(seed)
     target = build_target(config.dataset, data.num_classes, private=private)
     if untrained:
-        head = {"noise_multiplier": math.inf, "epsilon_classic": 0.0, "epsilon_prv": 0.0, "privacy": None}
+        head = {
+            "noise_multiplier": math.inf,
+            "epsilon_classic": 0.0,
+            "epsilon_prv": 0.0,
+            "privacy": None,
+        }
         history = []
         target.eval()
     else:
-        train_cfg = DPTrainingConfig(noise_multiplier=noise, max_grad_norm=config.max_grad_norm, epochs=config.target_epochs,
-                                     batch_size=config.batch_size, lr=config.lr, delta=config.delta, seed=seed)
-        trained = train_dp(target, data.target_images, data.target_labels, train_cfg, progress=progress)
+        train_cfg = DPTrainingConfig(
+            noise_multiplier=noise,
+            max_grad_norm=config.max_grad_norm,
+            epochs=config.target_epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            delta=config.delta,
+            seed=seed,
+        )
+        trained = train_dp(
+            target, data.target_images, data.target_labels, train_cfg, progress=progress
+        )
         privacy = trained.privacy.to_dict() if trained.privacy is not None else None
         head = {
             "noise_multiplier": noise,
@@ -484,20 +629,45 @@ def _run_row(noise: float | None, seed: int, data: SplitData, config: SplitAttac
     return head, {"seed": seed, "history": history, **result}
 
 
-def _attack(target: SplitClassifier, noise: float | None, tag: str, seed: int, data: SplitData,
-            config: SplitAttackConfig, run_dir: Path, progress: bool) -> dict:
+def _attack(
+    target: SplitClassifier,
+    noise: float | None,
+    tag: str,
+    seed: int,
+    data: SplitData,
+    config: SplitAttackConfig,
+    run_dir: Path,
+    progress: bool,
+) -> dict:
     """Score, save and attack one target: its test accuracy, attack scores, decoder history and picture."""
     from tldr_fast import serialization
     from tldr_fast.training import evaluate_classifier
 
     accuracy = evaluate_classifier(target, data.test_images, data.test_labels)
-    serialization.save(run_dir / f"target-{tag}.safetensors", target,
-                       metadata={"dataset": config.dataset, "noise_multiplier": _json_safe(noise), "seed": seed,
-                                 "test_accuracy": accuracy})
-    decoder = train_decoder(target, data.aux_images, epochs=config.decoder_epochs, batch_size=config.decoder_batch_size,
-                            lr=config.decoder_lr, width=config.decoder_width, seed=seed, progress=progress)
+    serialization.save(
+        run_dir / f"target-{tag}.safetensors",
+        target,
+        metadata={
+            "dataset": config.dataset,
+            "noise_multiplier": _json_safe(noise),
+            "seed": seed,
+            "test_accuracy": accuracy,
+        },
+    )
+    decoder = train_decoder(
+        target,
+        data.aux_images,
+        epochs=config.decoder_epochs,
+        batch_size=config.decoder_batch_size,
+        lr=config.decoder_lr,
+        width=config.decoder_width,
+        seed=seed,
+        progress=progress,
+    )
     guesses = reconstruct_inputs(target, decoder, data.test_images)
-    picture = save_comparison_png(run_dir / f"recon-{tag}.png", data.test_images, guesses, count=config.pictures)
+    picture = save_comparison_png(
+        run_dir / f"recon-{tag}.png", data.test_images, guesses, count=config.pictures
+    )
     return {
         "target_test_accuracy": accuracy,
         "attack": image_scores(data.test_images, guesses),
@@ -508,23 +678,40 @@ def _attack(target: SplitClassifier, noise: float | None, tag: str, seed: int, d
 
 def _summarise_rows(rows: list[tuple[dict, list[dict]]]) -> list[dict]:
     """Per row: means and t intervals over seeds, and differences from the non-private row seed by seed."""
-    reference = next(({r["seed"]: r for r in results} for head, results in rows if head["noise_multiplier"] is None), None)
+    reference = next(
+        (
+            {r["seed"]: r for r in results}
+            for head, results in rows
+            if head["noise_multiplier"] is None
+        ),
+        None,
+    )
     out = []
     for head, results in rows:
-        stats = {"target_test_accuracy": t_interval([r["target_test_accuracy"] for r in results]),
-                 "mse": t_interval([r["attack"]["mse"] for r in results]),
-                 "ssim": t_interval([r["attack"]["ssim"] for r in results])}
-        row = {**head, "target_test_accuracy": stats["target_test_accuracy"]["mean"],
-               "attack": {"mse": stats["mse"]["mean"], "ssim": stats["ssim"]["mean"]},
-               "seed_statistics": stats, "per_seed": results}
+        stats = {
+            "target_test_accuracy": t_interval([r["target_test_accuracy"] for r in results]),
+            "mse": t_interval([r["attack"]["mse"] for r in results]),
+            "ssim": t_interval([r["attack"]["ssim"] for r in results]),
+        }
+        row = {
+            **head,
+            "target_test_accuracy": stats["target_test_accuracy"]["mean"],
+            "attack": {"mse": stats["mse"]["mean"], "ssim": stats["ssim"]["mean"]},
+            "seed_statistics": stats,
+            "per_seed": results,
+        }
         if len(results) == 1:  # one seed: the keys of a single-seed table
             row |= {key: results[0][key] for key in ("history", "decoder_history", "picture")}
         paired = [r for r in results if r["seed"] in (reference or {})]
         if head["noise_multiplier"] is not None and paired:
             row["paired_vs_nonprivate"] = {
                 "seeds": [r["seed"] for r in paired],
-                **{score: t_interval([r["attack"][score] - reference[r["seed"]]["attack"][score] for r in paired])
-                   for score in ("mse", "ssim")},
+                **{
+                    score: t_interval(
+                        [r["attack"][score] - reference[r["seed"]]["attack"][score] for r in paired]
+                    )
+                    for score in ("mse", "ssim")
+                },
             }
         out.append(row)
     return out

@@ -35,11 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tldr-fast",
         description="Reconstruct training-like images from a trained image classifier, and measure the leak.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.import_module('tldr_fast').__version__}")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of any error (also: TLDR_FAST_DEBUG=1)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.import_module('tldr_fast').__version__}",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of any error (also: TLDR_FAST_DEBUG=1)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     attack = commands.add_parser(
-        "attack", help="related attacks: KKT reconstruction, split-model inversion, Data-from-Model, BNN by SAT")
+        "attack",
+        help="related attacks: KKT reconstruction, split-model inversion, Data-from-Model, BNN by SAT",
+    )
     attacks = attack.add_subparsers(dest="attack", metavar="ATTACK", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands, attacks)
@@ -54,7 +64,12 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, argparse.SUPPRESS) or action.nargs == 0 and default is True:
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or action.nargs == 0
+            and default is True
+        ):
             return text
         if isinstance(default, (list, tuple)) and not default:
             return text
@@ -94,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("TLDR_FAST_DEBUG", "0") not in ("", "0")
-    prog = " ".join(["tldr-fast", args.command, *([args.attack] if getattr(args, "attack", None) else [])])
+    prog = " ".join(
+        ["tldr-fast", args.command, *([args.attack] if getattr(args, "attack", None) else [])]
+    )
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"{prog}: warning: {message}", file=sys.stderr
+        )
         try:
             check_outputs(args)
             return int(args.func(args) or 0)
@@ -106,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             status = _exit_status(err)
             if status is None:
-                _report(prog, f"unexpected error: {type(err).__name__}: {_first_line(err)} (rerun with --debug or "
-                              "TLDR_FAST_DEBUG=1 for the traceback)", debug)
+                _report(
+                    prog,
+                    f"unexpected error: {type(err).__name__}: {_first_line(err)} (rerun with --debug or "
+                    "TLDR_FAST_DEBUG=1 for the traceback)",
+                    debug,
+                )
                 return 1
             _report(prog, f"error: {err}", debug)
             return status

@@ -15,12 +15,26 @@ DEMO_SUBSET = 1000
 def register(commands, attacks) -> None:
     del attacks  # no attack subcommands here
     for kind, helptext in (
-        ("invert", "network inversion: train K generators whose images the classifier confidently labels"),
-        ("reconstruct", "training-like data reconstruction: all nine TLDR terms, hot conditioning vectors"),
+        (
+            "invert",
+            "network inversion: train K generators whose images the classifier confidently labels",
+        ),
+        (
+            "reconstruct",
+            "training-like data reconstruction: all nine TLDR terms, hot conditioning vectors",
+        ),
     ):
         p = commands.add_parser(kind, help=helptext, description=helptext)
-        p.add_argument("--model", required=True, help="classifier file written by `tldr-fast train` (.safetensors)")
-        p.add_argument("--out", required=True, help="run directory to write (images, grid.png, config, history)")
+        p.add_argument(
+            "--model",
+            required=True,
+            help="classifier file written by `tldr-fast train` (.safetensors)",
+        )
+        p.add_argument(
+            "--out",
+            required=True,
+            help="run directory to write (images, grid.png, config, history)",
+        )
         _add_engine_arguments(p, kind)
         p.set_defaults(func=_run_kind, kind=kind, writes={"--out": "dir"})
 
@@ -32,8 +46,12 @@ def register(commands, attacks) -> None:
         "directory (grid.png, images, metrics) and print where the pictures are.",
     )
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, default=15, help="classifier training epochs (default 15)")
-    demo.add_argument("--no-evaluate", action="store_true", help="skip the leakage evaluation at the end")
+    demo.add_argument(
+        "--epochs", type=int, default=15, help="classifier training epochs (default 15)"
+    )
+    demo.add_argument(
+        "--no-evaluate", action="store_true", help="skip the leakage evaluation at the end"
+    )
     _add_engine_arguments(demo, "reconstruct", base=DEMO_CONFIG)
     demo.set_defaults(func=_run_demo, kind="reconstruct", writes={"--out": "dir"})
 
@@ -51,44 +69,93 @@ def _preset_defaults(kind: str, base: dict | None = None):
         values = {name: getattr(cfg, field) for name, cfg in presets.items()}
         if len(set(values.values())) == 1:
             return f"default: {values['paper']} in both presets"
-        return "default: " + ", ".join(f"{value} with --preset {name}" for name, value in values.items())
+        return "default: " + ", ".join(
+            f"{value} with --preset {name}" for name, value in values.items()
+        )
 
     return text
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser, kind: str, base: dict | None = None) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--preset", choices=("paper", "authors"), default="paper",
-                   help="paper (default): the paper's method; authors: the TLDR authors' code and its quirks")
+    g.add_argument(
+        "--preset",
+        choices=("paper", "authors"),
+        default="paper",
+        help="paper (default): the paper's method; authors: the TLDR authors' code and its quirks",
+    )
     presets = _preset_defaults(kind, base)
     g.add_argument("--steps", type=int, help=f"training steps ({presets('steps')})")
-    g.add_argument("--batch-size", type=int, help=f"images per generator per step ({presets('batch_size')})")
-    g.add_argument("--generators", type=int, dest="num_generators",
-                   help=f"K generators trained together ({presets('num_generators')})")
+    g.add_argument(
+        "--batch-size", type=int, help=f"images per generator per step ({presets('batch_size')})"
+    )
+    g.add_argument(
+        "--generators",
+        type=int,
+        dest="num_generators",
+        help=f"K generators trained together ({presets('num_generators')})",
+    )
     g.add_argument("--lr", type=float, help=f"Adam learning rate ({presets('lr')})")
-    g.add_argument("--seed", type=int, help=f"seed; seeded CPU runs are bit-for-bit reproducible ({presets('seed')})")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed; seeded CPU runs are bit-for-bit reproducible ({presets('seed')})",
+    )
     if kind == "reconstruct":
-        g.add_argument("--eps", type=float,
-                       help=f"L-inf perturbation radius on the [0, 1] pixel scale ({presets('eps')})")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any config field, e.g. --set gamma=0 --set output_activation=tanh (repeatable)")
-    g.add_argument("--samples-per-class", type=int, default=10, help="images per class per generator in the result")
-    g.add_argument("--checkpoint-every", type=int,
-                   help=f"checkpoint every n steps, 0: never ({presets('checkpoint_every')})")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the newest readable checkpoint in --out (falls back past damaged ones)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete the run already in --out (its checkpoints and outputs) and start again")
+        g.add_argument(
+            "--eps",
+            type=float,
+            help=f"L-inf perturbation radius on the [0, 1] pixel scale ({presets('eps')})",
+        )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any config field, e.g. --set gamma=0 --set output_activation=tanh (repeatable)",
+    )
+    g.add_argument(
+        "--samples-per-class",
+        type=int,
+        default=10,
+        help="images per class per generator in the result",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"checkpoint every n steps, 0: never ({presets('checkpoint_every')})",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest readable checkpoint in --out (falls back past damaged ones)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --out (its checkpoints and outputs) and start again",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--classifier-chunk-size", type=int,
-                   help="run the classifier on chunks of this many images per generator: bounds the memory "
-                        "of large batches (the diversity losses still compare the whole batch)")
-    g.add_argument("--features", metavar="LAYER", default=None,
-                   help="submodule of the classifier whose output (flattened) the diversity terms compare "
-                        "(default: its forward_with_features, else the input of its last nn.Linear)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the step (CUDA: replayed as a CUDA graph); the first compile takes "
-                        "minutes on a CPU, later processes reuse the on-disk cache (default: off)")
+    g.add_argument(
+        "--classifier-chunk-size",
+        type=int,
+        help="run the classifier on chunks of this many images per generator: bounds the memory "
+        "of large batches (the diversity losses still compare the whole batch)",
+    )
+    g.add_argument(
+        "--features",
+        metavar="LAYER",
+        default=None,
+        help="submodule of the classifier whose output (flattened) the diversity terms compare "
+        "(default: its forward_with_features, else the input of its last nn.Linear)",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the step (CUDA: replayed as a CUDA graph); the first compile takes "
+        "minutes on a CPU, later processes reuse the on-disk cache (default: off)",
+    )
 
 
 def _config(args, config_cls, base: dict | None = None):
@@ -98,13 +165,24 @@ def _config(args, config_cls, base: dict | None = None):
     for item in args.set:
         name, sep, raw = item.partition("=")
         if not sep or name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+            raise ValueError(
+                f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}"
+            )
         try:
             overrides[name] = _parse_value(raw, fields[name].default)
         except ValueError as err:
             raise ValueError(f"--set {item}: field {name} {err}") from None
-    for name in ("steps", "batch_size", "num_generators", "lr", "seed", "eps", "checkpoint_every",
-                 "classifier_chunk_size", "compile"):
+    for name in (
+        "steps",
+        "batch_size",
+        "num_generators",
+        "lr",
+        "seed",
+        "eps",
+        "checkpoint_every",
+        "classifier_chunk_size",
+        "compile",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -117,8 +195,13 @@ def _parse_value(raw: str, default):
         if raw.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expects true or false, got {raw!r}")
         return raw.lower() in ("true", "1")
-    kind, parse = (("an integer", int) if isinstance(default, int) or default is None else
-                   ("a number", float) if isinstance(default, float) else ("", None))
+    kind, parse = (
+        ("an integer", int)
+        if isinstance(default, int) or default is None
+        else ("a number", float)
+        if isinstance(default, float)
+        else ("", None)
+    )
     if parse is None:
         return raw
     if default is None and raw.lower() == "none":
@@ -126,7 +209,9 @@ def _parse_value(raw: str, default):
     try:
         return parse(raw)
     except ValueError:
-        raise ValueError(f"expects {kind}{' or none' if default is None else ''}, got {raw!r}") from None
+        raise ValueError(
+            f"expects {kind}{' or none' if default is None else ''}, got {raw!r}"
+        ) from None
 
 
 def _train_and_report(kind: str, classifier, config, args, **meta):
@@ -138,9 +223,17 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
     start = time.perf_counter()
     try:
         result = entry(
-            classifier, classifier.num_classes, classifier.input_shape, config,
-            run_dir=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-            samples_per_class=args.samples_per_class, features=args.features, **meta,
+            classifier,
+            classifier.num_classes,
+            classifier.input_shape,
+            config,
+            run_dir=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            samples_per_class=args.samples_per_class,
+            features=args.features,
+            **meta,
         )
     except NonFiniteLossError as err:
         print(f"tldr-fast {kind}: error: {err}", file=sys.stderr)
@@ -148,14 +241,27 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
     if not distributed.is_writer(distributed.current_shard(config.batch_size)):
         return result  # under torchrun rank 0 reports
     seconds = time.perf_counter() - start
-    scores = fidelity(result.images, result.labels, target=classifier, num_classes=classifier.num_classes,
-                      features=args.features)
-    compiled = "" if result.compile_seconds is None else f" (first compiled call {result.compile_seconds:.1f} s)"
-    print(f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s{compiled}; "
-          f"the target labels {scores['target_accuracy']:.1%} of {len(result.images)} images as intended, "
-          f"mean confidence {scores['target_mean_confidence']:.3f}")
+    scores = fidelity(
+        result.images,
+        result.labels,
+        target=classifier,
+        num_classes=classifier.num_classes,
+        features=args.features,
+    )
+    compiled = (
+        ""
+        if result.compile_seconds is None
+        else f" (first compiled call {result.compile_seconds:.1f} s)"
+    )
+    print(
+        f"{kind}: {config.num_generators} generators x {config.steps} steps in {seconds:.1f} s{compiled}; "
+        f"the target labels {scores['target_accuracy']:.1%} of {len(result.images)} images as intended, "
+        f"mean confidence {scores['target_mean_confidence']:.3f}"
+    )
     print(f"run directory: {Path(args.out).resolve()}")
-    print(f"pictures:      {(Path(args.out) / 'grid.png').resolve()}  (rows = classes, columns = generators x samples)")
+    print(
+        f"pictures:      {(Path(args.out) / 'grid.png').resolve()}  (rows = classes, columns = generators x samples)"
+    )
     return result
 
 
@@ -164,7 +270,9 @@ def _load_classifier(path: str):
 
     model = serialization.load(path)
     if not hasattr(model, "num_classes") or not hasattr(model, "input_shape"):
-        raise ValueError(f"{path} does not hold an image classifier with num_classes and input_shape")
+        raise ValueError(
+            f"{path} does not hold an image classifier with num_classes and input_shape"
+        )
     return model
 
 
@@ -188,8 +296,13 @@ def _reconstruct_from_file(args, device) -> int:
     config = _config(args, InversionConfig if args.kind == "invert" else ReconstructionConfig)
     meta = getattr(classifier, "metadata", {}) or {}
     result = _train_and_report(
-        args.kind, classifier, config, args,
-        model=str(Path(args.model).resolve()), dataset=meta.get("dataset"), subset=meta.get("subset"),
+        args.kind,
+        classifier,
+        config,
+        args,
+        model=str(Path(args.model).resolve()),
+        dataset=meta.get("dataset"),
+        subset=meta.get("subset"),
     )
     return 0 if result is not None else 1
 
@@ -216,22 +329,45 @@ def _demo(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
-    config = _config(args, ReconstructionConfig, base=DEMO_CONFIG)  # bad settings fail before any training
+    config = _config(
+        args, ReconstructionConfig, base=DEMO_CONFIG
+    )  # bad settings fail before any training
     images, labels = tf.datasets.load(DEMO_DATASET, subset=DEMO_SUBSET, seed=0)
     heldout = tf.datasets.load(DEMO_DATASET, split="test")
     print(f"training PaperCNN on {len(images)} bundled MNIST digits ...")
     classifier = tf.train_classifier(
-        build_seeded(lambda: PaperCNN(1, 10, 28), seed=0), images, labels, epochs=args.epochs, seed=0, test=heldout,
+        build_seeded(lambda: PaperCNN(1, 10, 28), seed=0),
+        images,
+        labels,
+        epochs=args.epochs,
+        seed=0,
+        test=heldout,
         progress=not args.no_progress,
     )
     report = classifier.train_report
-    print(f"classifier: train accuracy {report.train_accuracy:.1%}, held-out accuracy {report.test_accuracy:.1%} "
-          f"({report.seconds:.0f} s)")
+    print(
+        f"classifier: train accuracy {report.train_accuracy:.1%}, held-out accuracy {report.test_accuracy:.1%} "
+        f"({report.seconds:.0f} s)"
+    )
     model_path = out / "model.safetensors"
-    tf.save(model_path, classifier, metadata={"dataset": DEMO_DATASET, "subset": DEMO_SUBSET,
-                                              "test_accuracy": report.test_accuracy})
-    result = _train_and_report("reconstruct", classifier, config, args,
-                               model=str(model_path.resolve()), dataset=DEMO_DATASET, subset=DEMO_SUBSET)
+    tf.save(
+        model_path,
+        classifier,
+        metadata={
+            "dataset": DEMO_DATASET,
+            "subset": DEMO_SUBSET,
+            "test_accuracy": report.test_accuracy,
+        },
+    )
+    result = _train_and_report(
+        "reconstruct",
+        classifier,
+        config,
+        args,
+        model=str(model_path.resolve()),
+        dataset=DEMO_DATASET,
+        subset=DEMO_SUBSET,
+    )
     if result is None:
         return 1
     if not args.no_evaluate:

@@ -17,22 +17,55 @@ def register(commands, attacks) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with images.safetensors and config.json")
-    p.add_argument("--dataset", "--train-data", dest="train_data", metavar="NAME", default=None,
-                   help="dataset the target was trained on (default: from the model file or config.json)")
-    p.add_argument("--subset", type=int, default=None,
-                   help="balanced training subset size the target used (default: from the model file or config.json)")
-    p.add_argument("--seed", type=int, default=None, help="seed of that subset (default: recorded seed)")
-    p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
-    p.add_argument("--threshold", type=float, default=0.4, help="SSIM threshold for 'reconstructed'")
-    p.add_argument("--heldout", choices=("test", "none"), default="test",
-                   help="'test': compare against a balanced held-out set from the test split; 'none': skip the gap")
-    p.add_argument("--evaluator", default=None,
-                   help="evaluator model file; 'none' skips it; default: train an MLP on data disjoint from the target's")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the gap interval")
-    p.add_argument("--features", metavar="LAYER", default=None,
-                   help="submodule of the target whose output (flattened) the feature similarity compares "
-                        "(default: the run's recorded layer, else forward_with_features or the last nn.Linear's input)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="directory with images.safetensors and config.json"
+    )
+    p.add_argument(
+        "--dataset",
+        "--train-data",
+        dest="train_data",
+        metavar="NAME",
+        default=None,
+        help="dataset the target was trained on (default: from the model file or config.json)",
+    )
+    p.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="balanced training subset size the target used (default: from the model file or config.json)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of that subset (default: recorded seed)"
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.4, help="SSIM threshold for 'reconstructed'"
+    )
+    p.add_argument(
+        "--heldout",
+        choices=("test", "none"),
+        default="test",
+        help="'test': compare against a balanced held-out set from the test split; 'none': skip the gap",
+    )
+    p.add_argument(
+        "--evaluator",
+        default=None,
+        help="evaluator model file; 'none' skips it; default: train an MLP on data disjoint from the target's",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates for the gap interval"
+    )
+    p.add_argument(
+        "--features",
+        metavar="LAYER",
+        default=None,
+        help="submodule of the target whose output (flattened) the feature similarity compares "
+        "(default: the run's recorded layer, else forward_with_features or the last nn.Linear's input)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run, writes={"RUN_DIR": "run"})
@@ -51,14 +84,24 @@ def run(args) -> int:
     evaluator = False if args.evaluator == "none" else args.evaluator
     with claim(args.run_dir, "existing", "RUN_DIR"):  # no run may write into it meanwhile
         metrics = evaluate_run(
-            args.run_dir, train_data=args.train_data, subset=args.subset,
-            heldout_data=None if args.heldout == "none" else "test", evaluator=evaluator, seed=args.seed,
-            device=args.device, data_root=args.data_root, threshold=args.threshold,
-            num_bootstrap=args.bootstrap, progress=not args.no_progress, features=args.features,
+            args.run_dir,
+            train_data=args.train_data,
+            subset=args.subset,
+            heldout_data=None if args.heldout == "none" else "test",
+            evaluator=evaluator,
+            seed=args.seed,
+            device=args.device,
+            data_root=args.data_root,
+            threshold=args.threshold,
+            num_bootstrap=args.bootstrap,
+            progress=not args.no_progress,
+            features=args.features,
         )
     rows = summary_rows(metrics)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
-    print(f"wrote {args.run_dir}/metrics.json and {args.run_dir}/report.html ({metrics['seconds']:.1f} s)")
+    print(
+        f"wrote {args.run_dir}/metrics.json and {args.run_dir}/report.html ({metrics['seconds']:.1f} s)"
+    )
     return 0

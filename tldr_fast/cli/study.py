@@ -21,7 +21,11 @@ def register(commands, attacks) -> None:
     p.add_argument("spec", metavar="SPEC", help="study spec (.json or .toml)")
     p.add_argument("--out", default="runs/leakage-study", help="run root: targets/ and cells/")
     p.add_argument("--results", default=None, help="directory for the study files (default: --out)")
-    p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=run, writes={"--out": "dir", "--results": "dir"})
@@ -33,7 +37,16 @@ def run(args) -> int:
     from tldr_fast.study import read_spec, run_study
 
     spec = read_spec(args.spec)
-    rows = run_study(spec, args.out, args.results, data_root=args.data_root, device=args.device, progress=args.progress)
+    rows = run_study(
+        spec,
+        args.out,
+        args.results,
+        data_root=args.data_root,
+        device=args.device,
+        progress=args.progress,
+    )
     results = Path(args.results or args.out)
-    print(f"{len(rows)} cells; wrote {results / 'leakage-study.json'}, leakage-study.md and leakage-study.png")
+    print(
+        f"{len(rows)} cells; wrote {results / 'leakage-study.json'}, leakage-study.md and leakage-study.png"
+    )
     return 0

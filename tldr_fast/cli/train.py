@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import argparse
+from pathlib import Path
 
 ARCHS = {"cnn": "PaperCNN", "mlp": "MLP"}
 RECIPES = ("adam", "kkt")
@@ -19,12 +18,27 @@ def register(commands, attacks) -> None:
     )
     add_data_arguments(p)
     p.add_argument("--arch", choices=sorted(ARCHS), default="cnn", help="classifier architecture")
-    p.add_argument("--recipe", choices=RECIPES, default="adam",
-                   help="adam: mini-batch Adam on cross-entropy; kkt: the KKT attack's target (a bias-free "
-                        "ReLU MLP, small initialisation, full-batch gradient descent to near-zero loss, no "
-                        "weight decay; --arch, --epochs and --batch-size do not apply)")
-    p.add_argument("--kkt-steps", type=int, default=5000, help="kkt recipe: at most this many gradient-descent steps")
-    p.add_argument("--kkt-hidden", type=int, nargs="+", default=[1000], help="kkt recipe: hidden widths of the MLP")
+    p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="adam",
+        help="adam: mini-batch Adam on cross-entropy; kkt: the KKT attack's target (a bias-free "
+        "ReLU MLP, small initialisation, full-batch gradient descent to near-zero loss, no "
+        "weight decay; --arch, --epochs and --batch-size do not apply)",
+    )
+    p.add_argument(
+        "--kkt-steps",
+        type=int,
+        default=5000,
+        help="kkt recipe: at most this many gradient-descent steps",
+    )
+    p.add_argument(
+        "--kkt-hidden",
+        type=int,
+        nargs="+",
+        default=[1000],
+        help="kkt recipe: hidden widths of the MLP",
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -39,13 +53,30 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     from tldr_fast.datasets import NAMES
 
     p.add_argument("--dataset", choices=NAMES, default="mnist-bundled", help="training data")
-    p.add_argument("--subset", type=int, default=None, help="balanced training subset size (e.g. 1000)")
+    p.add_argument(
+        "--subset", type=int, default=None, help="balanced training subset size (e.g. 1000)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None, help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
+    )
 
 
-def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out: str, seed: int = 0,
-                   batch_size: int = 64, lr: float = 1e-3, data_root=None, device=None, progress: bool = True):
+def train_and_save(
+    dataset: str,
+    subset: int | None,
+    arch: str,
+    epochs: int,
+    out: str,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    data_root=None,
+    device=None,
+    progress: bool = True,
+):
     """Train `arch` on the dataset's (subset of the) training split, test on its test split, save."""
     import time
 
@@ -57,24 +88,50 @@ def train_and_save(dataset: str, subset: int | None, arch: str, epochs: int, out
     c, h, w = train.images.shape[1:]
     architecture = getattr(models, ARCHS.get(arch, arch))
     model = training.build_seeded(
-        lambda: architecture(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed)
+        lambda: architecture(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed
+    )
     training.train_classifier(
-        model, train.images, train.labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        test=(test.images, test.labels), device=device, progress=progress,
+        model,
+        train.images,
+        train.labels,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        test=(test.images, test.labels),
+        device=device,
+        progress=progress,
     )
     report = model.train_report
-    serialization.save(out, model.cpu(), metadata={
-        "dataset": dataset, "subset": subset, "seed": seed, "epochs": epochs,
-        "train_accuracy": report.train_accuracy, "test_accuracy": report.test_accuracy,
-        # `evaluate` rebuilds the training set from the same files.
-        **({"data_root": str(Path(data_root).resolve())} if data_root is not None else {}),
-    })
+    serialization.save(
+        out,
+        model.cpu(),
+        metadata={
+            "dataset": dataset,
+            "subset": subset,
+            "seed": seed,
+            "epochs": epochs,
+            "train_accuracy": report.train_accuracy,
+            "test_accuracy": report.test_accuracy,
+            # `evaluate` rebuilds the training set from the same files.
+            **({"data_root": str(Path(data_root).resolve())} if data_root is not None else {}),
+        },
+    )
     report.seconds = time.perf_counter() - start
     return model, report
 
 
-def train_kkt_and_save(dataset: str, subset: int | None, out: str, seed: int = 0, hidden=(1000,), steps: int = 5000,
-                       data_root=None, device=None, progress: bool = True):
+def train_kkt_and_save(
+    dataset: str,
+    subset: int | None,
+    out: str,
+    seed: int = 0,
+    hidden=(1000,),
+    steps: int = 5000,
+    data_root=None,
+    device=None,
+    progress: bool = True,
+):
     """`training.train_kkt_recipe` on a KKTMLP (seeded initialisation), tested and saved like `train_and_save`."""
     import time
 
@@ -86,15 +143,35 @@ def train_kkt_and_save(dataset: str, subset: int | None, out: str, seed: int = 0
     test = datasets.load_dataset(dataset, "test", root=data_root)
     c, h, w = train.images.shape[1:]
     model = training.build_seeded(
-        lambda: KKTMLP(in_channels=c, num_classes=train.num_classes, image_size=(h, w), hidden=tuple(hidden)), seed)
-    training.train_kkt_recipe(model, train.images, train.labels, steps=steps, test=(test.images, test.labels),
-                              device=device, progress=progress)
+        lambda: KKTMLP(
+            in_channels=c, num_classes=train.num_classes, image_size=(h, w), hidden=tuple(hidden)
+        ),
+        seed,
+    )
+    training.train_kkt_recipe(
+        model,
+        train.images,
+        train.labels,
+        steps=steps,
+        test=(test.images, test.labels),
+        device=device,
+        progress=progress,
+    )
     report = model.train_report
-    serialization.save(out, model.cpu(), metadata={
-        "dataset": dataset, "subset": subset, "seed": seed, "recipe": "kkt", "steps": steps,
-        "final_loss": report.epoch_losses[-1],
-        "train_accuracy": report.train_accuracy, "test_accuracy": report.test_accuracy,
-    })
+    serialization.save(
+        out,
+        model.cpu(),
+        metadata={
+            "dataset": dataset,
+            "subset": subset,
+            "seed": seed,
+            "recipe": "kkt",
+            "steps": steps,
+            "final_loss": report.epoch_losses[-1],
+            "train_accuracy": report.train_accuracy,
+            "test_accuracy": report.test_accuracy,
+        },
+    )
     report.seconds = time.perf_counter() - start
     return model, report
 
@@ -102,17 +179,34 @@ def train_kkt_and_save(dataset: str, subset: int | None, out: str, seed: int = 0
 def run(args) -> int:
     if args.recipe == "kkt":
         model, report = train_kkt_and_save(
-            args.dataset, args.subset, args.out, seed=args.seed, hidden=args.kkt_hidden, steps=args.kkt_steps,
-            data_root=args.data_root, device=args.device, progress=not args.no_progress,
+            args.dataset,
+            args.subset,
+            args.out,
+            seed=args.seed,
+            hidden=args.kkt_hidden,
+            steps=args.kkt_steps,
+            data_root=args.data_root,
+            device=args.device,
+            progress=not args.no_progress,
         )
     else:
         model, report = train_and_save(
-            args.dataset, args.subset, args.arch, args.epochs, args.out, seed=args.seed,
-            batch_size=args.batch_size, lr=args.lr, data_root=args.data_root, device=args.device,
+            args.dataset,
+            args.subset,
+            args.arch,
+            args.epochs,
+            args.out,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            data_root=args.data_root,
+            device=args.device,
             progress=not args.no_progress,
         )
-    print(f"{model.arch} on {args.dataset} (subset {args.subset or 'all'}): "
-          f"train accuracy {report.train_accuracy:.4f}, test accuracy {report.test_accuracy:.4f}, "
-          f"{report.seconds:.1f} s")
+    print(
+        f"{model.arch} on {args.dataset} (subset {args.subset or 'all'}): "
+        f"train accuracy {report.train_accuracy:.4f}, test accuracy {report.test_accuracy:.4f}, "
+        f"{report.seconds:.1f} s"
+    )
     print(f"wrote {args.out}")
     return 0

@@ -49,21 +49,42 @@ from tldr_fast.validation import check_positive_int
 BACKENDS = ("auto", "ghost", "vmap", "loop")
 MODES = ("per_sample", "batch")
 
-__all__ = ["BACKENDS", "LOSSES", "MODES", "NormRule", "Route", "Rule", "batch_mean_gradient", "explain_grad_norm",
-           "per_sample_grad_norm", "per_sample_grad_norm_and_forward", "register_norm_rule", "registered_types",
-           "safe_sqrt"]
+__all__ = [
+    "BACKENDS",
+    "LOSSES",
+    "MODES",
+    "NormRule",
+    "Route",
+    "Rule",
+    "batch_mean_gradient",
+    "explain_grad_norm",
+    "per_sample_grad_norm",
+    "per_sample_grad_norm_and_forward",
+    "register_norm_rule",
+    "registered_types",
+    "safe_sqrt",
+]
 
 
 def safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
     """sqrt with derivative 0 (not NaN) where the argument is 0 (or rounds below it); NaN stays NaN."""
     squared = squared.clamp_min(0)
     zero = squared == 0
-    return torch.where(zero, torch.zeros_like(squared), torch.where(zero, torch.ones_like(squared), squared).sqrt())
+    return torch.where(
+        zero, torch.zeros_like(squared), torch.where(zero, torch.ones_like(squared), squared).sqrt()
+    )
 
 
-def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss="ce", params=None,
-                         backend: str = "auto", mode: str = "per_sample",
-                         chunk_size: int | None = None) -> torch.Tensor:
+def per_sample_grad_norm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss="ce",
+    params=None,
+    backend: str = "auto",
+    mode: str = "per_sample",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Norms of per-sample (or batch-mean) loss gradients with respect to the model's parameters.
 
     model: in eval mode wherever BatchNorm is present (training-mode BatchNorm mixes samples); an
@@ -83,8 +104,12 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, los
         names = _validate(model, x, y, loss, params, backend, mode, chunk_size)
         loss_fn = resolve_loss(loss)
         if mode == "batch":
-            return safe_sqrt(sum(g.pow(2).sum() for g in _batch_mean_gradient(model, x, y, loss_fn, names, backend,
-                                                                              chunk_size)))
+            return safe_sqrt(
+                sum(
+                    g.pow(2).sum()
+                    for g in _batch_mean_gradient(model, x, y, loss_fn, names, backend, chunk_size)
+                )
+            )
         return safe_sqrt(_squared_norms(model, x, y, loss_fn, names, backend, chunk_size))
 
 
@@ -94,16 +119,25 @@ def _squared_norms(model, x, y, loss_fn, names, backend, chunk_size) -> torch.Te
     if backend == "vmap":
         return vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
     try:
-        return ghost_squared_norms(model, x, y, loss_fn, names, chunk_size, strict=backend == "ghost")
+        return ghost_squared_norms(
+            model, x, y, loss_fn, names, chunk_size, strict=backend == "ghost"
+        )
     except GhostUnsupported as err:
         if backend == "ghost":
             raise _ghost_refusal(err) from err
         return vmap_squared_norms(model, x, y, loss_fn, names, chunk_size)
 
 
-def per_sample_grad_norm_and_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: ForwardWithExtras,
-                                     loss="ce", params=None, backend: str = "auto",
-                                     chunk_size: int | None = None):
+def per_sample_grad_norm_and_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    forward: ForwardWithExtras,
+    loss="ce",
+    params=None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+):
     """(per_sample_grad_norm(model, x, y, ...), forward(x)) where forward(x) -> (logits of model, extras).
 
     For a caller that needs the model's outputs on x as well as the norms (the engine: logits and
@@ -113,14 +147,17 @@ def per_sample_grad_norm_and_forward(model: nn.Module, x: torch.Tensor, y: torch
     way (through hooks) and returns them in extras, a pytree of tensors.
     """
     if not callable(forward):
-        raise TypeError(f"forward must be a callable x -> (logits, extras), got {type(forward).__name__}")
+        raise TypeError(
+            f"forward must be a callable x -> (logits, extras), got {type(forward).__name__}"
+        )
     with unwrapped(model, params) as (inner, inner_params):
         names = _validate(inner, x, y, loss, inner_params, backend, "per_sample", chunk_size)
         loss_fn = resolve_loss(loss)
         if backend in ("auto", "ghost") and (chunk_size is None or chunk_size >= x.shape[0]):
             try:
-                squared, outputs = ghost_squared_norms_and_outputs(inner, x, y, loss_fn, names, forward,
-                                                                   strict=backend == "ghost")
+                squared, outputs = ghost_squared_norms_and_outputs(
+                    inner, x, y, loss_fn, names, forward, strict=backend == "ghost"
+                )
                 return safe_sqrt(squared), outputs
             except GhostUnsupported as err:
                 if backend == "ghost":
@@ -140,28 +177,45 @@ class Route:
     served_by: str
 
 
-def explain_grad_norm(model: nn.Module, x: torch.Tensor, params=None, backend: str = "auto") -> list[Route]:
+def explain_grad_norm(
+    model: nn.Module, x: torch.Tensor, params=None, backend: str = "auto"
+) -> list[Route]:
     """Which rule serves each layer in per_sample_grad_norm(model, x, ..., params, backend), from
     the same plan the call makes (a rule whose result fails its shape check at run time is vmapped
     instead by `auto`, and refused by `ghost`)."""
     with unwrapped(model, params) as (model, params):
         names = _validate(model, x, None, "ce", params, backend, "per_sample", None)
         if backend in ("vmap", "loop"):
-            return [Route("model", names, f"the whole-model {backend} backend (backend={backend!r})")]
+            return [
+                Route("model", names, f"the whole-model {backend} backend (backend={backend!r})")
+            ]
         try:
             layers = plan_layers(model, x, names)
         except GhostUnsupported as err:
             if backend == "ghost":
                 raise _ghost_refusal(err) from err
             return [Route("model", names, f"the whole-model vmap backend: {err}")]
-    return [Route(layer.where, tuple(f"{layer.path}.{n}" if layer.path else n for n in layer.names),
-                  f"rule {layer.rule.name}" if layer.rule is not None
-                  else f"vmap of this module alone: {layer.why_vmap}")
-            for layer in layers]
+    return [
+        Route(
+            layer.where,
+            tuple(f"{layer.path}.{n}" if layer.path else n for n in layer.names),
+            f"rule {layer.rule.name}"
+            if layer.rule is not None
+            else f"vmap of this module alone: {layer.why_vmap}",
+        )
+        for layer in layers
+    ]
 
 
-def batch_mean_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss="ce", params=None,
-                        backend: str = "auto", chunk_size: int | None = None) -> tuple[torch.Tensor, ...]:
+def batch_mean_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss="ce",
+    params=None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """grad_theta (1/B) sum_i l(f_theta(x_i), y_i), one tensor per chosen parameter, keeping the graph
     to x (what mode="batch" takes the norm of). Arguments as for per_sample_grad_norm."""
     with unwrapped(model, params) as (model, params):
@@ -169,7 +223,9 @@ def batch_mean_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
         return _batch_mean_gradient(model, x, y, resolve_loss(loss), names, backend, chunk_size)
 
 
-def _batch_mean_gradient(model, x, y, loss_fn, names, backend, chunk_size) -> tuple[torch.Tensor, ...]:
+def _batch_mean_gradient(
+    model, x, y, loss_fn, names, backend, chunk_size
+) -> tuple[torch.Tensor, ...]:
     if backend == "loop":
         return loop_batch_gradient(model, x, y, loss_fn, names)
     return batch_gradient(model, x, y, loss_fn, names, chunk_size)
@@ -190,7 +246,9 @@ def _validate(model, x, y, loss, params, backend, mode, chunk_size) -> tuple[str
         check_positive_int(chunk_size, "chunk_size")
     resolve_loss(loss)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"x must be a floating-point tensor (B, ...), got {getattr(x, 'dtype', type(x))}")
+        raise TypeError(
+            f"x must be a floating-point tensor (B, ...), got {getattr(x, 'dtype', type(x))}"
+        )
     if x.shape[0] == 0:
         raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
     if y is not None:  # None: explain_grad_norm, which takes no labels
@@ -210,4 +268,6 @@ def _validate_labels(x, y, loss) -> None:
             f"got {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
         )
     if loss == "ce" and (y.dim() != 1 or y.dtype not in (torch.int64, torch.int32)):
-        raise TypeError(f"y must be (B,) integer class labels for loss='ce', got {y.dtype} {tuple(y.shape)}")
+        raise TypeError(
+            f"y must be (B,) integer class labels for loss='ce', got {y.dtype} {tuple(y.shape)}"
+        )

@@ -12,7 +12,9 @@ from torch import nn
 from tldr_fast.grad_norm.registry import register_norm_rule
 
 
-@register_norm_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, applies=lambda m: not m.training)
+@register_norm_rule(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, applies=lambda m: not m.training
+)
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names, a, g) -> torch.Tensor:
     batch, channels = a.shape[0], a.shape[1]
     g = g.reshape(batch, channels, -1)
@@ -22,6 +24,7 @@ def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names, a, g) -> tor
         return total
     # sum_p g_p x^_p = (sum_p g_p a_p - running_mean sum_p g_p) / sqrt(running_var + eps): one pass
     # over the activations instead of normalising them first.
-    weight = ((g * a.reshape(batch, channels, -1)).sum(2) - module.running_mean * g_sum) * torch.rsqrt(
-        module.running_var + module.eps)
+    weight = (
+        (g * a.reshape(batch, channels, -1)).sum(2) - module.running_mean * g_sum
+    ) * torch.rsqrt(module.running_var + module.eps)
     return total + weight.pow(2).sum(1)

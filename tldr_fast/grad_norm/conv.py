@@ -37,7 +37,9 @@ class _Patches(torch.autograd.Function):
         (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
         a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
         # windows spanning the dilated kernel, then every dilation-th tap: (B, C, Ho, Wo, kh, kw)
-        windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[
+            ..., ::dh, ::dw
+        ]
         batch, channels, out_h, out_w = windows.shape[:4]
         return windows.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kh * kw, out_h * out_w)
 
@@ -48,8 +50,20 @@ class _Patches(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return (F.fold(grad, ctx.image_size, ctx.kernel, dilation=ctx.dilation, padding=ctx.padding,
-                       stride=ctx.stride), None, None, None, None)
+        return (
+            F.fold(
+                grad,
+                ctx.image_size,
+                ctx.kernel,
+                dilation=ctx.dilation,
+                padding=ctx.padding,
+                stride=ctx.stride,
+            ),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def unfolded_patches(a: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
@@ -74,7 +88,9 @@ class _PerSampleConvWeightGradients(torch.autograd.Function):
     @staticmethod
     def forward(a, g, kernel, dilation, padding, stride, groups):
         batch, positions = a.shape[0], g.shape[2] * g.shape[3]
-        patches = unfolded_patches(a, kernel, dilation, padding, stride).reshape(batch * groups, -1, positions)
+        patches = unfolded_patches(a, kernel, dilation, padding, stride).reshape(
+            batch * groups, -1, positions
+        )
         return torch.bmm(g.reshape(batch * groups, -1, positions), patches.transpose(1, 2))
 
     @staticmethod
@@ -89,29 +105,50 @@ class _PerSampleConvWeightGradients(torch.autograd.Function):
         weight = grad.reshape(batch * c_out, c_in // groups, *ctx.kernel)
         grad_a = grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_a = transposed_convolution_to(g.reshape(1, batch * c_out, *g.shape[2:]), weight,
-                                               (1, batch * c_in, *a.shape[2:]), ctx.stride, ctx.padding,
-                                               ctx.dilation, batch * groups).view_as(a)
+            grad_a = transposed_convolution_to(
+                g.reshape(1, batch * c_out, *g.shape[2:]),
+                weight,
+                (1, batch * c_in, *a.shape[2:]),
+                ctx.stride,
+                ctx.padding,
+                ctx.dilation,
+                batch * groups,
+            ).view_as(a)
         if ctx.needs_input_grad[1]:
-            grad_g = F.conv2d(a.reshape(1, batch * c_in, *a.shape[2:]), weight, None, ctx.stride, ctx.padding,
-                              ctx.dilation, batch * groups).view_as(g)
+            grad_g = F.conv2d(
+                a.reshape(1, batch * c_in, *a.shape[2:]),
+                weight,
+                None,
+                ctx.stride,
+                ctx.padding,
+                ctx.dilation,
+                batch * groups,
+            ).view_as(g)
         return grad_a, grad_g, None, None, None, None, None
 
 
-def per_sample_conv_weight_gradients(a: torch.Tensor, g: torch.Tensor, kernel, dilation, padding, stride,
-                                     groups: int) -> torch.Tensor:
+def per_sample_conv_weight_gradients(
+    a: torch.Tensor, g: torch.Tensor, kernel, dilation, padding, stride, groups: int
+) -> torch.Tensor:
     """(B groups, C_out/groups, C_in/groups kh kw) per-sample weight gradients of a 2-D convolution
     from its input a (B, C_in, H, W) and output gradient g (B, C_out, Ho, Wo)."""
-    return _PerSampleConvWeightGradients.apply(a, g, tuple(kernel), tuple(dilation), tuple(padding),
-                                               tuple(stride), groups)
+    return _PerSampleConvWeightGradients.apply(
+        a, g, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride), groups
+    )
 
 
 def _tap_slices(kernel, dilation, stride, out_size):
     """Per kernel tap t, the slices (rows, columns) of the padded image that tap reads for every
     output position: s p + d t."""
     (kh, kw), (dh, dw), (sh, sw), (out_h, out_w) = kernel, dilation, stride, out_size
-    return [(slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh), slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw))
-            for i in range(kh) for j in range(kw)]
+    return [
+        (
+            slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh),
+            slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 class _SummedTapSlices(torch.autograd.Function):
@@ -151,10 +188,15 @@ def patch_gram_from_input(a: torch.Tensor, kernel, dilation, padding, stride) ->
     zero-padded K summed, instead of P^2 C kh kw multiply-adds over the patches."""
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
     batch, channels, height, width = a.shape
-    out_size = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    out_size = (
+        (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+        (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
+    )
     rows = a.reshape(batch, channels, height * width)
     gram = torch.bmm(rows.transpose(1, 2), rows).view(batch, height, width, height, width)
-    summed = _SummedTapSlices.apply(gram, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride), out_size)
+    summed = _SummedTapSlices.apply(
+        gram, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride), out_size
+    )
     return summed.reshape(batch, out_size[0] * out_size[1], out_size[0] * out_size[1])
 
 
@@ -163,14 +205,18 @@ def patch_gram_from_input(a: torch.Tensor, kernel, dilation, padding, stride) ->
 _SHIFTED_ADD_COST = 40
 
 
-def _conv_route(positions: int, input_positions: int, m: int, channels: int, taps: int, cpu_eager: bool) -> str:
+def _conv_route(
+    positions: int, input_positions: int, m: int, channels: int, taps: int, cpu_eager: bool
+) -> str:
     """The cheapest of materialising (P m n multiply-adds, n = channels taps), the Gram identity over
     patches (P^2 (m + n)) and, on a CPU outside torch.compile, over the input's Gram
     (H^2 W^2 channels + P^2 (m + taps x the shifted-add cost))."""
     n = channels * taps
     costs = {"materialise": positions * m * n, "patch_gram": positions**2 * (m + n)}
     if cpu_eager:
-        costs["input_gram"] = input_positions**2 * channels + positions**2 * (m + _SHIFTED_ADD_COST * taps)
+        costs["input_gram"] = input_positions**2 * channels + positions**2 * (
+            m + _SHIFTED_ADD_COST * taps
+        )
     return min(costs, key=costs.get)
 
 
@@ -184,19 +230,32 @@ def explicit_zero_padding(conv: nn.Conv1d | nn.Conv2d) -> bool:
 def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
     if isinstance(module, nn.Conv1d):  # as a Conv2d over a (1, L) image
         a, g = a.unsqueeze(2), g.unsqueeze(2)
-        kernel, dilation, padding, stride = ((1, *module.kernel_size), (1, *module.dilation),
-                                             (0, *module.padding), (1, *module.stride))
+        kernel, dilation, padding, stride = (
+            (1, *module.kernel_size),
+            (1, *module.dilation),
+            (0, *module.padding),
+            (1, *module.stride),
+        )
     else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        kernel, dilation, padding, stride = (
+            module.kernel_size,
+            module.dilation,
+            module.padding,
+            module.stride,
+        )
     (batch, c_in, height, width), c_out, groups = a.shape, g.shape[1], module.groups
     total = g.flatten(2).sum(2).pow(2).sum(1) if "bias" in names else 0
     if "weight" not in names:
         return total
     positions = g.shape[2] * g.shape[3]
     cpu_eager = a.device.type == "cpu" and not torch.compiler.is_compiling()
-    route = _conv_route(positions, height * width, c_out // groups, c_in // groups, kernel[0] * kernel[1], cpu_eager)
+    route = _conv_route(
+        positions, height * width, c_out // groups, c_in // groups, kernel[0] * kernel[1], cpu_eager
+    )
     if route == "materialise" and cpu_eager:
-        weight_grads = per_sample_conv_weight_gradients(a, g, kernel, dilation, padding, stride, groups)
+        weight_grads = per_sample_conv_weight_gradients(
+            a, g, kernel, dilation, padding, stride, groups
+        )
         # Not linalg.vector_norm(...).square() (one product fewer in the backward): its second
         # derivative is NaN where a sample's gradient is exactly zero.
         return total + weight_grads.pow(2).sum((1, 2)).view(batch, groups).sum(1)
@@ -204,11 +263,21 @@ def conv_rule(module: nn.Conv1d | nn.Conv2d, names, a, g) -> torch.Tensor:
     # group's input channels are contiguous.
     g = g.reshape(batch * groups, c_out // groups, positions)
     if route == "input_gram":
-        a_gram = patch_gram_from_input(a.reshape(batch * groups, c_in // groups, height, width), kernel,
-                                       dilation, padding, stride)
+        a_gram = patch_gram_from_input(
+            a.reshape(batch * groups, c_in // groups, height, width),
+            kernel,
+            dilation,
+            padding,
+            stride,
+        )
         squared = gram_squared_norm(g, a_gram)
     else:
-        patches = unfolded_patches(a, kernel, dilation, padding, stride).reshape(batch * groups, -1, positions)
-        squared = (gram_squared_norm(g, torch.bmm(patches.transpose(1, 2), patches)) if route == "patch_gram"
-                   else materialised_squared_norm(g, patches))
+        patches = unfolded_patches(a, kernel, dilation, padding, stride).reshape(
+            batch * groups, -1, positions
+        )
+        squared = (
+            gram_squared_norm(g, torch.bmm(patches.transpose(1, 2), patches))
+            if route == "patch_gram"
+            else materialised_squared_norm(g, patches)
+        )
     return total + squared.view(batch, groups).sum(1)

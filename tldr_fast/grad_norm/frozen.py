@@ -67,14 +67,27 @@ class _FrozenConvOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # The inner derivative (to the probes) never needs the first layer's input gradient.
-        grad_a = conv_input_gradient(ctx.module, grad, ctx.input_shape) if ctx.needs_input_grad[0] else None
+        grad_a = (
+            conv_input_gradient(ctx.module, grad, ctx.input_shape)
+            if ctx.needs_input_grad[0]
+            else None
+        )
         return grad_a, None, grad, None
 
 
-def conv_input_gradient(module: nn.Conv1d | nn.Conv2d, grad: torch.Tensor, input_shape) -> torch.Tensor:
+def conv_input_gradient(
+    module: nn.Conv1d | nn.Conv2d, grad: torch.Tensor, input_shape
+) -> torch.Tensor:
     """d<module(a), grad>/da as a transposed convolution."""
-    return transposed_convolution_to(grad, module.weight, input_shape, module.stride, module.padding,
-                                     module.dilation, module.groups)
+    return transposed_convolution_to(
+        grad,
+        module.weight,
+        input_shape,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+    )
 
 
 def _probed_frozen_conv(module, a, y, probe):
@@ -89,7 +102,11 @@ def probed_output(module: nn.Module) -> ProbedOutput | None:
     frozen = not any(p.requires_grad for p in module.parameters())
     # Under torch.compile the Function's backward is traced as a leaf of the outer derivative,
     # which then loses the path through g (measured: d/dx wrong); compiled code keeps autograd's.
-    if kind in (nn.Conv1d, nn.Conv2d) and frozen and explicit_zero_padding(module) \
-            and not torch.compiler.is_compiling():
+    if (
+        kind in (nn.Conv1d, nn.Conv2d)
+        and frozen
+        and explicit_zero_padding(module)
+        and not torch.compiler.is_compiling()
+    ):
         return _probed_frozen_conv
     return None

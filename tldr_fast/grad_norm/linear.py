@@ -21,5 +21,7 @@ def linear_rule(module: nn.Linear, names, a, g) -> torch.Tensor:
         weight = g_sq * a.pow(2).sum(1) if "weight" in names else 0
         return weight + (g_sq if "bias" in names else 0)
     a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, T, features)
-    weight = summed_outer_squared_norm(g.transpose(1, 2), a.transpose(1, 2)) if "weight" in names else 0
+    weight = (
+        summed_outer_squared_norm(g.transpose(1, 2), a.transpose(1, 2)) if "weight" in names else 0
+    )
     return weight + (g.sum(1).pow(2).sum(1) if "bias" in names else 0)

@@ -14,8 +14,13 @@ from torch.func import functional_call
 from tldr_fast.grad_norm.selection import PerSampleLoss
 
 
-def sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                     names: tuple[str, ...]):
+def sample_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: PerSampleLoss,
+    names: tuple[str, ...],
+):
     """Yield, for each sample i, the tuple of gradients of l_i with respect to the chosen parameters."""
     named = dict(model.named_parameters())
     with torch.enable_grad():
@@ -23,14 +28,23 @@ def sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
             leaves = {n: named[n].detach().requires_grad_() for n in names}
             logits = functional_call(model, leaves, (x[i : i + 1],))
             loss = loss_fn(logits, y[i : i + 1]).sum()
-            yield torch.autograd.grad(loss, tuple(leaves.values()), create_graph=True, allow_unused=True,
-                                      materialize_grads=True)
+            yield torch.autograd.grad(
+                loss,
+                tuple(leaves.values()),
+                create_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
 
 
 def loop_squared_norms(model, x, y, loss_fn, names) -> torch.Tensor:
     """(B,) squared per-sample gradient norms, one autograd call per sample."""
-    return torch.stack([sum(g.pow(2).sum() for g in grads)
-                        for grads in sample_gradients(model, x, y, loss_fn, names)])
+    return torch.stack(
+        [
+            sum(g.pow(2).sum() for g in grads)
+            for grads in sample_gradients(model, x, y, loss_fn, names)
+        ]
+    )
 
 
 def loop_batch_gradient(model, x, y, loss_fn, names) -> tuple[torch.Tensor, ...]:

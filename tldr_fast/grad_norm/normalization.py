@@ -40,7 +40,9 @@ def _standardised(a: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.T
 def normalised_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """x^ of a LayerNorm, RMSNorm, GroupNorm or InstanceNorm for a batched input a (B, ...)."""
     if isinstance(module, nn.LayerNorm):
-        return _standardised(a, tuple(range(a.dim() - len(module.normalized_shape), a.dim())), module.eps)
+        return _standardised(
+            a, tuple(range(a.dim() - len(module.normalized_shape), a.dim())), module.eps
+        )
     if isinstance(module, nn.RMSNorm):
         dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
         eps = torch.finfo(a.dtype).eps if module.eps is None else module.eps
@@ -50,7 +52,9 @@ def normalised_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return _standardised(grouped, (2,), module.eps).view_as(a)
     if module.track_running_stats and not module.training:  # InstanceNorm with running statistics
         shape = (1, -1) + (1,) * (a.dim() - 2)
-        return (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        return (a - module.running_mean.view(shape)) * torch.rsqrt(
+            module.running_var.view(shape) + module.eps
+        )
     return _standardised(a, tuple(range(2, a.dim())), module.eps)
 
 
@@ -83,7 +87,11 @@ register_norm_rule(nn.GroupNorm, *_INSTANCE_NORMS)(affine_norm_rule)
 def _affine_output(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """w x^ + b, the module's forward written out."""
     out = normalised_input(module, a)
-    shape = module.normalized_shape if isinstance(module, nn.LayerNorm) else (-1,) + (1,) * (a.dim() - 2)
+    shape = (
+        module.normalized_shape
+        if isinstance(module, nn.LayerNorm)
+        else (-1,) + (1,) * (a.dim() - 2)
+    )
     if module.weight is not None:
         out = out * module.weight.view(shape)
     if module.bias is not None:

@@ -24,4 +24,3 @@ def summed_outer_squared_norm(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if positions * (m + n) < m * n:
         return gram_squared_norm(g, torch.bmm(a.transpose(1, 2), a))
     return materialised_squared_norm(g, a)
-

@@ -45,7 +45,9 @@ class GhostUnsupported(ValueError):
 @dataclass
 class _Call:
     count: int = 0
-    inputs: list = field(default_factory=list)  # per leaf of (args, kwargs): shape, or None if not a tensor
+    inputs: list = field(
+        default_factory=list
+    )  # per leaf of (args, kwargs): shape, or None if not a tensor
     outputs: list = field(default_factory=list)  # per leaf of the output: (shape, dtype), or None
 
 
@@ -93,11 +95,15 @@ def _leaves(args_and_kwargs) -> list:
 
 
 def _leaf_specs(leaves, with_dtype: bool) -> list:
-    return [((v.shape, v.dtype) if with_dtype else v.shape) if isinstance(v, torch.Tensor) else None
-            for v in leaves]
+    return [
+        ((v.shape, v.dtype) if with_dtype else v.shape) if isinstance(v, torch.Tensor) else None
+        for v in leaves
+    ]
 
 
-def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[str, ...], track_uses: bool):
+def _probe_forward(
+    model: nn.Module, x: torch.Tensor, batch: int, names: tuple[str, ...], track_uses: bool
+):
     """({path: _Call}, {name: [stacks]}) from one no-grad forward on `batch` samples of x (repeated
     if x holds fewer). A real forward on a few samples costs less than one on the meta device,
     whose Python decompositions take ~0.1 s for a small CNN, and traces under torch.compile."""
@@ -109,6 +115,7 @@ def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[s
     def push_for(i):
         def push(module, args, kwargs):
             stack.append(paths[i])
+
         return push
 
     def pop_for(i):
@@ -117,14 +124,22 @@ def _probe_forward(model: nn.Module, x: torch.Tensor, batch: int, names: tuple[s
             call = calls[paths[i]]
             call.count += 1
             outputs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
-            call.inputs, call.outputs = _leaf_specs(_leaves((args, kwargs)), False), _leaf_specs(outputs, True)
+            call.inputs, call.outputs = (
+                _leaf_specs(_leaves((args, kwargs)), False),
+                _leaf_specs(outputs, True),
+            )
+
         return pop
 
     named = dict(model.named_parameters())
     uses = _ParameterUses({id(named[n]): n for n in names}, stack)
     samples = x.detach()[torch.arange(batch, device=x.device) % x.shape[0]]
-    with temporary_forward_pre_hooks(modules, push_for), temporary_forward_hooks(modules, pop_for), \
-            torch.no_grad(), uses if track_uses else nullcontext():
+    with (
+        temporary_forward_pre_hooks(modules, push_for),
+        temporary_forward_hooks(modules, pop_for),
+        torch.no_grad(),
+        uses if track_uses else nullcontext(),
+    ):
         model(samples)
     return calls, uses.uses
 
@@ -181,9 +196,13 @@ def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> li
 
     def dims(path):
         call, nxt = calls[path], calls_next[path]
-        inputs = tuple(_batch_dim(a, b, batch) for a, b in zip(call.inputs, nxt.inputs, strict=True))
-        outputs = tuple(_batch_dim(a and a[0], b and b[0], batch) for a, b in zip(call.outputs, nxt.outputs,
-                                                                                   strict=True))
+        inputs = tuple(
+            _batch_dim(a, b, batch) for a, b in zip(call.inputs, nxt.inputs, strict=True)
+        )
+        outputs = tuple(
+            _batch_dim(a and a[0], b and b[0], batch)
+            for a, b in zip(call.outputs, nxt.outputs, strict=True)
+        )
         return inputs, outputs
 
     def unfit(path) -> str:
@@ -193,12 +212,18 @@ def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> li
             return f"{_where(path)} is never called"
         if call.count > 1:
             return f"{_where(path)} runs more than once per forward"
-        if calls_next[path].count != 1 or len(calls_next[path].outputs) != len(call.outputs) \
-                or len(calls_next[path].inputs) != len(call.inputs):
+        if (
+            calls_next[path].count != 1
+            or len(calls_next[path].outputs) != len(call.outputs)
+            or len(calls_next[path].inputs) != len(call.inputs)
+        ):
             return f"{_where(path)} is called differently at another batch size"
         inputs, outputs = dims(path)
-        probed = [d for d, spec in zip(outputs, call.outputs, strict=True)
-                  if spec is not None and spec[1].is_floating_point]
+        probed = [
+            d
+            for d, spec in zip(outputs, call.outputs, strict=True)
+            if spec is not None and spec[1].is_floating_point
+        ]
         if not probed:
             return f"{_where(path)} returns no floating-point tensor"
         if MERGED in inputs or MERGED in outputs:
@@ -211,28 +236,35 @@ def plan_layers(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> li
     for name in names:
         owner = name.rpartition(".")[0]
         if name not in uses:
-            raise GhostUnsupported(f"parameter {name} is never used by a torch function in a forward "
-                                   f"({unfit(owner) or 'its module is called, but not on it'})")
+            raise GhostUnsupported(
+                f"parameter {name} is never used by a torch function in a forward "
+                f"({unfit(owner) or 'its module is called, but not on it'})"
+            )
         enclosing = _common_prefix(uses[name])
         # The whole model serves only its own parameters: for a submodule's, it would be the
         # whole-model vmap, which is the fallback's to choose.
         chosen = next((p for p in reversed(enclosing) if (p or not owner) and not unfit(p)), None)
         if chosen is None:
             innermost = enclosing[-1] if enclosing else ""
-            reason = unfit(owner) or unfit(innermost) or f"it is used outside {_where(owner)}'s call"
+            reason = (
+                unfit(owner) or unfit(innermost) or f"it is used outside {_where(owner)}'s call"
+            )
             raise GhostUnsupported(f"parameter {name} cannot be split per sample: {reason}")
         assigned.setdefault(chosen, []).append(name)
 
     layers = []
     for path, full_names in assigned.items():
         module = model.get_submodule(path)
-        local = tuple(n[len(path) + 1:] if path else n for n in full_names)
+        local = tuple(n[len(path) + 1 :] if path else n for n in full_names)
         inputs, outputs = dims(path)
         call = calls[path]
         rule, why = _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call)
-        specs = tuple(None if d is None or not spec[1].is_floating_point
-                      else (_with_size(spec[0], d, x.shape[0]), spec[1])
-                      for d, spec in zip(outputs, call.outputs, strict=True))
+        specs = tuple(
+            None
+            if d is None or not spec[1].is_floating_point
+            else (_with_size(spec[0], d, x.shape[0]), spec[1])
+            for d, spec in zip(outputs, call.outputs, strict=True)
+        )
         layers.append(Layer(path, module, local, rule, inputs, outputs, specs, why))
     return layers
 
@@ -244,7 +276,9 @@ def _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call
         if type(module) in registered_types():
             return None, f"the rule registered for {kind} does not cover this configuration"
         return None, f"no rule is registered for {kind}"
-    if any("." in n for n in local) or any(stack[-1] != path for n in full_names for stack in uses[n]):
+    if any("." in n for n in local) or any(
+        stack[-1] != path for n in full_names for stack in uses[n]
+    ):
         return None, "it serves parameters of its submodules or uses them in nested calls"
     if module._forward_hooks:
         return None, "it carries forward hooks, which may change its output"
@@ -253,5 +287,8 @@ def _rule_or_reason(module, path, local, full_names, uses, inputs, outputs, call
     a_dim, out_dim = inputs[0], outputs[0]
     wanted = out_dim == 0 if rule.layout == "batch_first" else out_dim is not None
     if a_dim != out_dim or not wanted:
-        return None, f"its batch dimension ({out_dim} of the output, {a_dim} of the input) does not fit the rule"
+        return (
+            None,
+            f"its batch dimension ({out_dim} of the output, {a_dim} of the input) does not fit the rule",
+        )
     return rule, ""

@@ -40,19 +40,22 @@ def check_backend_limits(model: nn.Module, names: tuple[str, ...], backend: str)
             raise ValueError(
                 f"{where}: torch has no double backward for embedding_bag, so d/dx of a gradient norm "
                 "that includes its weight cannot be formed by any backend; leave its weight out of "
-                "params, or use nn.Embedding followed by a sum or mean over each bag")
+                "params, or use nn.Embedding followed by a sum or mean over each bag"
+            )
         if backend == "loop":
             continue
         kind = _hook_kind(module)
         if kind is not None:
             raise ValueError(
                 f"{where} has {kind}, which torch.func (backend={backend!r}) cannot run; remove it while "
-                "measuring (handle.remove()) or use backend='loop'")
+                "measuring (handle.remove()) or use backend='loop'"
+            )
         if isinstance(module, _INSTANCE_NORMS) and module.track_running_stats and module.training:
             raise ValueError(
                 f"{where} is in training mode with track_running_stats=True, so its forward updates the "
                 f"running statistics in place, which backend={backend!r} cannot do per sample; call "
-                "model.eval() (it then normalises with the running statistics) or use backend='loop'")
+                "model.eval() (it then normalises with the running statistics) or use backend='loop'"
+            )
 
 
 def vmap_limit(root: nn.Module, root_path: str = "") -> str | None:
@@ -60,6 +63,8 @@ def vmap_limit(root: nn.Module, root_path: str = "") -> str | None:
     for path, module in root.named_modules():
         if isinstance(module, nn.RNNBase):
             full = ".".join(p for p in (root_path, path) if p)
-            return (f"{_where(full)} ({type(module).__name__}) cannot run under torch.func.vmap; "
-                    "use backend='loop'")
+            return (
+                f"{_where(full)} ({type(module).__name__}) cannot run under torch.func.vmap; "
+                "use backend='loop'"
+            )
     return None

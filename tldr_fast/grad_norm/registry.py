@@ -48,8 +48,11 @@ class NormRule:
 _RULES: dict[type, NormRule] = {}
 
 
-def register_norm_rule(*module_types: type, applies: Callable[[nn.Module], bool] | None = None,
-                       layout: str = "batch_first"):
+def register_norm_rule(
+    *module_types: type,
+    applies: Callable[[nn.Module], bool] | None = None,
+    layout: str = "batch_first",
+):
     """Decorator registering `rule` as the ghost rule for each of module_types (exact types).
 
         @register_norm_rule(MyScale)
@@ -58,7 +61,9 @@ def register_norm_rule(*module_types: type, applies: Callable[[nn.Module], bool]
 
     A later registration for the same type replaces the earlier one (as in Opacus).
     """
-    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+    if not module_types or not all(
+        isinstance(t, type) and issubclass(t, nn.Module) for t in module_types
+    ):
         raise TypeError(f"register_norm_rule takes nn.Module subclasses, got {module_types!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

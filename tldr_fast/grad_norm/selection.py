@@ -45,7 +45,9 @@ def resolve_params(model: nn.Module, params) -> tuple[str, ...]:
     """
     named = dict(model.named_parameters())
     if not named:
-        raise ValueError(f"model {type(model).__name__} has no parameters: there is no gradient to measure")
+        raise ValueError(
+            f"model {type(model).__name__} has no parameters: there is no gradient to measure"
+        )
     if params is None:
         return tuple(named)
     if isinstance(params, (str, torch.Tensor)):
@@ -73,7 +75,9 @@ def resolve_params(model: nn.Module, params) -> tuple[str, ...]:
                 )
             chosen[name_of[id(p)]] = None
         else:
-            raise TypeError(f"params[{i}] must be a parameter name or tensor, got {type(p).__name__}")
+            raise TypeError(
+                f"params[{i}] must be a parameter name or tensor, got {type(p).__name__}"
+            )
     return tuple(chosen)
 
 
@@ -118,5 +122,7 @@ def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     low, high = int(y.min()), int(y.max())
     bad = low if low < 0 else high
     if low < 0 or high >= classes:
-        raise ValueError(f"y must hold class labels in [0, {classes}) for the model's {classes} logits, "
-                         f"got {bad}")
+        raise ValueError(
+            f"y must hold class labels in [0, {classes}) for the model's {classes} logits, "
+            f"got {bad}"
+        )

@@ -23,8 +23,14 @@ def chosen_parameters(model: nn.Module, names: tuple[str, ...]) -> dict[str, tor
     return {n: named[n] for n in names}
 
 
-def vmap_squared_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                       names: tuple[str, ...], chunk_size: int | None = None) -> torch.Tensor:
+def vmap_squared_norms(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: PerSampleLoss,
+    names: tuple[str, ...],
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """(B,) squared per-sample gradient norms of the chosen parameters."""
     reason = vmap_limit(model)
     if reason is not None:
@@ -33,14 +39,21 @@ def vmap_squared_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_
     def sample_loss(theta, xi, yi):
         return loss_fn(functional_call(model, theta, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size,
-                      randomness="different")
+    per_sample = vmap(
+        grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different"
+    )
     with decomposed_normalisations(model):
         return sum_of_squares(per_sample(chosen_parameters(model, names), x, y).values())
 
 
-def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerSampleLoss,
-                   names: tuple[str, ...], chunk_size: int | None = None) -> tuple[torch.Tensor, ...]:
+def batch_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: PerSampleLoss,
+    names: tuple[str, ...],
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """grad_theta (1/B) sum_i l_i, summed chunk by chunk when chunk_size is given."""
 
     def summed_loss(theta, xc, yc):

@@ -20,8 +20,10 @@ _PREFIX = "_module."
 
 
 def _is_opacus_wrapper(model: nn.Module) -> bool:
-    return any(cls.__name__ == "AbstractGradSampleModule" and cls.__module__.startswith("opacus")
-               for cls in type(model).__mro__)
+    return any(
+        cls.__name__ == "AbstractGradSampleModule" and cls.__module__.startswith("opacus")
+        for cls in type(model).__mro__
+    )
 
 
 def _inner_names(params):
@@ -41,8 +43,10 @@ def unwrapped(model: nn.Module, params):
         return
     inner = getattr(model, "_module", None)
     if not isinstance(inner, nn.Module):
-        raise ValueError(f"model is an Opacus {type(model).__name__} without a wrapped _module; pass the "
-                         "module it wraps instead")
+        raise ValueError(
+            f"model is an Opacus {type(model).__name__} without a wrapped _module; pass the "
+            "module it wraps instead"
+        )
     handles = getattr(inner, "autograd_grad_sample_hooks", None)
     with hooks_suspended(handles) if handles else nullcontext():
         yield inner, _inner_names(params)

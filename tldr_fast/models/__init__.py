@@ -6,4 +6,13 @@ from tldr_fast.models.lenet import LeNet
 from tldr_fast.models.resnet import ResNet18
 from tldr_fast.models.vit import ViT
 
-__all__ = ["MLP", "Generator", "ImageClassifier", "LeNet", "Normalize", "PaperCNN", "ResNet18", "ViT"]
+__all__ = [
+    "MLP",
+    "Generator",
+    "ImageClassifier",
+    "LeNet",
+    "Normalize",
+    "PaperCNN",
+    "ResNet18",
+    "ViT",
+]

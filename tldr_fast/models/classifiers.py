@@ -131,7 +131,11 @@ class PaperCNN(ImageClassifier):
         blocks = []
         c_in, (h, w) = in_channels, self.image_size
         for c_out in self.channels:
-            layers = [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers = [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
             if min(h, w) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
@@ -176,7 +180,12 @@ class MLP(ImageClassifier):
         layers: list[nn.Module] = [nn.Flatten()]
         d_in = in_channels * math.prod(self.image_size)
         for d_out in self.hidden:
-            layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.LeakyReLU(0.2), nn.Dropout(self.dropout)]
+            layers += [
+                nn.Linear(d_in, d_out),
+                nn.BatchNorm1d(d_out),
+                nn.LeakyReLU(0.2),
+                nn.Dropout(self.dropout),
+            ]
             d_in = d_out
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(d_in, num_classes)

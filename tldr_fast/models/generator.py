@@ -111,13 +111,17 @@ class Generator(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if len(tuple(image_shape)) != 3 or min(int(s) for s in image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)!r}")
+            raise ValueError(
+                f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)!r}"
+            )
         if latent_dim < 1 or width < 1:
             raise ValueError(f"latent_dim and width must be >= 1, got {latent_dim} and {width}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")
+            raise ValueError(
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
+            )
         self.num_classes = int(num_classes)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.conditioning = cond.check_mode(conditioning)
@@ -146,7 +150,9 @@ class Generator(nn.Module):
             upsample += _block(channels, out, conv, 0.0)
             channels, h, w = out, h * sh, w * sw
         (kh, ph), (kw, pw) = _fit_kernel(h, target_h), _fit_kernel(w, target_w)
-        upsample.append(nn.ConvTranspose2d(channels, self.image_shape[0], (kh, kw), padding=(ph, pw)))
+        upsample.append(
+            nn.ConvTranspose2d(channels, self.image_shape[0], (kh, kw), padding=(ph, pw))
+        )
         self.to_image = nn.Sequential(*upsample)
 
     def config(self) -> dict:
@@ -161,7 +167,9 @@ class Generator(nn.Module):
             "output_activation": self.output_activation,
         }
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, labels: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """z (B, latent_dim), labels (B,) int64, vectors (B, N) for the vector modes."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
@@ -180,4 +188,6 @@ class Generator(nn.Module):
         h = self.to_matrix_size[1:](_project_to_matrix(self.to_matrix_size[0], torch.cat(parts, 1)))
         if cond.uses_matrix(self.conditioning):
             h = torch.cat([h, cond.hot_matrix(labels, self.num_classes, h.dtype)], 1)
-        return _output_activation(self.output_activation, _to_image_channels(self.to_image[-1], self.to_image[:-1](h)))
+        return _output_activation(
+            self.output_activation, _to_image_channels(self.to_image[-1], self.to_image[:-1](h))
+        )

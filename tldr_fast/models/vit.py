@@ -81,23 +81,41 @@ class ViT(ImageClassifier):
         std: tuple[float, ...] | None = None,
     ):
         super().__init__(in_channels, num_classes, image_size, mean, std)
-        for name, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("mlp_dim", mlp_dim)):
+        for name, value in (
+            ("patch_size", patch_size),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+            ("mlp_dim", mlp_dim),
+        ):
             check_positive_int(value, name)
         h, w = self.image_size
         if h % patch_size or w % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide image_size {(h, w)}")
         if dim % heads:
             raise ValueError(f"heads {heads} must divide dim {dim}")
-        self.patch_size, self.dim, self.depth, self.heads, self.mlp_dim = patch_size, dim, depth, heads, mlp_dim
-        self.embedding = PatchEmbedding(in_channels, dim, patch_size, (h // patch_size) * (w // patch_size))
+        self.patch_size, self.dim, self.depth, self.heads, self.mlp_dim = (
+            patch_size,
+            dim,
+            depth,
+            heads,
+            mlp_dim,
+        )
+        self.embedding = PatchEmbedding(
+            in_channels, dim, patch_size, (h // patch_size) * (w // patch_size)
+        )
         self.blocks = nn.Sequential(*[EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
 
     def extra_config(self) -> dict:
-        return {"patch_size": self.patch_size, "dim": self.dim, "depth": self.depth, "heads": self.heads,
-                "mlp_dim": self.mlp_dim}
+        return {
+            "patch_size": self.patch_size,
+            "dim": self.dim,
+            "depth": self.depth,
+            "heads": self.heads,
+            "mlp_dim": self.mlp_dim,
+        }
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self.embedding(x))[:, 0])

@@ -1,6 +1,6 @@
 """tldr-fast: training-like data reconstruction from trained image classifiers, fast.
 
-The public names of DESIGN.md section 4 resolve lazily, so `import tldr_fast` stays cheap and a
+The public names (docs/design.md) resolve lazily, so `import tldr_fast` stays cheap and a
 command-line call pays only for the parts it uses.
 """
 

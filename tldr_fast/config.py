@@ -10,7 +10,7 @@ feature-statistics prior of DeepInversion (Yin et al. 2020): the distance of the
 per-channel mean and variance at every BatchNorm layer of the classifier from that layer's running
 statistics, which summarise the training data. 0 in both presets.
 
-`paper` is the default: the paper's method with the open choices of DESIGN.md section 5 (L2-normalised
+`paper` is the default: the paper's method with the open choices it leaves made (L2-normalised
 Gram, per-sample gradient norms, images in [0, 1]). The paper gives no weights, so `paper` uses the
 authors' published weights, except eta_tv: our TV is the paper's per-image *sum* (about 57 for a
 real MNIST digit), so with the authors' eta1 = 2 a real digit would pay ~114 in TV against the

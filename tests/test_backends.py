@@ -150,11 +150,13 @@ def test_resnet18_norms_and_input_gradient_equal_the_loop(backend):
 
 
 def test_resnet18_is_served_by_closed_form_rules_only():
-    """auto picks ghost on the ResNet: every parameter sits in a Conv2d, BatchNorm2d or Linear."""
-    from tldr_fast.grad_norm.ghost import fully_closed_form
+    """auto serves every ResNet parameter by a rule: each sits in a Conv2d, BatchNorm2d or Linear."""
+    from tldr_fast.grad_norm import explain_grad_norm
 
     model = resnet()
-    assert fully_closed_form(model, tuple(name for name, _ in model.named_parameters()))
+    routes = explain_grad_norm(model, batch(2)[0])
+    assert sorted(n for r in routes for n in r.params) == sorted(dict(model.named_parameters()))
+    assert all(r.served_by.startswith("rule tldr_fast.grad_norm.") for r in routes), routes
 
 
 @settings(max_examples=3, deadline=None)

@@ -55,6 +55,7 @@ def test_reconstruct_writes_the_run_directory(model_file, tmp_path, capsys):
                 str(out),
                 "--checkpoint-every",
                 "1",
+                "--keep-checkpoints",
                 *TINY,
             ]
         )
@@ -118,6 +119,7 @@ def test_invert_and_resume(model_file, tmp_path):
                 str(out),
                 "--checkpoint-every",
                 "1",
+                "--keep-checkpoints",
                 *TINY,
             ]
         )
@@ -141,6 +143,7 @@ def test_resume_with_other_settings_is_refused(model_file, tmp_path, capsys):
                 str(out),
                 "--checkpoint-every",
                 "1",
+                "--keep-checkpoints",
                 *TINY,
             ]
         )
@@ -159,7 +162,12 @@ def test_chunked_run_equals_the_whole_batch_run_and_resumes_with_another_chunk(
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
     assert main(["reconstruct", "--model", str(model_file), "--out", str(whole), *TINY]) == 0
     args = ["reconstruct", "--model", str(model_file), "--out", str(chunked), *TINY]
-    assert main([*args, "--checkpoint-every", "1", "--classifier-chunk-size", "4"]) == 0
+    assert (
+        main(
+            [*args, "--checkpoint-every", "1", "--keep-checkpoints", "--classifier-chunk-size", "4"]
+        )
+        == 0
+    )
     assert json.loads((chunked / "config.json").read_text())["config"]["classifier_chunk_size"] == 4
     torch.testing.assert_close(tf.load(chunked).images, tf.load(whole).images, rtol=1e-4, atol=1e-4)
     # The chunk size changes memory, not the trajectory: a run may resume with another.

@@ -198,7 +198,7 @@ def test_fresh_run_into_a_non_empty_directory_refuses_naming_resume_and_overwrit
         "--checkpoint-every",
         "1",
     ]
-    assert main([*args, "--steps", "3"]) == 0
+    assert main([*args, "--steps", "3", "--keep-checkpoints"]) == 0
     before = {p.name: p.read_bytes() for p in run_dir.list_checkpoints(out)}
     capsys.readouterr()
     assert main([*args, "--steps", "2"]) == 2
@@ -208,7 +208,7 @@ def test_fresh_run_into_a_non_empty_directory_refuses_naming_resume_and_overwrit
         p.name: p.read_bytes() for p in run_dir.list_checkpoints(out)
     } == before  # nothing touched
 
-    assert main([*args, "--steps", "2", "--overwrite"]) == 0
+    assert main([*args, "--steps", "2", "--overwrite", "--keep-checkpoints"]) == 0
     assert [p.name for p in run_dir.list_checkpoints(out)] == [
         "step-00000001.safetensors",
         "step-00000002.safetensors",
@@ -429,7 +429,7 @@ def test_resume_with_no_readable_checkpoint_is_one_line(model_file, tmp_path, ca
         "--checkpoint-every",
         "1",
     ]
-    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "2", "--keep-checkpoints"]) == 0
     for path in run_dir.list_checkpoints(out):
         path.write_bytes(b"\x00" * 10)
     capsys.readouterr()
@@ -631,3 +631,28 @@ def test_subprocess_error_is_one_line_and_exit_2(tmp_path):
     proc = _cli("train", "--out", str(tmp_path))
     assert proc.returncode == 2
     _one_error_line(proc.stderr, "train")
+
+
+# -- a finished run drops its checkpoints unless asked to keep them --------------------------------
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_kept_and_says_why_it_cannot_resume(
+    model_file, tmp_path, capsys
+):
+    args = ["reconstruct", "--model", str(model_file), *TINY, "--checkpoint-every", "1"]
+    dropped, kept = tmp_path / "dropped", tmp_path / "kept"
+    assert main([*args, "--out", str(dropped)]) == 0
+    assert run_dir.list_checkpoints(dropped) == []
+    assert (dropped / "images.safetensors").is_file() and (
+        dropped / "generators.safetensors"
+    ).is_file()
+    assert main([*args, "--out", str(kept), "--keep-checkpoints"]) == 0
+    assert len(run_dir.list_checkpoints(kept)) == engine.CHECKPOINTS_KEPT
+    capsys.readouterr()
+    assert main([*args, "--out", str(dropped), "--steps", "3", "--resume"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "reconstruct")
+    assert (
+        "checkpoints were dropped" in line
+        and "--keep-checkpoints" in line
+        and "--overwrite" in line
+    )

@@ -29,7 +29,7 @@ from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfi
 from tldr_fast.features import FeatureSpec, with_features
 from tldr_fast.models.generator import Generator
 from tldr_fast.objective import generate, needs_features
-from tldr_fast.run_dir import claim, run_intent
+from tldr_fast.run_dir import claim, drop_checkpoints, run_intent
 from tldr_fast.serialization import TensorInfo
 
 RUN_FORMAT = "tldr-fast/run"
@@ -288,6 +288,7 @@ def _run(
     progress,
     samples_per_class,
     features,
+    keep_checkpoints,
     **meta,
 ) -> Result:
     config = kind_cls() if config is None else config
@@ -313,6 +314,7 @@ def _run(
             progress,
             samples_per_class,
             features,
+            keep_checkpoints,
             meta,
         )
     # The directory is held from before training until the result is saved in it.
@@ -328,6 +330,7 @@ def _run(
             progress,
             samples_per_class,
             features,
+            keep_checkpoints,
             meta,
         )
 
@@ -343,6 +346,7 @@ def _train_and_sample(
     progress,
     samples_per_class,
     features,
+    keep_checkpoints,
     meta,
 ) -> Result:
     start = time.perf_counter()
@@ -381,6 +385,10 @@ def _train_and_sample(
     )
     if run_dir is not None:
         distributed.rank_zero(shard, result.save_to, run_dir)
+        if (
+            not keep_checkpoints
+        ):  # the run is complete in its outputs; checkpoints only serve a resume
+            distributed.rank_zero(shard, drop_checkpoints, run_dir)
     return result
 
 
@@ -399,6 +407,7 @@ def invert(
     dataset: str | None = None,
     subset: int | None = None,
     features: FeatureSpec = None,
+    keep_checkpoints: bool = True,
 ) -> Result:
     """Network inversion (soft vectors, KL + CE + cosine + orthogonality) of a trained classifier.
 
@@ -409,7 +418,8 @@ def invert(
     features: where the diversity terms read the classifier's penultimate features
     (`tldr_fast.features.with_features`): None (its forward_with_features, else the input of its
     last nn.Linear), a submodule name (its output, flattened; recorded in config.json) or a
-    callable x -> (logits, features).
+    callable x -> (logits, features). keep_checkpoints=False deletes the checkpoints once the
+    Result is saved (a finished run is then complete in its outputs, and cannot be resumed).
     """
     return _run(
         InversionConfig,
@@ -423,6 +433,7 @@ def invert(
         progress,
         samples_per_class,
         features,
+        keep_checkpoints,
         model=model,
         dataset=dataset,
         subset=subset,
@@ -444,6 +455,7 @@ def reconstruct(
     dataset: str | None = None,
     subset: int | None = None,
     features: FeatureSpec = None,
+    keep_checkpoints: bool = True,
 ) -> Result:
     """Training-like data reconstruction (hot vectors, all nine terms); arguments as in `invert`."""
     return _run(
@@ -458,6 +470,7 @@ def reconstruct(
         progress,
         samples_per_class,
         features,
+        keep_checkpoints,
         model=model,
         dataset=dataset,
         subset=subset,

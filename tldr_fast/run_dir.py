@@ -142,6 +142,11 @@ def _holder(lock_file: Path) -> str:
 
 
 def _check_intent(path: Path, intent: str, name: str) -> None:
+    if intent == "resume" and not list_checkpoints(path) and (path / "images.safetensors").exists():
+        raise RunDirectoryError(
+            f"{name} {path} holds a finished run whose checkpoints were dropped: there is nothing to "
+            "resume from (keep them with --keep-checkpoints, or pass --overwrite to start again)"
+        )
     if intent in ("resume", "existing"):
         return
     if intent == "overwrite":
@@ -178,6 +183,14 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 def checkpoint_step(path: Path) -> int:
     return int(_CHECKPOINT_NAME.match(path.name).group(1))
+
+
+def drop_checkpoints(run_dir: str | os.PathLike) -> int:
+    """Delete a finished run's checkpoints (its outputs stay); returns how many were deleted."""
+    old = list_checkpoints(run_dir)
+    for path in old:
+        path.unlink()
+    return len(old)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -135,6 +135,12 @@ def _add_engine_arguments(p: argparse.ArgumentParser, kind: str, base: dict | No
         action="store_true",
         help="delete the run already in --out (its checkpoints and outputs) and start again",
     )
+    g.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoints of a finished run, so that --resume can extend it later; by "
+        "default they are deleted once the run's outputs are written",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--classifier-chunk-size",
@@ -233,6 +239,7 @@ def _train_and_report(kind: str, classifier, config, args, **meta):
             progress=not args.no_progress,
             samples_per_class=args.samples_per_class,
             features=args.features,
+            keep_checkpoints=args.keep_checkpoints,
             **meta,
         )
     except NonFiniteLossError as err:

@@ -14,10 +14,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tldr_fast.kernels import diversity as kdiv
 
 from bench.common import is_oom, peak_memory_bytes, time_fn
 from tldr_fast import losses
+from tldr_fast.kernels import diversity as kdiv
 
 FULL_NS = (1024, 4096, 16384, 65536, 262144)
 FULL_DS = (64, 256, 1024)

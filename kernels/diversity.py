@@ -27,6 +27,7 @@ and the normalisation backward, fp32 scratch only when D spans several tiles).
 from __future__ import annotations
 
 import torch
+
 from tldr_fast.kernels.runtime import (
     DOT_PRECISION,
     INTERPRETED,

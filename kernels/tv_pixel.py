@@ -19,6 +19,7 @@ weights up front and writes loss and gradient in the forward pass.
 from __future__ import annotations
 
 import torch
+
 from tldr_fast.kernels.runtime import INTERPRETED, kernel_op, refuse_double_backward, traced_input
 
 try:

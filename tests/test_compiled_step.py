@@ -10,14 +10,14 @@ import functools
 
 import pytest
 import torch
-from tldr_fast.kernels import diversity as kdiv
-from tldr_fast.kernels import tv_pixel as ktv
 
 from bench.naive_step import naive_terms
 from tldr_fast import conditioning, engine, objective
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import ReconstructionConfig
 from tldr_fast.engine import AdamState, make_step
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import tv_pixel as ktv
 from tldr_fast.models import PaperCNN
 
 SHAPE = (1, 8, 8)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from tldr_fast.kernels import diversity as kdiv
-from tldr_fast.kernels import runtime
 from torch.func import grad, vmap
 
 from tldr_fast import losses
+from tldr_fast.kernels import diversity as kdiv
+from tldr_fast.kernels import runtime
 
 pytestmark = pytest.mark.triton
 

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 # Helpers shared by the two kernels test files.
 from test_kernels_diversity import _poisoned, assert_compiles
-from tldr_fast.kernels import runtime
-from tldr_fast.kernels import tv_pixel as ktv
 from torch.func import grad, vmap
 
 from tldr_fast import losses
+from tldr_fast.kernels import runtime
+from tldr_fast.kernels import tv_pixel as ktv
 
 pytestmark = pytest.mark.triton
 

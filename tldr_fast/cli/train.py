@@ -78,47 +78,18 @@ def train_and_save(
     progress: bool = True,
 ):
     """Train `arch` on the dataset's (subset of the) training split, test on its test split, save."""
-    import time
+    from tldr_fast import models, training
 
-    from tldr_fast import datasets, models, serialization, training
-
-    start = time.perf_counter()
-    train = datasets.load_dataset(dataset, "train", root=data_root, subset=subset, seed=seed)
-    test = datasets.load_dataset(dataset, "test", root=data_root)
-    c, h, w = train.images.shape[1:]
     architecture = getattr(models, ARCHS.get(arch, arch))
-    model = training.build_seeded(
-        lambda: architecture(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed
-    )
-    training.train_classifier(
-        model,
-        train.images,
-        train.labels,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        test=(test.images, test.labels),
-        device=device,
-        progress=progress,
-    )
-    report = model.train_report
-    serialization.save(
-        out,
-        model.cpu(),
-        metadata={
-            "dataset": dataset,
-            "subset": subset,
-            "seed": seed,
-            "epochs": epochs,
-            "train_accuracy": report.train_accuracy,
-            "test_accuracy": report.test_accuracy,
-            # `evaluate` rebuilds the training set from the same files.
-            **({"data_root": str(Path(data_root).resolve())} if data_root is not None else {}),
-        },
-    )
-    report.seconds = time.perf_counter() - start
-    return model, report
+
+    def fit(model, train, test):
+        training.train_classifier(
+            model, train.images, train.labels, epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, test=(test.images, test.labels), device=device, progress=progress,
+        )  # fmt: skip
+        return {"epochs": epochs}
+
+    return _train_on_dataset(dataset, subset, seed, data_root, out, architecture, fit)
 
 
 def train_kkt_and_save(
@@ -133,45 +104,45 @@ def train_kkt_and_save(
     progress: bool = True,
 ):
     """`training.train_kkt_recipe` on a KKTMLP (seeded initialisation), tested and saved like `train_and_save`."""
+    from functools import partial
+
+    from tldr_fast import training
+    from tldr_fast.attacks.kkt import KKTMLP
+
+    def fit(model, train, test):
+        training.train_kkt_recipe(
+            model, train.images, train.labels, steps=steps, test=(test.images, test.labels),
+            device=device, progress=progress,
+        )  # fmt: skip
+        return {"recipe": "kkt", "steps": steps, "final_loss": model.train_report.epoch_losses[-1]}
+
+    return _train_on_dataset(
+        dataset, subset, seed, data_root, out, partial(KKTMLP, hidden=tuple(hidden)), fit
+    )
+
+
+def _train_on_dataset(dataset, subset, seed, data_root, out, architecture, fit):
+    """Build `architecture(in_channels, num_classes, image_size)` from a seed, `fit(model, train,
+    test)` it (returning the recipe's metadata), and save it with what `evaluate` needs to rebuild
+    its training set: dataset, subset, seed and data root."""
     import time
 
     from tldr_fast import datasets, serialization, training
-    from tldr_fast.attacks.kkt import KKTMLP
 
     start = time.perf_counter()
     train = datasets.load_dataset(dataset, "train", root=data_root, subset=subset, seed=seed)
     test = datasets.load_dataset(dataset, "test", root=data_root)
     c, h, w = train.images.shape[1:]
     model = training.build_seeded(
-        lambda: KKTMLP(
-            in_channels=c, num_classes=train.num_classes, image_size=(h, w), hidden=tuple(hidden)
-        ),
-        seed,
+        lambda: architecture(in_channels=c, num_classes=train.num_classes, image_size=(h, w)), seed
     )
-    training.train_kkt_recipe(
-        model,
-        train.images,
-        train.labels,
-        steps=steps,
-        test=(test.images, test.labels),
-        device=device,
-        progress=progress,
-    )
+    recipe = fit(model, train, test)
     report = model.train_report
-    serialization.save(
-        out,
-        model.cpu(),
-        metadata={
-            "dataset": dataset,
-            "subset": subset,
-            "seed": seed,
-            "recipe": "kkt",
-            "steps": steps,
-            "final_loss": report.epoch_losses[-1],
-            "train_accuracy": report.train_accuracy,
-            "test_accuracy": report.test_accuracy,
-        },
-    )
+    metadata = {"dataset": dataset, "subset": subset, "seed": seed, **recipe}
+    metadata.update(train_accuracy=report.train_accuracy, test_accuracy=report.test_accuracy)
+    if data_root is not None:
+        metadata["data_root"] = str(Path(data_root).resolve())
+    serialization.save(out, model.cpu(), metadata=metadata)
     report.seconds = time.perf_counter() - start
     return model, report
 

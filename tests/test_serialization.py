@@ -152,8 +152,9 @@ def test_every_registered_architecture_reads_back_through_the_header_check(tmp_p
     """The reader builds each architecture on the meta device to check the file's tensors first."""
     from tldr_fast.attacks.bnn_model import BinarizedMLP
     from tldr_fast.attacks.dp import PaperCNNGroupNorm
+    from tldr_fast.attacks.kkt import KKTMLP
     from tldr_fast.attacks.split import MnistSplitNet, OmniglotSplitNet
-    from tldr_fast.models import LeNet
+    from tldr_fast.models import LeNet, ResNet18, ViT
 
     built = {
         cls.arch: cls()
@@ -165,8 +166,12 @@ def test_every_registered_architecture_reads_back_through_the_header_check(tmp_p
             LeNet,
             MLP,
             PaperCNN,
+            ViT,
         )
     }
+    # Non-default sizes are part of the architecture's config, checked like the defaults.
+    built["ResNet18"] = ResNet18(width=4)
+    built["KKTMLP"] = KKTMLP(hidden=(16, 8))
     assert set(built) == set(serialization.architectures())
     for arch, model in built.items():
         loaded = tf.load(tf.save(tmp_path / f"{arch}.safetensors", model.eval()))

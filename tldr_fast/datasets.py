@@ -2,7 +2,7 @@
 
 `load(name, split, root, subset, seed)` returns `(images, labels)`: float32 images in [0, 1] with
 shape (N, C, H, W) and int64 labels. Roots are searched in this order: the `root` argument,
-`$TLDR_DATA`, `../shared/data` beside a source checkout, and the user cache directory
+`$TLDR_DATA`, the `data` folder of a `shared/` directory beside a source checkout, and the user cache directory
 (`~/.cache/tldr-fast`). Downloads happen only with `download=True`, from the canonical mirrors,
 and are checked against published MD5 sums. CIFAR-10 pickles are read with an unpickler that
 builds numpy arrays and nothing else.

@@ -64,11 +64,9 @@ def register(commands, attacks) -> None:
         "table gives per-seed scores, their means with 95%% Student t intervals, and each row's difference "
         "from the non-private row of the same seed",
     )
-    p.add_argument(
-        "--data-root",
-        default=None,
-        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
-    )
+    from tldr_fast.cli.train import add_data_root_argument
+
+    add_data_root_argument(p)
     p.add_argument("--out", default="runs/split", help="run directory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_split, writes={"--out": "dir"})

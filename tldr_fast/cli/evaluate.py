@@ -37,11 +37,9 @@ def register(commands, attacks) -> None:
     p.add_argument(
         "--seed", type=int, default=None, help="seed of that subset (default: recorded seed)"
     )
-    p.add_argument(
-        "--data-root",
-        default=None,
-        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
-    )
+    from tldr_fast.cli.train import add_data_root_argument
+
+    add_data_root_argument(p)
     p.add_argument(
         "--threshold", type=float, default=0.4, help="SSIM threshold for 'reconstructed'"
     )

@@ -21,11 +21,9 @@ def register(commands, attacks) -> None:
     p.add_argument("spec", metavar="SPEC", help="study spec (.json or .toml)")
     p.add_argument("--out", default="runs/leakage-study", help="run root: targets/ and cells/")
     p.add_argument("--results", default=None, help="directory for the study files (default: --out)")
-    p.add_argument(
-        "--data-root",
-        default=None,
-        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
-    )
+    from tldr_fast.cli.train import add_data_root_argument
+
+    add_data_root_argument(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.set_defaults(func=run, writes={"--out": "dir", "--results": "dir"})

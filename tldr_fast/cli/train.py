@@ -57,10 +57,16 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--subset", type=int, default=None, help="balanced training subset size (e.g. 1000)"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_data_root_argument(p)
+
+
+def add_data_root_argument(p: argparse.ArgumentParser) -> None:
+    """--data-root, the same option on every command that reads a dataset from disk."""
     p.add_argument(
         "--data-root",
         default=None,
-        help="dataset root (default: $TLDR_DATA, ../shared/data, ~/.cache/tldr-fast)",
+        help="dataset root (default: $TLDR_DATA, then the data folder beside a source checkout, "
+        "then ~/.cache/tldr-fast)",
     )
 
 

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tldr_fast.features import FeatureSpec, extract_features, offers_features
-from tldr_fast.ssim import ssim_matrix
+from tldr_fast.ssim import ssim_matrices
 from tldr_fast.training import predict_logits
 from tldr_fast.validation import check_images, check_labels, check_positive_int, check_unit_range
 
@@ -64,21 +65,27 @@ def class_ssim_matrices(
     device: str | torch.device | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
+    group: dist.ProcessGroup | None = None,
 ) -> ClassMatrices:
     """SSIM of every reconstruction against every reference image of its class (float64 on the CPU).
 
     impl "auto" decides per class matrix; "compiled" or "eager" forces one path (see ssim_matrix).
+    group: a torch.distributed process group whose ranks share the blocks of the class matrices
+    (`tldr_fast.ssim.ssim_matrices`; every rank passes the same inputs and gets all matrices,
+    bit-identical to the single process's); None computes them all in this process.
     """
     classes = _check_inputs(recon, recon_labels, ref, ref_labels, num_classes, ref_name)
-    matrices, rows, cols = {}, {}, {}
-    for c in classes:
-        rows[c] = torch.nonzero(recon_labels == c).flatten().numpy()
-        cols[c] = torch.nonzero(ref_labels == c).flatten().numpy()
-        s = ssim_matrix(
-            recon[rows[c]], ref[cols[c]], chunk_size=chunk_size, device=device, impl=impl
-        )
-        matrices[c] = s.double().cpu().numpy()
-    return ClassMatrices(matrices, rows, cols, len(recon), len(ref))
+    rows = {c: torch.nonzero(recon_labels == c).flatten().numpy() for c in classes}
+    cols = {c: torch.nonzero(ref_labels == c).flatten().numpy() for c in classes}
+    pairs = [(recon[rows[c]], ref[cols[c]]) for c in classes]
+    matrices = ssim_matrices(pairs, chunk_size, device, impl, group)
+    return ClassMatrices(
+        {c: s.double().cpu().numpy() for c, s in zip(classes, matrices, strict=True)},
+        rows,
+        cols,
+        len(recon),
+        len(ref),
+    )
 
 
 # ------------------------------------------------------------------------------ the protocols
@@ -157,11 +164,13 @@ def fidelity(
     device=None,
     chunk_size=None,
     features: FeatureSpec = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict:
     """Evaluator accuracy, target confidence in the intended label, within-class diversity (mean
     pairwise SSIM, and mean pairwise cosine similarity of the target's features).
 
-    The classifiers run on their own device; `device` is where the SSIM matrices are computed.
+    The classifiers run on their own device; `device` is where the SSIM matrices are computed
+    (split over the ranks of `group` as in class_ssim_matrices).
     features: the target's feature layer (see `tldr_fast.features.with_features`); with the default
     None a target that offers no features gets no feature statistic.
     """
@@ -174,12 +183,13 @@ def fidelity(
         batch=recon.shape[0],
     )
     out: dict = {}
+    by_class = {int(c): recon[recon_labels == c] for c in torch.unique(recon_labels).tolist()}
+    by_class = {c: x for c, x in by_class.items() if len(x) >= 2}
+    matrices = ssim_matrices([(x, x) for x in by_class.values()], chunk_size, device, group=group)
     per_class = {}
-    for c in torch.unique(recon_labels).tolist():
-        x = recon[recon_labels == c]
-        if len(x) >= 2:
-            s = ssim_matrix(x, x, chunk_size=chunk_size, device=device).double()
-            per_class[int(c)] = float((s.sum() - s.diagonal().sum()) / (len(x) * (len(x) - 1)))
+    for c, s in zip(by_class, matrices, strict=True):
+        s, n = s.double(), len(s)
+        per_class[c] = float((s.sum() - s.diagonal().sum()) / (n * (n - 1)))
     out["within_class_diversity"] = float(np.mean(list(per_class.values()))) if per_class else None
     out["per_class_diversity"] = per_class
     if evaluator is not None:
@@ -231,8 +241,14 @@ def reconstruction_scores(
     device=None,
     chunk_size=None,
     features: FeatureSpec = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict:
-    """Every statistic of this module; the SSIM matrices are computed once and shared."""
+    """Every statistic of this module; the SSIM matrices are computed once and shared.
+
+    group: a torch.distributed process group whose ranks share the SSIM matrices (see
+    class_ssim_matrices); every rank passes the same arguments, computes the statistics from
+    the same matrices and returns the same scores.
+    """
     if (heldout is None) != (heldout_labels is None):
         raise ValueError("heldout and heldout_labels must be given together")
     label_sets = [recon_labels, train_labels] + (
@@ -240,7 +256,15 @@ def reconstruction_scores(
     )
     num_classes = num_classes or _num_classes(*label_sets)
     cm_train = class_ssim_matrices(
-        recon, recon_labels, train, train_labels, num_classes, "train", device, chunk_size
+        recon,
+        recon_labels,
+        train,
+        train_labels,
+        num_classes,
+        "train",
+        device,
+        chunk_size,
+        group=group,
     )
     scores = {
         "threshold": threshold,
@@ -252,7 +276,15 @@ def reconstruction_scores(
     }
     if heldout is not None:
         cm_held = class_ssim_matrices(
-            recon, recon_labels, heldout, heldout_labels, num_classes, "heldout", device, chunk_size
+            recon,
+            recon_labels,
+            heldout,
+            heldout_labels,
+            num_classes,
+            "heldout",
+            device,
+            chunk_size,
+            group=group,
         )
         scores["num_heldout"] = len(heldout)
         scores["heldout"] = {
@@ -271,6 +303,7 @@ def reconstruction_scores(
         device=device,
         chunk_size=chunk_size,
         features=features,
+        group=group,
     )
     return scores
 
@@ -490,12 +523,20 @@ def evaluate_run(
     when the target used the whole training split the MLP is trained on the test split instead.
     features: the target's feature layer for the feature similarity (default: the layer recorded
     in config.json by reconstruct/invert, else as `tldr_fast.features.with_features` chooses).
+
+    Inside an initialised torch.distributed default process group of more than one process
+    (torchrun) this is a collective: every rank calls it with the same arguments, the SSIM
+    matrices are split over the ranks and all-gathered (class_ssim_matrices), every rank trains
+    the same evaluator from the same seed on the same images and computes the same statistics
+    from the same matrices, and rank 0 alone writes the files while the others wait.
     """
     from tldr_fast import datasets, report
     from tldr_fast.serialization import write_json_atomic
     from tldr_fast.training import default_device
 
     start = time.perf_counter()
+    group = _default_group()
+    writer = group is None or dist.get_rank(group) == 0
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
     recon, recon_labels, generator_index, config = _read_run(run_dir)
@@ -512,7 +553,7 @@ def evaluate_run(
     train = datasets.load_dataset(train_data, "train", root=data_root, subset=subset, seed=seed)
     heldout, heldout_source = _heldout(heldout_data, train_data, len(train.labels), data_root, seed)
     evaluator, evaluator_info = _evaluator(
-        evaluator, train, train_data, subset, data_root, seed, device, progress
+        evaluator, train, train_data, subset, data_root, seed, device, progress and writer
     )
     scores = reconstruction_scores(
         recon,
@@ -528,6 +569,7 @@ def evaluate_run(
         seed=seed,
         device=device,
         features=features if features is not None else config.get("features"),
+        group=group,
     )
     metrics = {
         "run": {
@@ -544,11 +586,21 @@ def evaluate_run(
         **scores,
     }
     metrics["seconds"] = time.perf_counter() - start
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    report.write_report(
-        run_dir, metrics, recon, recon_labels, generator_index, train.images, train.class_names
-    )
+    if writer:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        report.write_report(
+            run_dir, metrics, recon, recon_labels, generator_index, train.images, train.class_names
+        )
+    if group is not None:
+        dist.barrier(group)  # the files exist on every rank's return
     return metrics
+
+
+def _default_group() -> dist.ProcessGroup | None:
+    """The initialised default process group when it has more than one process, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 def _read_run(run_dir: Path):

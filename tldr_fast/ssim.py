@@ -15,13 +15,23 @@ batched matmul over positions, (C*P, M, 49) @ (C*P, 49, N), followed by a pointw
 over positions; centring first keeps float32 free of the cancellation in E[xy] - E[x]E[y]. Blocks
 of pairs bound the memory; on large problems the pointwise part is compiled (torch.compile fuses
 its ten elementwise passes into one).
+
+`ssim_matrices` computes several matrices at once, and with a torch.distributed process group
+splits their blocks over its ranks and all-gathers them. The blocks are the single process's
+(`matrix_blocks`), not finer ones: splitting a block's columns changes the shapes of its matmul and
+reduction, and with them the float32 rounding, so only whole blocks keep the result bit-identical.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from tldr_fast.validation import check_images, check_positive_int, check_unit_range
 
@@ -68,32 +78,179 @@ def ssim_matrix(
     a time, and the (M, N) result stays there. impl: "eager", "compiled" (torch.compile of the
     pointwise part) or "auto" (compiled when M * N * C * P >= 2^28).
     """
-    _check_pair(A, B, "A", "B", same_count=False)
+    return ssim_matrices([(A, B)], chunk_size, device, impl)[0]
+
+
+def ssim_matrices(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    impl: str = "auto",
+    group: dist.ProcessGroup | None = None,
+) -> list[torch.Tensor]:
+    """`ssim_matrix(A, B)` of every (A, B) in `pairs` (impl "auto" decides per pair).
+
+    Each matrix is computed in blocks of rows x columns (`matrix_blocks`). With a process group,
+    the blocks of all pairs are split over its ranks (`split_blocks`), each rank computes its own
+    and the blocks are all-gathered, so that every rank returns all the matrices. A block's
+    values depend only on its inputs and its shape, and every block has the single process's
+    shape, so the matrices are bit-identical to the single process's at the same thread count.
+    Every rank must pass the same pairs: their sha256 digests are compared first.
+    """
+    for A, B in pairs:
+        _check_pair(A, B, "A", "B", same_count=False)
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    device = torch.device(device) if device is not None else A.device
-    dtype = _compute_dtype(A, B)
-    m, n, cp = A.shape[0], B.shape[0], _positions(A)
-    chunk = chunk_size or max(1, _BLOCK_ELEMENTS // cp)
-    check_positive_int(chunk, "chunk_size")
-    if impl == "auto":
-        impl = "compiled" if m * n * cp >= _COMPILE_ABOVE else "eager"
-    pointwise = _compiled_ssim_mean() if impl == "compiled" else _ssim_mean
-    rows = min(m, 128, chunk) or 1
-    cols = max(1, chunk // rows)
-    out = torch.empty(m, n, dtype=dtype, device=device)
-    for i in range(0, m, rows):
-        mu_x, var_x, win_x = _window_stats(A[i : i + rows].to(device=device, dtype=dtype))
-        # (M, C*P, 49) -> (C*P, M, 49), scaled so that the matmul yields 2 * cov directly.
-        win_x = win_x.transpose(0, 1).mul_(2 * _COV_NORM / _N).contiguous()
-        mu_x, var_x = mu_x.T.unsqueeze(-1), var_x.T.unsqueeze(-1)
-        for j in range(0, n, cols):
-            mu_y, var_y, win_y = _window_stats(B[j : j + cols].to(device=device, dtype=dtype))
-            cov2 = torch.bmm(win_x, win_y.permute(1, 2, 0))
-            out[i : i + rows, j : j + cols] = pointwise(
-                cov2, mu_x, mu_y.T.unsqueeze(1), var_x, var_y.T.unsqueeze(1), 0
-            )
-    return out
+    devices = [torch.device(device) if device is not None else A.device for A, _ in pairs]
+    dtypes = [_compute_dtype(A, B) for A, B in pairs]
+    blocks = matrix_blocks(pairs, chunk_size, impl)
+    outs = [
+        torch.empty(A.shape[0], B.shape[0], dtype=t, device=d)
+        for (A, B), t, d in zip(pairs, dtypes, devices, strict=True)
+    ]
+    if group is None or dist.get_world_size(group) == 1:
+        for block, values in _compute_blocks(pairs, blocks, devices, dtypes):
+            outs[block.pair][block.rows, block.cols] = values
+        return outs
+    _check_same_pairs(pairs, group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranges = split_blocks([b.size for b in blocks], world)
+    counts = [sum(b.size for b in blocks[start:stop]) for start, stop in ranges]
+    wire = _collective_device(group)
+    wire_dtype = functools.reduce(torch.promote_types, dtypes, torch.float32)
+    mine = torch.zeros(max(counts), dtype=wire_dtype, device=wire)
+    start, stop = ranges[rank]
+    offset = 0
+    for block, values in _compute_blocks(pairs, blocks[start:stop], devices, dtypes):
+        mine[offset : offset + block.size] = values.reshape(-1)
+        offset += block.size
+    gathered = torch.empty(world * len(mine), dtype=wire_dtype, device=wire)
+    if len(mine):
+        dist.all_gather_into_tensor(gathered, mine, group=group)
+    for r, (start, stop) in enumerate(ranges):
+        offset = r * len(mine)
+        for block in blocks[start:stop]:
+            values = gathered[offset : offset + block.size].view(block.shape)
+            outs[block.pair][block.rows, block.cols] = values  # widened back exactly
+            offset += block.size
+    return outs
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [row_start, row_stop) x columns [col_start, col_stop) of pair `pair`'s matrix, computed with `impl`."""
+
+    pair: int
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+    impl: str
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_stop)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.col_start, self.col_stop)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.row_stop - self.row_start, self.col_stop - self.col_start
+
+    @property
+    def size(self) -> int:
+        return (self.row_stop - self.row_start) * (self.col_stop - self.col_start)
+
+
+def matrix_blocks(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> list[Block]:
+    """The blocks of every pair's matrix, pair by pair, row block by row block: at most 128 rows
+    and chunk_size pairs each (see ssim_matrix), with impl "auto" resolved per pair."""
+    blocks = []
+    for k, (A, B) in enumerate(pairs):
+        m, n, cp = A.shape[0], B.shape[0], _positions(A)
+        chunk = chunk_size or max(1, _BLOCK_ELEMENTS // cp)
+        check_positive_int(chunk, "chunk_size")
+        chosen = impl
+        if impl == "auto":
+            chosen = "compiled" if m * n * cp >= _COMPILE_ABOVE else "eager"
+        rows = min(m, 128, chunk) or 1
+        cols = max(1, chunk // rows)
+        blocks += [
+            Block(k, i, min(i + rows, m), j, min(j + cols, n), chosen)
+            for i in range(0, m, rows)
+            for j in range(0, n, cols)
+        ]
+    return blocks
+
+
+def split_blocks(sizes: Sequence[int], world_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each rank's blocks: contiguous, and block k (of `sizes` pairs each, T in
+    all) goes to rank floor(W * (pairs before k) / T), so each rank holds T / W pairs to within
+    one block; a rank may hold none (more ranks than blocks, or blocks larger than T / W)."""
+    check_positive_int(world_size, "world_size")
+    total = max(sum(sizes), 1)
+    owners, before = [], 0
+    for size in sizes:
+        owners.append(before * world_size // total)
+        before += size
+    return [
+        (bisect.bisect_left(owners, r), bisect.bisect_right(owners, r)) for r in range(world_size)
+    ]
+
+
+def _compute_blocks(
+    pairs, blocks: Sequence[Block], devices, dtypes
+) -> Iterator[tuple[Block, torch.Tensor]]:
+    """(block, its SSIM values) for every block in order, each row block's statistics computed once."""
+    rows_key, row_stats = None, None
+    for block in blocks:
+        A, B = pairs[block.pair]
+        device, dtype = devices[block.pair], dtypes[block.pair]
+        if rows_key != (block.pair, block.row_start, block.row_stop):
+            rows_key = (block.pair, block.row_start, block.row_stop)
+            mu_x, var_x, win_x = _window_stats(A[block.rows].to(device=device, dtype=dtype))
+            # (M, C*P, 49) -> (C*P, M, 49), scaled so that the matmul yields 2 * cov directly.
+            win_x = win_x.transpose(0, 1).mul_(2 * _COV_NORM / _N).contiguous()
+            row_stats = mu_x.T.unsqueeze(-1), var_x.T.unsqueeze(-1), win_x
+        mu_x, var_x, win_x = row_stats
+        mu_y, var_y, win_y = _window_stats(B[block.cols].to(device=device, dtype=dtype))
+        cov2 = torch.bmm(win_x, win_y.permute(1, 2, 0))
+        pointwise = _compiled_ssim_mean() if block.impl == "compiled" else _ssim_mean
+        yield block, pointwise(cov2, mu_x, mu_y.T.unsqueeze(1), var_x, var_y.T.unsqueeze(1), 0)
+
+
+def _check_same_pairs(pairs, group: dist.ProcessGroup) -> None:
+    """Refuse pairs that differ from rank 0's: the sha256 of every shape, dtype and byte,
+    all-gathered as tensors on the collective's device (nothing is pickled)."""
+    digest = hashlib.sha256()
+    for t in (t for pair in pairs for t in pair):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(
+        _collective_device(group)
+    )
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if differing:
+        raise ValueError(
+            f"rank {', '.join(map(str, differing))} passed other SSIM pairs than rank 0 (sha256 "
+            f"differs): every rank must pass the same images and labels"
+        )
+
+
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where the group's collectives take tensors: this rank's GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _ssim_mean(cov2, mu_x, mu_y, var_x, var_y, dim: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ def register(commands, attacks) -> None:
             "Compare a run's images with the target's training images (authors' Hungarian protocol, "
             "Haim et al.'s nearest-neighbour protocol), with an equally sized held-out set from the "
             "test split (the leakage gap, with a bootstrap interval), and score fidelity. Writes "
-            "RUN_DIR/metrics.json and a self-contained RUN_DIR/report.html, and prints a summary."
+            "RUN_DIR/metrics.json and a self-contained RUN_DIR/report.html, and prints a summary. "
+            "Under torchrun the ranks share the SSIM matrices and rank 0 writes and prints."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -64,21 +65,39 @@ def register(commands, attacks) -> None:
         help="submodule of the target whose output (flattened) the feature similarity compares "
         "(default: the run's recorded layer, else forward_with_features or the last nn.Linear's input)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda (default: cuda when available; under torchrun the rank's GPU, or the CPU with gloo)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run, writes={"RUN_DIR": "run"})
 
 
 def run(args) -> int:
-    from tldr_fast.evaluate import evaluate_run
-    from tldr_fast.report import summary_rows
-    from tldr_fast.run_dir import claim
+    from tldr_fast import distributed
     from tldr_fast.validation import check_in_range, check_positive_int
 
     check_in_range(args.threshold, "--threshold", 0.0, 1.0)
     check_positive_int(args.bootstrap, "--bootstrap")
     if args.subset is not None:
         check_positive_int(args.subset, "--subset")
+    # Launched by torchrun: join its process group; the ranks share the SSIM matrices.
+    rank_device = distributed.init_from_env()
+    try:
+        return _evaluate_and_report(args, args.device or rank_device)
+    finally:
+        if rank_device is not None:
+            distributed.dist.destroy_process_group()
+
+
+def _evaluate_and_report(args, device) -> int:
+    import torch.distributed as dist
+
+    from tldr_fast.evaluate import evaluate_run
+    from tldr_fast.report import summary_rows
+    from tldr_fast.run_dir import claim
+
     evaluator = False if args.evaluator == "none" else args.evaluator
     with claim(args.run_dir, "existing", "RUN_DIR"):  # no run may write into it meanwhile
         metrics = evaluate_run(
@@ -88,13 +107,15 @@ def run(args) -> int:
             heldout_data=None if args.heldout == "none" else "test",
             evaluator=evaluator,
             seed=args.seed,
-            device=args.device,
+            device=device,
             data_root=args.data_root,
             threshold=args.threshold,
             num_bootstrap=args.bootstrap,
             progress=not args.no_progress,
             features=args.features,
         )
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # rank 0 reports
     rows = summary_rows(metrics)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -111,8 +111,15 @@ def ssim_matrices(
     if group is None or dist.get_world_size(group) == 1:
         for block, values in _compute_blocks(pairs, blocks, devices, dtypes):
             outs[block.pair][block.rows, block.cols] = values
-        return outs
-    _check_same_pairs(pairs, group)
+    else:
+        _check_same_pairs(pairs, group)
+        _compute_shared(pairs, blocks, devices, dtypes, outs, group)
+    return outs
+
+
+def _compute_shared(pairs, blocks: Sequence[Block], devices, dtypes, outs, group) -> None:
+    """Fill `outs` with every block: this rank's computed, the others' all-gathered (each rank's
+    values padded to the largest rank's share, in the widest of the pairs' dtypes)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     ranges = split_blocks([b.size for b in blocks], world)
     counts = [sum(b.size for b in blocks[start:stop]) for start, stop in ranges]
@@ -126,14 +133,13 @@ def ssim_matrices(
         offset += block.size
     gathered = torch.empty(world * len(mine), dtype=wire_dtype, device=wire)
     if len(mine):
-        dist.all_gather_into_tensor(gathered, mine, group=group)
+        dist.all_gather_single(gathered, mine, group=group)
     for r, (start, stop) in enumerate(ranges):
         offset = r * len(mine)
         for block in blocks[start:stop]:
             values = gathered[offset : offset + block.size].view(block.shape)
             outs[block.pair][block.rows, block.cols] = values  # widened back exactly
             offset += block.size
-    return outs
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,8 @@ class Block:
 
     @property
     def size(self) -> int:
-        return (self.row_stop - self.row_start) * (self.col_stop - self.col_start)
+        rows, cols = self.shape
+        return rows * cols
 
 
 def matrix_blocks(

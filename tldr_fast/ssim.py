@@ -138,7 +138,8 @@ def _compute_shared(pairs, blocks: Sequence[Block], devices, dtypes, outs, group
         offset = r * len(mine)
         for block in blocks[start:stop]:
             values = gathered[offset : offset + block.size].view(block.shape)
-            outs[block.pair][block.rows, block.cols] = values  # widened back exactly
+            # Back in the pair's dtype, exactly: the wire dtype is at least as wide.
+            outs[block.pair][block.rows, block.cols] = values
             offset += block.size
 
 

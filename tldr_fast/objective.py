@@ -322,7 +322,7 @@ def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.
             [safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in stats["grad"]]
         )
     if "kkt" in stats:
-        theta, _ = _kkt_point(problem.classifier)
+        theta, _ = _classifier_state(problem.classifier)
         squared_norm = sum(p.pow(2).sum() for p in theta.values())
         values["kkt"] = torch.stack(
             [
@@ -375,8 +375,12 @@ def _mean_gradients(problem: Problem, x, labels, share: float):
     return _per_generator(gradient, share, x, labels)
 
 
-def _kkt_point(classifier: nn.Module):
-    """(theta, buffers): every parameter of the classifier (frozen or not), detached, and its buffers."""
+def _classifier_state(classifier: nn.Module):
+    """(theta, buffers): every parameter of the classifier (frozen or not), detached, and its
+    buffers. The KKT term takes the margins at theta itself, not at theta / ||theta|| as the attack
+    does: at the unit-norm weights a target with biases and BatchNorm has logits that hardly depend
+    on the image; `_batch_terms` divides the residual by ||theta||^2 instead, so that it is
+    relative (1 at lambda = 0) like the attack's."""
     return {k: p.detach() for k, p in classifier.named_parameters()}, dict(
         classifier.named_buffers()
     )
@@ -394,7 +398,7 @@ def _kkt_combinations(problem: Problem, x, labels, free):
     training image, on the scale of the KKT attack's.
     """
     cfg = problem.config
-    theta, buffers = _kkt_point(problem.classifier)
+    theta, buffers = _classifier_state(problem.classifier)
     lam = kkt.lambdas_from(free, cfg.kkt_lambda_min)
     b = problem.labels.shape[1]
     scale = (cfg.kkt_train_size or b) / b

@@ -98,12 +98,14 @@ def assert_same_trajectory(eager, compiled, lr: float, rtol=1e-4, atol=1e-5):
         {"eta_bn": 0.5},
         {"classifier_chunk_size": 4},
         {"classifier_chunk_size": 4, "grad_norm_mode": "batch", "eta_bn": 0.5},
+        {"eta_kkt": 1.0},
     ],
     ids=[
         "nine-terms",
         "with-feature-statistics",
         "classifier-chunks",
         "classifier-chunks-batch-norm-statistics",
+        "with-kkt-term",
     ],
 )
 def test_step_compiles_as_one_graph_and_equals_eager(overrides):

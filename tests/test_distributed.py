@@ -35,11 +35,14 @@ TINY = {
     "eps": 0.05,
     "log_every": 1,
 }
-# Global-batch variants: the authors' batch-mean gradient norm and raw-feature Gram; the chunked classifier.
+# Global-batch variants: the authors' batch-mean gradient norm and raw-feature Gram; the chunked
+# classifier; the KKT term (its multipliers: each rank's images' share of their gradient).
 VARIANTS = {
     "per-sample": {},
     "batch-grad-raw-gram": {"grad_norm_mode": "batch", "ortho_normalized": False},
     "chunked": {"classifier_chunk_size": 2},
+    "kkt": {"eta_kkt": 1.0, "kkt_train_size": 20},
+    "kkt-chunked": {"eta_kkt": 1.0, "classifier_chunk_size": 2},
 }
 
 

@@ -10,6 +10,8 @@ directory, the format the evaluation reads:
     RUN_DIR/history.json            {"steps": n, "terms": {term: [value per step, mean over generators]}}
     RUN_DIR/grid.png                rows = classes, columns = generators x samples
     RUN_DIR/generators.safetensors  the K generators' stacked weights and their constructor arguments
+    RUN_DIR/kkt-lambdas.safetensors "lambdas" (K, B) float32, the KKT term's multipliers per
+                                    generator and batch position (only when eta_kkt > 0)
     RUN_DIR/checkpoints/            training checkpoints (when trained with a run_dir)
 """
 
@@ -28,13 +30,15 @@ from tldr_fast import conditioning, distributed, engine, serialization
 from tldr_fast.config import InversionConfig, ReconstructionConfig, _EngineConfig, config_from_dict
 from tldr_fast.features import FeatureSpec, with_features
 from tldr_fast.models.generator import Generator
-from tldr_fast.objective import generate, needs_features
+from tldr_fast.objective import generate, generator_parameters, kkt_lambdas, needs_features
 from tldr_fast.run_dir import claim, drop_checkpoints, run_intent
 from tldr_fast.serialization import TensorInfo
 
 RUN_FORMAT = "tldr-fast/run"
 IMAGES_FORMAT = "tldr-fast/run-images"
 GENERATORS_FORMAT = "tldr-fast/generators"
+KKT_LAMBDAS_FORMAT = "tldr-fast/run-kkt-lambdas"
+KKT_LAMBDAS_FILE = "kkt-lambdas.safetensors"
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Result:
     # generation, one step; None when the step was not compiled): compile time apart from step time.
     train_seconds: float | None = None
     compile_seconds: float | None = None
+    # eta_kkt > 0: the KKT term's multipliers lambda (K, B) float32, on the CPU; batch position i
+    # has the label balanced_labels(B, num_classes)[i] in every generator. None otherwise.
+    kkt_lambdas: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def grid(self, padding: int = 2) -> np.ndarray:
@@ -89,6 +96,12 @@ class Result:
                 "num_generators": len(self.generators),
             },
         )
+        if self.kkt_lambdas is not None:
+            serialization.write_safetensors_atomic(
+                run_dir / KKT_LAMBDAS_FILE,
+                {"lambdas": self.kkt_lambdas.float().contiguous()},
+                {"format": KKT_LAMBDAS_FORMAT},
+            )
         serialization.write_json_atomic(
             run_dir / "history.json",
             {
@@ -128,6 +141,16 @@ class Result:
             raise ValueError(f"{run_dir / 'config.json'}: {err}") from err
         images = _read_images(run_dir / "images.safetensors", image_shape)
         generators = _read_generators(run_dir / "generators.safetensors")
+        lambdas_path = run_dir / KKT_LAMBDAS_FILE
+        lambdas = (
+            serialization.read_safetensors(
+                lambdas_path,
+                {"lambdas": TensorInfo(torch.float32, (config.num_generators, config.batch_size))},
+                "the KKT multipliers (num_generators, batch_size) of its config",
+            )[0]["lambdas"]
+            if lambdas_path.exists()
+            else None
+        )
         history = serialization.read_json_object(run_dir / "history.json").get("terms")
         if not isinstance(history, dict) or not all(
             isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
@@ -164,6 +187,7 @@ class Result:
             subset=header.get("subset"),
             train_seconds=header.get("train_seconds"),
             compile_seconds=header.get("compile_seconds"),
+            kkt_lambdas=lambdas,
             extra={k: v for k, v in header.items() if k not in known},
         )
 
@@ -266,7 +290,9 @@ def sample_images(trained: engine.Trained, samples_per_class: int, seed: int, dr
         )
         template.train(dropout)
         try:
-            x = generate(template, trained.params, trained.buffers, z, stacked, vectors)
+            x = generate(
+                template, generator_parameters(trained.params), trained.buffers, z, stacked, vectors
+            )
         finally:
             template.train(True)
     index = torch.arange(k, device=device).repeat_interleave(len(labels))
@@ -364,6 +390,7 @@ def _train_and_sample(
     images, labels, index = sample_images(trained, samples_per_class, seed=config.seed + 1)
     shard = distributed.current_shard(config.batch_size)  # the images are the same on every rank
     generators = [trained.generator(i).cpu() for i in range(config.num_generators)]
+    lambdas = kkt_lambdas(trained.params, config)
     result = Result(
         kind=config.kind,
         images=images,
@@ -376,6 +403,7 @@ def _train_and_sample(
         image_shape=tuple(int(s) for s in image_shape),
         train_seconds=train_seconds,
         compile_seconds=trained.compile_seconds,
+        kkt_lambdas=None if lambdas is None else lambdas.detach().float().cpu(),
         # A layer name is recorded so the evaluation reads the same features; a callable cannot be.
         extra={
             **distributed.run_record(shard),

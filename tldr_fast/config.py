@@ -8,7 +8,9 @@
 ' marks the term evaluated on the perturbed image.) Beyond the paper, eta_bn weighs a tenth term, the
 feature-statistics prior of DeepInversion (Yin et al. 2020): the distance of the generated batch's
 per-channel mean and variance at every BatchNorm layer of the classifier from that layer's running
-statistics, which summarise the training data. 0 in both presets.
+statistics, which summarise the training data. 0 in both presets. eta_kkt (both objectives, 0 in
+both presets) weighs the KKT residual of Haim et al. (2022): how far the classifier's weights are
+from a non-negative combination of the margin gradients of the generated images.
 
 `paper` is the default: the paper's method with the open choices it leaves made (L2-normalised
 Gram, per-sample gradient norms, images in [0, 1]). The paper gives no weights, so `paper` uses the
@@ -114,9 +116,18 @@ class _EngineConfig:
     classifier_chunk_size: int | None = None
     checkpoint_every: int = 100
     log_every: int = 10
+    # Beyond the paper and 0 in both presets: the KKT residual of the classifier's weights against
+    # each generator's batch (objective.TERM_WEIGHTS "kkt", docs/kkt.md), with one learnable
+    # multiplier per generator and batch position, lambda = kkt_lambda_min + softplus(rho),
+    # starting at kkt_lambda_init. The batch's sum stands for a training set of kkt_train_size
+    # images (None: the batch itself, the plain sum).
+    eta_kkt: float = 0.0
+    kkt_train_size: int | None = None
+    kkt_lambda_min: float = 0.01
+    kkt_lambda_init: float = 0.02
 
     kind: ClassVar[str] = ""
-    WEIGHTS: ClassVar[tuple[str, ...]] = ("alpha", "beta", "gamma", "delta")
+    WEIGHTS: ClassVar[tuple[str, ...]] = ("alpha", "beta", "gamma", "delta", "eta_kkt")
 
     def __post_init__(self):
         for name in self.WEIGHTS:
@@ -146,6 +157,15 @@ class _EngineConfig:
         _check_bool("compile", self.compile)
         _check_bool("ortho_normalized", self.ortho_normalized)
         self._check_batch_compares("the diversity losses", ("gamma", "delta"))
+        if self.kkt_train_size is not None:
+            _check_int("kkt_train_size", self.kkt_train_size, 1)
+        _check_weight("kkt_lambda_min", self.kkt_lambda_min)
+        _check_weight("kkt_lambda_init", self.kkt_lambda_init)
+        if self.kkt_lambda_init <= self.kkt_lambda_min:
+            raise ValueError(
+                f"kkt_lambda_init must exceed kkt_lambda_min ({self.kkt_lambda_min}), "
+                f"got {self.kkt_lambda_init!r}"
+            )
 
     def _check_batch_compares(self, terms: str, weights: tuple[str, ...]) -> None:
         """Terms that compare samples within a batch need batch_size >= 2 when any of their weights is on."""
@@ -244,6 +264,7 @@ class ReconstructionConfig(_EngineConfig):
         "eta_pix",
         "eta_grad",
         "eta_bn",
+        "eta_kkt",
     )
 
     def __post_init__(self):

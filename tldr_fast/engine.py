@@ -6,12 +6,13 @@ the classifier on chunks when the config asks), the update is a functional Adam.
 synchronisation happens inside the step; the loop reads the loss values back every `log_every`
 steps (progress bar, history, non-finite check) and before each checkpoint.
 
-Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the stacked
-parameters, the Adam moments, the step, the RNG state, the history, the config and the run's id,
-so a resumed run on the CPU continues bit for bit where the killed one stopped. A checkpoint is
-only written after the values of every step before it were found finite. The run directory is
-held (tldr_fast.run_dir.claim) for the whole run; resume takes the newest checkpoint that reads
-back against the run's layout and falls back past unreadable ones, naming each it skipped.
+Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX.safetensors, written atomically) hold the trainable
+parameters (the stacked generators' and, with eta_kkt > 0, the KKT multipliers'), the Adam
+moments, the step, the RNG state, the history, the config and the run's id, so a resumed run on
+the CPU continues bit for bit where the killed one stopped. A checkpoint is only written after the
+values of every step before it were found finite. The run directory is held
+(tldr_fast.run_dir.claim) for the whole run; resume takes the newest checkpoint that reads back
+against the run's layout and falls back past unreadable ones, naming each it skipped.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tldr_fast.objective import (
     batch_norm_layers,
     build_generators,
     draw_noise,
+    generator_parameters,
     grad_and_report,
     needs_features,
 )
@@ -140,6 +142,8 @@ class Trained:
     """What training produced: the stacked generators and the per-step history of every term."""
 
     template: Generator
+    # The trainable parameters: the generators' stacked ones (`generator_parameters`) and, with
+    # eta_kkt > 0, the KKT multipliers' free parameters (objective.KKT_MULTIPLIERS, (K, B)).
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     config: _EngineConfig
@@ -152,7 +156,9 @@ class Trained:
     def generator(self, index: int) -> Generator:
         """Generator `index` as an ordinary module (on the parameters' device)."""
         module = Generator(**self.template.config())
-        state = {k: v[index] for k, v in {**self.params, **self.buffers}.items()}
+        state = {
+            k: v[index] for k, v in {**generator_parameters(self.params), **self.buffers}.items()
+        }
         module.load_state_dict(state)
         return module.to(next(iter(self.params.values())).device)
 

@@ -5,10 +5,12 @@ For K generators with parameters theta_k, each with its own batch of B images x_
     L(theta) = sum_k [ alpha KL(c_k || f(x_k)) + alpha' KL(c_k || f(x'_k)) + beta CE(f(x_k), y_k)
                        + beta' CE(f(x'_k), y_k) + gamma Cos(phi(x_k)) + delta Ortho(phi(x_k))
                        + eta1 TV(x_k) + eta2 Pix(x_k) + eta3 mean_i ||grad_w CE(f(x_ki), y_ki)||
-                       + eta_bn sum_l BN_l(x_k) ]
+                       + eta_bn sum_l BN_l(x_k) + eta_kkt R_k(x_k, lambda_k) ]
 
 with f the frozen classifier's logits, phi its penultimate features, x' = perturb(x) and BN_l the
-feature-statistics prior at the classifier's BatchNorm layer l (beyond the paper; off by default). Summing
+feature-statistics prior at the classifier's BatchNorm layer l (beyond the paper; off by
+default). R_k is the KKT residual of the classifier's weights against generator k's batch, with
+learnable multipliers lambda_k (`_kkt_combinations`; beyond the paper, off by default). Summing
 over k keeps the generators independent: each theta_k receives exactly the gradient of its own
 objective. Terms whose weight is zero are not computed (a static decision from the config).
 
@@ -27,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vjp, vmap
 
 from tldr_fast import conditioning, distributed, losses
+from tldr_fast.attacks import kkt
 from tldr_fast.config import _EngineConfig
 from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm_and_forward, safe_sqrt
 from tldr_fast.models.generator import Generator
@@ -44,7 +47,12 @@ TERM_WEIGHTS = {
     "pix": "eta_pix",
     "grad": "eta_grad",
     "bn": "eta_bn",
+    "kkt": "eta_kkt",
 }
+
+# The trainable state's entry for the KKT term's free multiplier parameters rho (K, B), present when
+# eta_kkt > 0: updated by the same Adam step as the generators' parameters, never given to them.
+KKT_MULTIPLIERS = "kkt_multipliers"
 
 
 def active_terms(config: _EngineConfig) -> dict[str, float]:
@@ -104,7 +112,10 @@ class Problem:
 def build_generators(
     config: _EngineConfig, num_classes: int, image_shape, device=None
 ) -> tuple[Generator, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """K freshly initialised generators, seeded from config.seed: (meta template, stacked params, buffers)."""
+    """K freshly initialised generators, seeded from config.seed: (meta template, trainable params,
+    buffers). The trainable params are the generators' stacked parameters and, with eta_kkt > 0,
+    the KKT multipliers' free parameters (KKT_MULTIPLIERS: (K, B), every lambda at
+    kkt_lambda_init); `generator_parameters` takes the generators' part."""
     gen = torch.Generator().manual_seed(config.seed)
     modules = []
     for _ in range(config.num_generators):
@@ -116,7 +127,24 @@ def build_generators(
     params = {k: v.detach().to(device) for k, v in params.items()}
     buffers = {k: v.detach().to(device) for k, v in buffers.items()}
     template = copy.deepcopy(modules[0]).to("meta")
+    if "kkt" in active_terms(config):
+        params[KKT_MULTIPLIERS] = torch.full(
+            (config.num_generators, config.batch_size),
+            kkt.free_for(config.kkt_lambda_init, config.kkt_lambda_min),
+            device=device,
+        )
     return template, params, buffers
+
+
+def generator_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The generators' stacked parameters of the trainable params (without the KKT multipliers)."""
+    return {name: value for name, value in params.items() if name != KKT_MULTIPLIERS}
+
+
+def kkt_lambdas(params: dict[str, torch.Tensor], config: _EngineConfig) -> torch.Tensor | None:
+    """The KKT multipliers lambda (K, B) of the trainable params, None when the term is off."""
+    free = params.get(KKT_MULTIPLIERS)
+    return None if free is None else kkt.lambdas_from(free, config.kkt_lambda_min)
 
 
 def make_generator(config: _EngineConfig, num_classes: int, image_shape) -> Generator:
@@ -247,12 +275,14 @@ def _classifier_terms(problem: Problem, x, labels, vectors, perturb_noise, bn_la
     return values, extras
 
 
-def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float):
+def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float, free=None):
     """(statistics, positions) of the clean images x (K, n, C, H, W), n = share * B of the batch,
     from their classifier pass `extras`: what the whole-batch terms are functions of.
     statistics: "feat" (K, n, D) the penultimate features; "bn" per BatchNorm layer the (K, C)
     sums of d and d^2 (`_bn_channel_sums`); "grad" per generator share * the mean gradient over
-    the n images (the graph to x kept). "feat" is per image (chunks concatenate it), the others are
+    the n images (the graph to x kept); "kkt" per generator the n images' part of the KKT
+    combination S_k (`_kkt_combinations`, free (K, n) their multipliers' free parameters; the
+    graph to x and free kept). "feat" is per image (chunks concatenate it), the others are
     additive over chunks. positions: values per channel per image at each BatchNorm input."""
     k, n = labels.shape
     stats: dict[str, object] = {}
@@ -266,14 +296,16 @@ def _statistics(problem: Problem, bn_layers, x, labels, extras, share: float):
         stats["bn"] = _bn_channel_sums(bn_layers, [a[: k * n] for a in extras["bn"]], k)
     if _batch_grad_norm(problem):
         stats["grad"] = _mean_gradients(problem, x, labels, share)
+    if "kkt" in problem.terms:
+        stats["kkt"] = _kkt_combinations(problem, x, labels, free)
     return stats, [a[0, 0].numel() for a in extras["bn"]]
 
 
 def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.Tensor]:
     """{term: (K,)} for the terms that compare the whole batch, from its `_statistics`: the
     diversity losses of the features (one call over the K generators: one kernel launch), the
-    feature-statistics prior from the channel sums (counts: values per channel in the batch) and
-    the authors' norm of the batch-mean gradient."""
+    feature-statistics prior from the channel sums (counts: values per channel in the batch), the
+    authors' norm of the batch-mean gradient and the KKT residual ||theta - S_k||^2 / ||theta||^2."""
     values: dict[str, torch.Tensor] = {}
     if "feat" in stats:
         values["cos"], values["ortho"] = losses.stacked_diversity_losses(
@@ -288,6 +320,15 @@ def _batch_terms(problem: Problem, bn_layers, counts, stats) -> dict[str, torch.
     if "grad" in stats:
         values["grad"] = torch.stack(
             [safe_sqrt(sum(g.pow(2).sum() for g in grads)) for grads in stats["grad"]]
+        )
+    if "kkt" in stats:
+        theta, _ = _classifier_state(problem.classifier)
+        squared_norm = sum(p.pow(2).sum() for p in theta.values())
+        values["kkt"] = torch.stack(
+            [
+                kkt.residual(theta, dict(zip(theta, combination, strict=True))) / squared_norm
+                for combination in stats["kkt"]
+            ]
         )
     return values
 
@@ -317,22 +358,57 @@ def _weighted_grad(problem: Problem, term_values, inputs):
     return grad(loss, has_aux=True)(inputs)
 
 
+def _per_generator(gradient, scale: float, *batches):
+    """Per generator k: the tensors of gradient(batches[0][k], batches[1][k], ...), times scale."""
+    return [tuple(scale * g for g in gradient(*per_k)) for per_k in zip(*batches, strict=True)]
+
+
 def _mean_gradients(problem: Problem, x, labels, share: float):
     """Per generator k: share * grad_theta of the mean CE of the classifier over x[k] (graph to x kept)."""
     cfg = problem.config
-    return [
-        tuple(
-            share * g
-            for g in batch_mean_gradient(
-                problem.classifier,
-                x_k,
-                y_k,
-                backend=cfg.grad_norm_backend,
-                chunk_size=cfg.grad_norm_chunk_size,
-            )
+    gradient = partial(
+        batch_mean_gradient,
+        problem.classifier,
+        backend=cfg.grad_norm_backend,
+        chunk_size=cfg.grad_norm_chunk_size,
+    )
+    return _per_generator(gradient, share, x, labels)
+
+
+def _classifier_state(classifier: nn.Module):
+    """(theta, buffers): every parameter of the classifier (frozen or not), detached, and its
+    buffers. The KKT term takes the margins at theta itself, not at theta / ||theta|| as the attack
+    does: at the unit-norm weights a target with biases and BatchNorm has logits that hardly depend
+    on the image; `_batch_terms` divides the residual by ||theta||^2 instead, so that it is
+    relative (1 at lambda = 0) like the attack's."""
+    return {k: p.detach() for k, p in classifier.named_parameters()}, dict(
+        classifier.named_buffers()
+    )
+
+
+def _kkt_combinations(problem: Problem, x, labels, free):
+    """Per generator k: (N / B) sum_i lambda_ki grad_theta phi(x_ki; theta) over the given images
+    x (K, n, C, H, W), lambda = kkt_lambda_min + softplus(free), free (K, n) (graph to x and free
+    kept), one tensor per classifier parameter; phi = f_y - max_{j != y} f_j (`kkt.margins`).
+
+    Summed over the batch's chunks (and ranks) this is S_k, generator k's estimate of the KKT
+    combination sum_j lambda_j grad phi(x_j; theta) over a training set of N = kkt_train_size
+    images (None: N = B): the B images stand for the N training images, each batch position i
+    (fixed label y_i) for N / B of them with one multiplier, so lambda_ki is a multiplier per
+    training image, on the scale of the KKT attack's.
+    """
+    cfg = problem.config
+    theta, buffers = _classifier_state(problem.classifier)
+    lam = kkt.lambdas_from(free, cfg.kkt_lambda_min)
+    b = problem.labels.shape[1]
+    scale = (cfg.kkt_train_size or b) / b
+
+    def combination(x_k, y_k, lam_k):
+        return tuple(
+            kkt.margin_combination(problem.classifier, theta, buffers, x_k, y_k, lam_k).values()
         )
-        for x_k, y_k in zip(x, labels, strict=True)
-    ]
+
+    return _per_generator(combination, scale, x, labels, lam)
 
 
 def _report(problem: Problem, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -341,10 +417,11 @@ def _report(problem: Problem, values: dict[str, torch.Tensor]) -> dict[str, torc
     return report
 
 
-def _chunk_terms(problem: Problem, x, vectors, perturb_noise, bn_layers, s: int, e: int):
+def _chunk_terms(problem: Problem, x, vectors, perturb_noise, bn_layers, s: int, e: int, free=None):
     """(share-weighted per-image terms, statistics, positions) of images s:e of each generator's
     batch, x (K, e - s, C, H, W): share = (e - s) / B, so the per-image terms of all chunks sum to
-    the batch means. One classifier pass of the clean (and perturbed) images."""
+    the batch means. One classifier pass of the clean (and perturbed) images. free: the whole
+    batch's KKT multipliers' free parameters (K, B) when the KKT term is on."""
     share = (e - s) / problem.labels.shape[1]
     labels = problem.labels[:, s:e]
     values, extras = _classifier_terms(
@@ -355,7 +432,9 @@ def _chunk_terms(problem: Problem, x, vectors, perturb_noise, bn_layers, s: int,
         None if perturb_noise is None else perturb_noise[:, s:e],
         bn_layers,
     )
-    stats, positions = _statistics(problem, bn_layers, x, labels, extras, share)
+    stats, positions = _statistics(
+        problem, bn_layers, x, labels, extras, share, None if free is None else free[:, s:e]
+    )
     return {term: share * value for term, value in values.items()}, stats, positions
 
 
@@ -363,11 +442,20 @@ def objective(params, buffers, noise, problem: Problem):
     """(scalar loss summed over generators, {term: (K,) detached values, 'total': (K,)})."""
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
-    x = generate(problem.template, params, buffers, noise["z"], problem.labels, vectors)
+    x = generate(
+        problem.template, generator_parameters(params), buffers, noise["z"], problem.labels, vectors
+    )
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
     s, e = _local_range(problem)
     values, stats, positions = _chunk_terms(
-        problem, _local_images(problem, x), vectors, noise.get("perturb"), bn_layers, s, e
+        problem,
+        _local_images(problem, x),
+        vectors,
+        noise.get("perturb"),
+        bn_layers,
+        s,
+        e,
+        params.get(KKT_MULTIPLIERS),
     )
     batch_values = _batch_terms(
         problem,
@@ -395,14 +483,17 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     h = dT/dsigma by autograd, then for each chunk the gradient of S_c(x_c) + <h, sigma_c(x_c)>
     (h sliced to the chunk for the per-image features), whose graph is freed before the next
     chunk. The generator runs once over the whole batch (its BatchNorm couples the images) and
-    dL/dx is pulled back through it in one vector-Jacobian product.
+    dL/dx is pulled back through it in one vector-Jacobian product. The KKT multipliers enter only
+    the chunks' statistics: their gradient is the sum of the chunks' (each zero outside its chunk).
     """
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
     x, pull_back = vjp(
         lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors),
-        params,
+        generator_parameters(params),
     )
+    multipliers = {name: v for name, v in params.items() if name == KKT_MULTIPLIERS}
+    free = multipliers.get(KKT_MULTIPLIERS)
     first, stop = _local_range(problem)
     chunks = [(s, min(s + chunk_size, stop)) for s in range(first, stop, chunk_size)]
     perturb_noise = noise.get("perturb")
@@ -413,7 +504,7 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
         x_grad, image_values = _weighted_grad(problem, partial(_local_image_terms, problem), x)
         values.update(image_values)
     stats_grad, batch_values = None, {}
-    if problem.needs_features or bn_layers or _batch_grad_norm(problem):
+    if problem.needs_features or bn_layers or _batch_grad_norm(problem) or free is not None:
         parts = []
         for s, e in chunks:
             _, extras = _classify(
@@ -421,7 +512,13 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
             )
             parts.append(
                 _statistics(
-                    problem, bn_layers, x[:, s:e], problem.labels[:, s:e], extras, (e - s) / b
+                    problem,
+                    bn_layers,
+                    x[:, s:e],
+                    problem.labels[:, s:e],
+                    extras,
+                    (e - s) / b,
+                    None if free is None else free[:, s:e],
                 )
             )
         stats = distributed.sum_statistics(problem.shard, _combine([part for part, _ in parts]))
@@ -431,26 +528,40 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
         )
         values.update(batch_values)
 
-    def chunk_loss(x_c, s, e):
+    def chunk_loss(inputs, s, e):
         chunk_values, stats_c, _ = _chunk_terms(
-            problem, x_c, vectors, perturb_noise, bn_layers, s, e
+            problem,
+            inputs["x"],
+            vectors,
+            perturb_noise,
+            bn_layers,
+            s,
+            e,
+            inputs.get(KKT_MULTIPLIERS),
         )
-        loss = _weighted_sum(problem, chunk_values).sum()
+        # No per-image term is on when only whole-batch terms are (eta_kkt or eta_bn alone).
+        loss = _weighted_sum(problem, chunk_values).sum() if chunk_values else 0
         if stats_grad is not None:
             loss = loss + _inner(_slice_per_image(stats_grad, s, e), stats_c)
         return loss, chunk_values
 
-    x_chunk_grads = []
+    x_chunk_grads, multiplier_grads = [], {}
     for s, e in chunks:
-        g, chunk_values = grad(chunk_loss, has_aux=True)(x[:, s:e], s, e)
-        x_chunk_grads.append(g)
-        for term, value in chunk_values.items():
-            values[term] = values[term] + value if term in values else value
+        g, chunk_values = grad(chunk_loss, has_aux=True)({**multipliers, "x": x[:, s:e]}, s, e)
+        x_chunk_grads.append(g.pop("x"))
+        _accumulate(multiplier_grads, g)  # each chunk's is zero outside its images
+        _accumulate(values, chunk_values)
     (param_grads,) = pull_back(x_grad + _embed_local(problem, torch.cat(x_chunk_grads, dim=1)))
-    return param_grads, (
+    return {**param_grads, **multiplier_grads}, (
         _weighted_sum(problem, values).sum().detach(),
         _report(problem, distributed.report_shares(problem.shard, values, batch_values)),
     )
+
+
+def _accumulate(totals: dict[str, torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
+    """totals[name] += parts[name] for every name of parts (set where totals has none yet)."""
+    for name, value in parts.items():
+        totals[name] = totals[name] + value if name in totals else value
 
 
 # Statistics of each image (chunks concatenate them along the batch dim); the others add up.

@@ -41,6 +41,7 @@ INTENTS = ("new", "resume", "overwrite", "existing")
 RUN_OUTPUTS = (
     "images.safetensors",
     "generators.safetensors",
+    "kkt-lambdas.safetensors",
     "config.json",
     "history.json",
     "grid.png",

@@ -246,15 +246,22 @@ def lambdas_from(free: torch.Tensor, lambda_min: float) -> torch.Tensor:
     return lambda_min + F.softplus(free)
 
 
-def kkt_residual(
+def free_for(lam: float, lambda_min: float) -> float:
+    """The free parameter whose `lambdas_from` is lam (> lambda_min): softplus^-1(lam - lambda_min),
+    as d + log(1 - exp(-d)), d = lam - lambda_min, which does not overflow for a large d."""
+    d = lam - lambda_min
+    return d + math.log(-math.expm1(-d))
+
+
+def margin_combination(
     model: nn.Module,
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
     x: torch.Tensor,
     labels: torch.Tensor,
     lam: torch.Tensor,
-) -> torch.Tensor:
-    """|| params - sum_j lam_j grad_params phi(x_j) ||^2 summed over every parameter tensor.
+) -> dict[str, torch.Tensor]:
+    """sum_j lam_j grad_params phi(x_j), one tensor per parameter.
 
     The weighted sum of per-sample gradients is grad_params of sum_j lam_j phi(x_j); it is built
     with torch.func.grad, so the result is differentiable in x and lam (and in params).
@@ -263,8 +270,24 @@ def kkt_residual(
     def weighted_margin(p):
         return (lam * margins(functional_call(model, (p, buffers), (x,)), labels)).sum()
 
-    combination = grad(weighted_margin)(params)
+    return grad(weighted_margin)(params)
+
+
+def residual(params: dict[str, torch.Tensor], combination: dict[str, torch.Tensor]) -> torch.Tensor:
+    """|| params - combination ||^2 summed over every parameter tensor."""
     return sum(((params[k] - combination[k]) ** 2).sum() for k in params)
+
+
+def kkt_residual(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """|| params - sum_j lam_j grad_params phi(x_j) ||^2 summed over every parameter tensor."""
+    return residual(params, margin_combination(model, params, buffers, x, labels, lam))
 
 
 def pixel_prior(x: torch.Tensor) -> torch.Tensor:
@@ -355,9 +378,9 @@ def attack(
         .to(device)
         .requires_grad_(True)
     )
-    # softplus^-1(lambda_init - lambda_min); see KKTConfig for why the multipliers start small.
+    # See KKTConfig for why the multipliers start small.
     free = torch.full(
-        (len(labels),), math.log(math.expm1(config.lambda_init - config.lambda_min)), device=device
+        (len(labels),), free_for(config.lambda_init, config.lambda_min), device=device
     )
     free.requires_grad_(True)
     opt = torch.optim.Adam(

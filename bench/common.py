@@ -168,6 +168,9 @@ def environment() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
+        # Other processes' load when the run started: on a shared CPU it says how far the
+        # timings measure contention rather than the code.
+        "load_average_1min": os.getloadavg()[0],
     }
     if torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name()

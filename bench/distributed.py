@@ -8,7 +8,8 @@ holding its slice of the global batch (`tldr_fast.distributed`). Rows, for W = 1
 Each row: world size, global batch, median seconds of a step on rank 0 (the ranks start each step
 together at a barrier), images/s, the speedup over 1 rank at the same global batch (strong) or the
 efficiency t(1 rank, B) / t(2 ranks, 2B) (weak), and the bytes each rank all-reduces per step
-(the whole-batch statistics, the gradients and the loss values), also per image of the batch.
+(the whole-batch statistics, the gradients and the loss values, the generators' BatchNorm sums
+forward and backward), also per image of the batch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) -> None:
     """One rank: time `steps` steps (after one warm-up) and count the bytes it all-reduces."""
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as functional
 
     from tldr_fast import conditioning, distributed, objective
     from tldr_fast.engine import AdamState, make_step
@@ -61,14 +63,16 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
+    # Every in-step collective is a functional all-reduce (the statistics, the gradients, and the
+    # generators' BatchNorm sums in both directions): counting calls of it counts them all.
     reduced_bytes = []
-    original = distributed._all_reduce_sum
+    original = functional.all_reduce
 
-    def counting(leaves, shard):
-        reduced_bytes.append(sum(t.numel() * t.element_size() for t in leaves))
-        return original(leaves, shard)
+    def counting(tensor, *args, **kwargs):
+        reduced_bytes.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
 
-    distributed._all_reduce_sum = counting
+    functional.all_reduce = counting
     try:
         cfg = step_config(batch)
         template, params, buffers = objective.build_generators(cfg, NUM_CLASSES, IMAGE_SHAPE)
@@ -100,7 +104,7 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
                 )
             )
     finally:
-        distributed._all_reduce_sum = original
+        functional.all_reduce = original
         if world > 1:
             dist.destroy_process_group()
 

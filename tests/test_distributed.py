@@ -1,4 +1,4 @@
-"""Data-parallel reconstruction: 2 gloo processes on 127.0.0.1 compute the single process's step
+"""Data-parallel reconstruction: 2 (or 3) gloo processes on 127.0.0.1 compute the single process's step
 for the same global batch (values, gradients, Adam step, trajectory), write only from rank 0,
 resume with another world size and refuse ranks whose config differs."""
 
@@ -92,6 +92,37 @@ def _float64_step(overrides: dict):
     return grads, report, stepped
 
 
+def generator_images_and_grads():
+    """(images, d/dtheta) in float64 of the generators' images of one step and of a fixed
+    per-image function of them, <w, x>: this rank's images and its share of the gradient in a
+    process group, all images and the whole gradient alone. The generators' BatchNorm couples the
+    ranks' images, so the shares add up to the whole only with its cross-rank terms."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = ReconstructionConfig(**TINY)
+        template, params, buffers = objective.build_generators(cfg, 10, SHAPE)
+        labels = conditioning.balanced_labels(cfg.batch_size, 10)
+        labels = labels.expand(cfg.num_generators, -1).contiguous()
+        shard = distributed.current_shard(cfg.batch_size)
+        problem = objective.Problem(template, make_classifier(torch.float64), cfg, labels, shard)
+        start, stop = (0, cfg.batch_size) if shard is None else (shard.start, shard.stop)
+        gen = torch.Generator().manual_seed(3)
+        w = torch.randn(cfg.num_generators, cfg.batch_size, *SHAPE, generator=gen)[:, start:stop]
+        torch.manual_seed(11)
+        noise = objective.draw_noise(problem)
+        vectors = objective.condition(problem, noise)
+
+        def weighted(p):
+            x = objective._generate_local(problem, p, buffers, noise, vectors)
+            return (w * x).sum(), x
+
+        grads, images = torch.func.grad(weighted, has_aux=True)(params)
+        return images, grads
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def train_run(run_dir: Path, steps: int, **overrides):
     cfg = ReconstructionConfig(**{**TINY, "steps": steps, "checkpoint_every": 2, **overrides})
     return api.reconstruct(
@@ -119,6 +150,10 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
 
 def _scenario_float64(rank, out):
     return {name: float64_step(overrides) for name, overrides in VARIANTS.items()}
+
+
+def _scenario_generator(rank, out):
+    return dict(zip(("images", "grads"), generator_images_and_grads(), strict=True))
 
 
 def _scenario_train(rank, out):
@@ -184,6 +219,7 @@ def _scenario_compiled(rank, out):
 
 SCENARIOS = {
     "float64": _scenario_float64,
+    "generator": _scenario_generator,
     "train": _scenario_train,
     "mismatch": _scenario_mismatch,
     "killed": _scenario_killed,
@@ -228,6 +264,22 @@ def test_diversity_from_sums_equals_the_losses_on_the_whole_batch(normalized):
     for k in range(3):
         assert rel_rms(cos[k], losses.cosine_diversity(feat[k])) < 1e-12
         assert rel_rms(ortho[k], losses.ortho_diversity(feat[k], normalized=normalized)) < 1e-12
+
+
+def test_three_ranks_generate_the_single_process_images_and_gradient(tmp_path):
+    """Batch 5 on 3 ranks (1 + 2 + 2 images): BatchNorm with the global statistics, each rank's
+    rows of the single process's dropout masks, and gradients whose sum is the whole gradient."""
+    ranks = run_ranks("generator", tmp_path, world=3)
+    images, grads = generator_images_and_grads()
+    assert [got["images"].shape[1] for got in ranks] == [1, 2, 2]
+    got_images = torch.cat([got["images"] for got in ranks], dim=1)
+    assert not got_images.isnan().any()
+    assert rel_rms(got_images, images) < 1e-12
+    # Floor: the whole gradient's scale; the biases before a BatchNorm have a structurally-zero one.
+    scale = max(g.abs().max() for g in grads.values())
+    for param, g in grads.items():
+        total = sum(got["grads"][param] for got in ranks)
+        assert (total - g).abs().max() <= 1e-10 * scale, param
 
 
 def test_two_ranks_equal_one_process_in_float64(tmp_path):

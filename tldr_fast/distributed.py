@@ -3,10 +3,11 @@ generator's global batch, and the ranks together compute exactly the single-proc
 
 Split: with W ranks and the global per-generator batch B, rank r owns images [r B // W,
 (r + 1) B // W) of every generator's batch (sizes differ by at most one). Every rank draws the
-whole step's noise from the same seeded RNG and runs the generators on the whole global batch
-(their BatchNorm couples a generator's images, and their dropout masks come from the shared RNG
-stream), so the images are the single process's. The classifier side (its passes, the per-sample
-gradient norms and their double backward) runs on the rank's slice only.
+whole step's noise from the same seeded RNG, so every rank's RNG state is the single process's,
+and computes only its own images: the generators run on the rank's slice, with their BatchNorm
+normalising by the global batch's statistics and their dropout applying the rank's rows of the
+single process's masks (`sharded_generator`), and so does the classifier side (its passes, the
+per-sample gradient norms and their double backward).
 
 Terms. A per-image term enters rank r as (1/B) sum over its images. A whole-batch term T is a
 function of additive statistics sigma = sum_r sigma_r (BatchNorm channel sums, the batch-mean
@@ -14,9 +15,10 @@ gradient, and for the diversity losses the sums of `diversity_sums`): rank r eva
 T(sigma_r + stop_grad(sum_r' sigma_r' - sigma_r)), whose value is the global T and whose gradient
 is the rank's own share dT/dsigma . dsigma_r/dtheta. The sum over ranks of the ranks' gradients is
 therefore the single-process gradient, which one bucketed all-reduce per step forms
-(`sum_over_ranks`); every rank then applies the same Adam update and keeps identical state. Two
-collectives per step: the statistics in the forward pass, the gradients (with the loss values)
-after the backward pass; neither needs a differentiable collective.
+(`sum_over_ranks`); every rank then applies the same Adam update and keeps identical state.
+Collectives per step: the classifier-side statistics in the forward pass, the gradients (with the
+loss values) after the backward pass, and inside the generators two small all-reduces per
+BatchNorm layer in each direction (the only differentiable collective: see `sharded_generator`).
 """
 
 from __future__ import annotations

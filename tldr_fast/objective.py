@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vjp, vmap
 
-from tldr_fast import conditioning, distributed, losses
+from tldr_fast import conditioning, distributed, losses, sharded_generator
 from tldr_fast.attacks import kkt
 from tldr_fast.config import _EngineConfig
 from tldr_fast.grad_norm import batch_mean_gradient, per_sample_grad_norm_and_forward, safe_sqrt
@@ -95,6 +95,14 @@ class Problem:
     @property
     def num_classes(self) -> int:
         return self.template.num_classes
+
+    @cached_property
+    def generator(self) -> Generator:
+        """The module the training step runs: the template, or on a data-parallel rank its copy
+        that computes the rank's images of each batch (`sharded_generator.shard_generator`)."""
+        if self.shard is None:
+            return self.template
+        return sharded_generator.shard_generator(self.template, self.shard)
 
     @property
     def terms(self) -> dict[str, float]:
@@ -442,20 +450,11 @@ def objective(params, buffers, noise, problem: Problem):
     """(scalar loss summed over generators, {term: (K,) detached values, 'total': (K,)})."""
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
-    x = generate(
-        problem.template, generator_parameters(params), buffers, noise["z"], problem.labels, vectors
-    )
+    x = _generate_local(problem, generator_parameters(params), buffers, noise, vectors)
     bn_layers = batch_norm_layers(problem.classifier) if "bn" in problem.terms else []
     s, e = _local_range(problem)
     values, stats, positions = _chunk_terms(
-        problem,
-        _local_images(problem, x),
-        vectors,
-        noise.get("perturb"),
-        bn_layers,
-        s,
-        e,
-        params.get(KKT_MULTIPLIERS),
+        problem, x, vectors, noise.get("perturb"), bn_layers, s, e, params.get(KKT_MULTIPLIERS)
     )
     batch_values = _batch_terms(
         problem,
@@ -482,15 +481,15 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     chunk by chunk: the statistics of the whole batch first (a forward pass, no graph kept), then
     h = dT/dsigma by autograd, then for each chunk the gradient of S_c(x_c) + <h, sigma_c(x_c)>
     (h sliced to the chunk for the per-image features), whose graph is freed before the next
-    chunk. The generator runs once over the whole batch (its BatchNorm couples the images) and
-    dL/dx is pulled back through it in one vector-Jacobian product. The KKT multipliers enter only
-    the chunks' statistics: their gradient is the sum of the chunks' (each zero outside its chunk).
+    chunk. The generator runs once over all of the process's images (its BatchNorm couples them)
+    and dL/dx is pulled back through it in one vector-Jacobian product. The KKT multipliers enter
+    only the chunks' statistics: their gradient is the sum of the chunks' (each zero outside its
+    chunk).
     """
     b = problem.labels.shape[1]
     vectors = condition(problem, noise)
     x, pull_back = vjp(
-        lambda p: generate(problem.template, p, buffers, noise["z"], problem.labels, vectors),
-        generator_parameters(params),
+        lambda p: _generate_local(problem, p, buffers, noise, vectors), generator_parameters(params)
     )
     multipliers = {name: v for name, v in params.items() if name == KKT_MULTIPLIERS}
     free = multipliers.get(KKT_MULTIPLIERS)
@@ -507,14 +506,15 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     if problem.needs_features or bn_layers or _batch_grad_norm(problem) or free is not None:
         parts = []
         for s, e in chunks:
+            x_c = x[:, s - first : e - first]
             _, extras = _classify(
-                problem.classifier, problem.needs_features, bn_layers, x[:, s:e].flatten(0, 1)
+                problem.classifier, problem.needs_features, bn_layers, x_c.flatten(0, 1)
             )
             parts.append(
                 _statistics(
                     problem,
                     bn_layers,
-                    x[:, s:e],
+                    x_c,
                     problem.labels[:, s:e],
                     extras,
                     (e - s) / b,
@@ -547,11 +547,12 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
 
     x_chunk_grads, multiplier_grads = [], {}
     for s, e in chunks:
-        g, chunk_values = grad(chunk_loss, has_aux=True)({**multipliers, "x": x[:, s:e]}, s, e)
+        x_c = x[:, s - first : e - first]
+        g, chunk_values = grad(chunk_loss, has_aux=True)({**multipliers, "x": x_c}, s, e)
         x_chunk_grads.append(g.pop("x"))
         _accumulate(multiplier_grads, g)  # each chunk's is zero outside its images
         _accumulate(values, chunk_values)
-    (param_grads,) = pull_back(x_grad + _embed_local(problem, torch.cat(x_chunk_grads, dim=1)))
+    (param_grads,) = pull_back(x_grad + torch.cat(x_chunk_grads, dim=1))
     return {**param_grads, **multiplier_grads}, (
         _weighted_sum(problem, values).sum().detach(),
         _report(problem, distributed.report_shares(problem.shard, values, batch_values)),
@@ -610,30 +611,27 @@ def _local_range(problem: Problem) -> tuple[int, int]:
     return (0, problem.labels.shape[1]) if shard is None else (shard.start, shard.stop)
 
 
-def _local_images(problem: Problem, x: torch.Tensor) -> torch.Tensor:
-    """This rank's images of x (K, B, ...)."""
-    return x if problem.shard is None else x[:, problem.shard.start : problem.shard.stop]
-
-
-def _embed_local(problem: Problem, local: torch.Tensor) -> torch.Tensor:
-    """(K, B, ...) zeros with this rank's images replaced by local (K, stop - start, ...)."""
-    if problem.shard is None:
-        return local
-    k, b = problem.labels.shape
-    before = local.new_zeros(k, problem.shard.start, *local.shape[2:])
-    after = local.new_zeros(k, b - problem.shard.stop, *local.shape[2:])
-    return torch.cat([before, local, after], dim=1)
+def _generate_local(problem: Problem, params, buffers, noise, vectors) -> torch.Tensor:
+    """This rank's images (K, stop - start, C, H, W) of each generator's batch, from the global
+    batch's noise and conditioning vectors (K, B, ...): all B in a single process."""
+    s, e = _local_range(problem)
+    return generate(
+        problem.generator,
+        params,
+        buffers,
+        noise["z"][:, s:e],
+        problem.labels[:, s:e],
+        vectors[:, s:e],
+    )
 
 
 def _local_image_terms(problem: Problem, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`_image_terms` of this rank's images of x, weighted by their share of the batch."""
+    """`_image_terms` of this rank's images x, weighted by their share of the batch."""
+    values = _image_terms(problem, x)
     if problem.shard is None:
-        return _image_terms(problem, x)
+        return values
     share = (problem.shard.stop - problem.shard.start) / problem.labels.shape[1]
-    return {
-        term: share * value
-        for term, value in _image_terms(problem, _local_images(problem, x)).items()
-    }
+    return {term: share * value for term, value in values.items()}
 
 
 def grad_and_report(params, buffers, noise, problem: Problem):

@@ -84,7 +84,12 @@ class UniformMaskDropout(nn.Dropout):
             return super().forward(x)
         # empty_like().uniform_() gives rand_like's numbers in eager; with rand_like itself the
         # Inductor-compiled CPU step drew other numbers than eager despite fallback_random.
-        return x * ((torch.empty_like(x).uniform_() >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p)))
+        return x * dropout_mask(torch.empty_like(x).uniform_(), self.p)
+
+
+def dropout_mask(u: torch.Tensor, p: float) -> torch.Tensor:
+    """[u >= p] / (1 - p) in u's dtype: the inverted-dropout mask of uniforms u."""
+    return (u >= p).to(u.dtype) * (1.0 / (1.0 - p))
 
 
 def _block(c_in: int, c_out: int, conv: nn.Module, dropout: float) -> list[nn.Module]:

@@ -7,7 +7,10 @@ holding its slice of the global batch (`tldr_fast.distributed`). Rows, for W = 1
 - weak scaling: B on 1 rank against 2B on 2 ranks (the same images per rank).
 Each row: world size, global batch, median seconds of a step on rank 0 (the ranks start each step
 together at a barrier), images/s, the speedup over 1 rank at the same global batch (strong) or the
-efficiency t(1 rank, B) / t(2 ranks, 2B) (weak), and the bytes each rank all-reduces per step
+efficiency t(1 rank, B) / t(2 ranks, 2B) (weak), rank 0's process CPU seconds per step and
+their ratio to 1 rank's at the same global batch (how much of the work a rank was left with,
+which a shared machine's contention does not inflate the way it inflates wall time, except for
+the time a rank spends spinning in a collective), and the bytes each rank all-reduces per step
 (the whole-batch statistics, the gradients and the loss values, the generators' BatchNorm sums
 forward and backward), also per image of the batch.
 """
@@ -83,20 +86,22 @@ def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) ->
         step = make_step(problem, buffers)
         state = AdamState.zeros_like(params)
         torch.manual_seed(0)
-        times = []
+        times, cpu_times = [], []
         for i in range(steps + 1):
             if world > 1:
                 dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             params, state, _ = step(params, state)
             if i:  # the first step warms up
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
         if rank == 0:
             per_step = sum(reduced_bytes) // (steps + 1)
             Path(out).write_text(
                 json.dumps(
                     {
                         "median_s": statistics.median(times),
+                        "median_cpu_s": statistics.median(cpu_times),
                         "min_s": min(times),
                         "repeats": len(times),
                         "allreduce_bytes": per_step,
@@ -139,6 +144,7 @@ def run(args) -> list[dict]:
             "global_batch": b,
             "rank_batch": b // world,
             "median_s": m["median_s"],
+            "median_cpu_s": m["median_cpu_s"],
             "min_s": m["min_s"],
             "repeats": m["repeats"],
             "images_per_s": b / m["median_s"],
@@ -147,6 +153,7 @@ def run(args) -> list[dict]:
         }
         if world == 2:
             row["strong_speedup"] = measured[1, b]["median_s"] / m["median_s"]
+            row["cpu_ratio"] = measured[1, b]["median_cpu_s"] / m["median_cpu_s"]
             if b == 2 * batch:
                 row["weak_efficiency"] = measured[1, batch]["median_s"] / m["median_s"]
         rows.append(row)

@@ -216,16 +216,13 @@ def test_compiled_step_launches_the_kernels_and_equals_the_eager_torch_step(
     assert_same_trajectory(eager, (params, state, reports), lr=3e-3, rtol=1e-3, atol=1e-4)
 
 
-def test_recompile_limit_is_raised_through_public_config_or_the_older_option(monkeypatch):
-    from tldr_fast.compiled import RECOMPILE_LIMIT, _recompile_limit
+def test_recompile_limit_is_raised_through_the_public_config():
+    from tldr_fast.compiled import RECOMPILE_LIMIT
 
     default = torch._dynamo.config.recompile_limit
-    with _recompile_limit(RECOMPILE_LIMIT):
+    with torch.compiler.config.patch(recompile_limit=RECOMPILE_LIMIT):
         assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     assert torch._dynamo.config.recompile_limit == default
-    monkeypatch.setattr(torch.compiler, "config", object())  # a torch without the public option
-    with _recompile_limit(RECOMPILE_LIMIT):
-        assert torch._dynamo.config.cache_size_limit == RECOMPILE_LIMIT
 
 
 def test_compile_field_is_a_bool():

@@ -16,8 +16,10 @@ from tldr_fast.evaluate import (
     authors_statistics,
     evaluate_run,
     fidelity,
+    gap_statistics,
     leakage_gap,
     nearest_neighbour_protocol,
+    nearest_neighbour_statistics,
     reconstruction_scores,
 )
 from tldr_fast.ssim import ssim_matrix
@@ -377,3 +379,17 @@ def test_cli_prints_the_summary(tmp_path, capsys):
     assert re.search(r"authors: reconstructed \(matched SSIM >= 0.4\)\s+200 \(100.0%\)", out)
     assert "leakage verdict" in out and "lies above 0" in out and "report.html" in out
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan"), "0.4"])
+def test_a_threshold_outside_the_ssim_range_is_refused_before_any_work(tmp_path, threshold):
+    expected = f"threshold must be a number in \\[0, 1\\], got {threshold!r}"
+    with pytest.raises(ValueError, match=expected):
+        evaluate_run(tmp_path / "no-such-run", threshold=threshold)
+    ssim = {0: np.full((2, 3), 0.5)}
+    cm = ClassMatrices(ssim, {0: np.arange(2)}, {0: np.arange(3)}, 2, 3)
+    for statistics in (authors_statistics, nearest_neighbour_statistics):
+        with pytest.raises(ValueError, match=expected):
+            statistics(cm, threshold)
+    with pytest.raises(ValueError, match=expected):
+        gap_statistics(cm, cm, threshold)

@@ -86,7 +86,7 @@ class CompiledStep:
         return out
 
     def _run_compiled(self, params, state):
-        with _recompile_limit(RECOMPILE_LIMIT):
+        with torch.compiler.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self._compiled(params, state)
 
     def _capture(self, params, state, device):
@@ -108,15 +108,6 @@ class CompiledStep:
         self._graph.replay()
         # The report buffers are overwritten by the next replay; callers keep several steps' reports.
         return dict(static_params), static_state, {k: v.clone() for k, v in report.items()}
-
-
-def _recompile_limit(limit: int):
-    """A context raising Dynamo's per-code recompile limit: the public `torch.compiler.config`
-    where this torch has it (2.13 does), else the option's name in older releases'
-    `torch._dynamo.config`, which is all they offer."""
-    if hasattr(torch.compiler, "config") and hasattr(torch.compiler.config, "recompile_limit"):
-        return torch.compiler.config.patch(recompile_limit=limit)
-    return torch._dynamo.config.patch(cache_size_limit=limit)
 
 
 def _clone_state(state):

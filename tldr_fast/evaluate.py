@@ -37,7 +37,13 @@ import torch.distributed as dist
 from tldr_fast.features import FeatureSpec, extract_features, offers_features
 from tldr_fast.ssim import ssim_matrices
 from tldr_fast.training import predict_logits
-from tldr_fast.validation import check_images, check_labels, check_positive_int, check_unit_range
+from tldr_fast.validation import (
+    check_images,
+    check_in_range,
+    check_labels,
+    check_positive_int,
+    check_unit_range,
+)
 
 THRESHOLD = 0.4
 TOP_MATCHES = 10
@@ -315,6 +321,8 @@ def authors_statistics(cm: ClassMatrices, threshold: float = THRESHOLD) -> dict:
     """Hungarian matching per class; unmatched reconstructions (more than references) count as not reconstructed."""
     from scipy.optimize import linear_sum_assignment
 
+    check_in_range(threshold, "threshold", 0.0, 1.0)
+
     matched_ssim = np.full(cm.num_recon, np.nan)
     matched_index = np.full(cm.num_recon, -1, dtype=np.int64)
     per_class = {}
@@ -349,6 +357,7 @@ def nearest_neighbour_statistics(
     best_ssim[j] is reference image j's best SSIM (every reference image has one: class_ssim_matrices
     refuses a class without reconstructions).
     """
+    check_in_range(threshold, "threshold", 0.0, 1.0)
     best, best_recon, labels, ref_index = _best_per_reference(cm)
     count = int(np.sum(best > threshold))
     order = np.argsort(-best, kind="stable")[:top]
@@ -381,6 +390,7 @@ def gap_statistics(
     seed: int = 0,
 ) -> dict:
     """Training minus held-out: nearest-neighbour statistics with a bootstrap interval, authors' size-matched."""
+    check_in_range(threshold, "threshold", 0.0, 1.0)
     check_positive_int(num_bootstrap, "num_bootstrap")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
@@ -534,6 +544,8 @@ def evaluate_run(
     from tldr_fast.serialization import write_json_atomic
     from tldr_fast.training import default_device
 
+    check_in_range(threshold, "threshold", 0.0, 1.0)  # before the SSIM matrices, not after
+    check_positive_int(num_bootstrap, "num_bootstrap")
     start = time.perf_counter()
     group = _default_group()
     writer = group is None or dist.get_rank(group) == 0

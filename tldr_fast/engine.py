@@ -60,7 +60,7 @@ from tldr_fast.serialization import (
     read_safetensors,
     write_safetensors_atomic,
 )
-from tldr_fast.validation import check_finite_tensors
+from tldr_fast.validation import check_finite_module
 
 CHECKPOINTS_KEPT = 2
 ADAM_EPS = 1e-8
@@ -183,7 +183,7 @@ def validate_classifier(classifier, num_classes: int, image_shape, needs_feature
             f"{type(classifier).__name__} has no forward_with_features(x) -> (logits, features); "
             "add one or set gamma = delta = 0"
         )
-    check_finite_tensors(classifier.state_dict().items(), "the classifier's tensor")
+    check_finite_module(classifier, "the classifier")
     device = _device_of(classifier)
     probe = torch.full((2, *image_shape), 0.5, device=device)
     was_training = classifier.training

@@ -64,6 +64,12 @@ def check_finite_tensors(named_tensors, what: str) -> None:
                 )
 
 
+def check_finite_module(module, what: str) -> None:
+    """Every floating-point parameter and buffer of module must be finite: a NaN or Inf weight
+    would turn every result into NaN; the error names the first bad tensor, as "WHAT's tensor NAME"."""
+    check_finite_tensors(module.state_dict().items(), f"{what}'s tensor")
+
+
 def check_in_range(value, name: str, low: float, high: float) -> float:
     """A finite number in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:

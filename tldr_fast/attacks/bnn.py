@@ -26,7 +26,7 @@ from pysat.solvers import Solver
 from tldr_fast.attacks.bnn_cnf import BnnFormula, encode_folded
 from tldr_fast.attacks.bnn_fold import fold
 from tldr_fast.attacks.bnn_model import BinarizedMLP
-from tldr_fast.validation import check_positive_int
+from tldr_fast.validation import check_finite_module, check_positive_int
 
 SAMPLERS = ("auto", "cmsgen", "blocking")
 
@@ -77,6 +77,7 @@ def cmsgen_available() -> bool:
 
 def encode(model: BinarizedMLP, hidden_encoding: str = "totalizer") -> BnnFormula:
     """CNF of a trained BinarizedMLP (eval-mode semantics); refuses a non-binarised network naming the layer."""
+    check_finite_module(model, "model")
     return encode_folded(fold(model), hidden_encoding)
 
 

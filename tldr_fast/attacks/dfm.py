@@ -23,7 +23,13 @@ from torch.nn import functional as F
 
 from tldr_fast.attacks.pgd import check_epsilon, evaluating, l2_pgd, pgd_attack, robust_accuracy
 from tldr_fast.training import progress_bar
-from tldr_fast.validation import check_finite, check_images, check_labels, check_positive_int
+from tldr_fast.validation import (
+    check_finite,
+    check_finite_module,
+    check_images,
+    check_labels,
+    check_positive_int,
+)
 
 TOP_MEAN, TOP_STD = 20.0, 2.0
 REST_SPREAD, REST_STD = 3.0, 1.0
@@ -324,6 +330,7 @@ def run_chain(
     `on_model(result)` is called after every model is evaluated (e.g. to write partial tables).
     """
     cycles = check_positive_int(cycles, "cycles (k)")
+    check_finite_module(origin, "origin")
     check_images(test_images, "test_images", getattr(origin, "input_shape", None))
     check_positive_int(robustness_size, "robustness_size")
     for eps in robustness_eps:

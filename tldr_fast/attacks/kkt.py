@@ -50,7 +50,12 @@ from torch.func import functional_call, grad
 
 from tldr_fast.models.classifiers import ImageClassifier, _pair
 from tldr_fast.serialization import register_architecture, register_format, write_json_atomic
-from tldr_fast.validation import check_labels, check_nonnegative, check_positive_int
+from tldr_fast.validation import (
+    check_finite_module,
+    check_labels,
+    check_nonnegative,
+    check_positive_int,
+)
 
 RUN_FORMAT = "tldr-fast/kkt-run"
 LAMBDAS_FORMAT = "tldr-fast/kkt-lambdas"
@@ -355,6 +360,7 @@ def attack(
         raise TypeError(
             f"model must be an image classifier with num_classes and input_shape, got {type(model).__name__}"
         )
+    check_finite_module(model, "model")
     num_classes, shape = int(model.num_classes), tuple(model.input_shape)
     if labels is None:
         count = config.candidates

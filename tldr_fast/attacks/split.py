@@ -25,7 +25,7 @@ from torch import nn
 from tldr_fast.attacks.dp import DPTrainingConfig, train_dp
 from tldr_fast.models.classifiers import ImageClassifier
 from tldr_fast.serialization import atomic_write, register_architecture, write_json_atomic
-from tldr_fast.validation import check_images, check_positive_int
+from tldr_fast.validation import check_finite_module, check_images, check_positive_int
 
 # (conv channels, conv kernel, pool kernel, pool stride) per on-device block.
 MNIST_BLOCKS = ((32, 5, 2, 2), (32, 5, 2, 2))
@@ -261,6 +261,8 @@ def reconstruct_inputs(
 ) -> torch.Tensor:
     """G(D(x)) for every image: the attacker's guess of each input from what left the device."""
     check_images(images, "images", expected_shape=target.input_shape)
+    check_finite_module(target, "target")
+    check_finite_module(decoder, "decoder")
     codes = intercept_all(target, images, batch_size)
     return torch.cat(
         [decoder(codes[i : i + batch_size]) for i in range(0, codes.shape[0], batch_size)]

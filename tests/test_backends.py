@@ -264,3 +264,55 @@ def test_bench_peer_norms_equal_ghost_or_say_why_not():
     )
     if importlib.util.find_spec("backpack") is None:
         assert target_norms("backpack", model) == ("backpack is not installed", False)
+
+
+class TokenAttention(nn.Module):
+    """Image rows as tokens -> one attention layer -> mean token -> logits; `attention` is either
+    nn.MultiheadAttention called with need_weights=False (torch's fused scaled-dot-product path)
+    or the ViT's written-out attention with the same weights."""
+
+    def __init__(self, written_out: bool):
+        super().__init__()
+        c, h, w = SHAPE
+        self.embed, self.head = nn.Linear(c * w, 8), nn.Linear(8, 10)
+        self.written_out = written_out
+        self.attention = (
+            ViT(dim=8, heads=2).blocks[0].attention
+            if written_out
+            else nn.MultiheadAttention(8, 2, batch_first=True)
+        )
+
+    def forward(self, x):
+        tokens = self.embed(x.permute(0, 2, 1, 3).flatten(2))
+        if self.written_out:
+            mixed = self.attention(tokens)
+        else:
+            mixed = self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(mixed.mean(1))
+
+
+def token_attention_pair():
+    torch.manual_seed(0)
+    fused, written = TokenAttention(False).double(), TokenAttention(True).double()
+    with torch.no_grad():
+        for name in ("embed", "head"):
+            getattr(written, name).load_state_dict(getattr(fused, name).state_dict())
+        written.attention.qkv.weight.copy_(fused.attention.in_proj_weight)
+        written.attention.qkv.bias.copy_(fused.attention.in_proj_bias)
+        written.attention.proj.weight.copy_(fused.attention.out_proj.weight)
+        written.attention.proj.bias.copy_(fused.attention.out_proj.bias)
+    return fused.eval().requires_grad_(False), written.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("backend", ["auto", "ghost", "vmap", "loop"])
+def test_fused_multi_head_attention_norms_and_input_gradient_equal_the_written_out_ones(backend):
+    """nn.MultiheadAttention(need_weights=False) takes a fused attention kernel without a double
+    backward; the norms build their graph with the math form, so d/dx works on every backend and
+    equals that of the same attention written out (which never calls the fused kernel)."""
+    fused, written = token_attention_pair()
+    x, y = batch(4)
+    norms, dx = norms_and_input_gradient(fused, x, y, backend)
+    ref_norms, ref_dx = norms_and_input_gradient(written, x, y, "loop")
+    assert not norms.isnan().any()
+    assert rel_rms(norms, ref_norms) < 1e-10
+    assert rel_rms(dx, ref_dx) < 1e-10

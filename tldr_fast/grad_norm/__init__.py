@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Importing the rule modules registers the built-in rules.
 from tldr_fast.grad_norm import batch_norm, conv, embedding, linear, normalization  # noqa: F401
@@ -100,7 +101,7 @@ def per_sample_grad_norm(
     chunk_size: at most this many samples per vectorised pass (bounds memory); the loop backend
         ignores it.
     """
-    with unwrapped(model, params) as (model, params):
+    with unwrapped(model, params) as (model, params), _twice_differentiable_attention():
         names = _validate(model, x, y, loss, params, backend, mode, chunk_size)
         loss_fn = resolve_loss(loss)
         if mode == "batch":
@@ -150,7 +151,7 @@ def per_sample_grad_norm_and_forward(
         raise TypeError(
             f"forward must be a callable x -> (logits, extras), got {type(forward).__name__}"
         )
-    with unwrapped(model, params) as (inner, inner_params):
+    with unwrapped(model, params) as (inner, inner_params), _twice_differentiable_attention():
         names = _validate(inner, x, y, loss, inner_params, backend, "per_sample", chunk_size)
         loss_fn = resolve_loss(loss)
         if backend in ("auto", "ghost") and (chunk_size is None or chunk_size >= x.shape[0]):
@@ -218,7 +219,7 @@ def batch_mean_gradient(
 ) -> tuple[torch.Tensor, ...]:
     """grad_theta (1/B) sum_i l(f_theta(x_i), y_i), one tensor per chosen parameter, keeping the graph
     to x (what mode="batch" takes the norm of). Arguments as for per_sample_grad_norm."""
-    with unwrapped(model, params) as (model, params):
+    with unwrapped(model, params) as (model, params), _twice_differentiable_attention():
         names = _validate(model, x, y, loss, params, backend, "batch", chunk_size)
         return _batch_mean_gradient(model, x, y, resolve_loss(loss), names, backend, chunk_size)
 
@@ -229,6 +230,14 @@ def _batch_mean_gradient(
     if backend == "loop":
         return loop_batch_gradient(model, x, y, loss_fn, names)
     return batch_gradient(model, x, y, loss_fn, names, chunk_size)
+
+
+def _twice_differentiable_attention():
+    """A context computing scaled dot-product attention by its math form while a norm's graph is
+    built: d/dx of a norm is a double backward, which the fused attention kernels (flash,
+    memory-efficient, and the CPU flash kernel nn.MultiheadAttention(need_weights=False) takes)
+    do not implement."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _ghost_refusal(err: GhostUnsupported) -> ValueError:

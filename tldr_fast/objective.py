@@ -21,8 +21,8 @@ drawn by `draw_noise` inside the training step, so the whole step can be traced 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from functools import cached_property, partial
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -91,18 +91,23 @@ class Problem:
     config: _EngineConfig
     labels: torch.Tensor  # (K, B) int64: each generator's fixed, balanced conditioning labels
     shard: distributed.Shard | None = None  # data-parallel: this rank's images of each batch
+    # The module the training step runs: the template, or on a data-parallel rank its copy that
+    # computes the rank's images of each batch (`sharded_generator.shard_generator`). Built here,
+    # not lazily: a first access inside a compiled step would have Dynamo trace the lazy
+    # property's lock.
+    generator: Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        generator = (
+            self.template
+            if self.shard is None
+            else sharded_generator.shard_generator(self.template, self.shard)
+        )
+        object.__setattr__(self, "generator", generator)
 
     @property
     def num_classes(self) -> int:
         return self.template.num_classes
-
-    @cached_property
-    def generator(self) -> Generator:
-        """The module the training step runs: the template, or on a data-parallel rank its copy
-        that computes the rank's images of each batch (`sharded_generator.shard_generator`)."""
-        if self.shard is None:
-            return self.template
-        return sharded_generator.shard_generator(self.template, self.shard)
 
     @property
     def terms(self) -> dict[str, float]:

@@ -38,6 +38,8 @@ SPEC = {
         ({"budgets": {"dp_delta": 1.0}}, "dp_delta"),
         ({"exclude": [{"colour": "red"}]}, "exclude"),
         ({"exclude": {"seed": 0}}, "exclude"),
+        ({"exclude": [{"seed": [0, 5]}]}, "seed 5"),
+        ({"exclude": [{"method": "dream"}]}, "method 'dream'"),
     ],
 )
 def test_dp_spec_errors_name_the_key(change, match):

@@ -166,7 +166,7 @@ def check_spec(raw: dict) -> dict:
             f"study spec 'bootstrap' must be an integer >= 1, got {spec['bootstrap']!r}"
         )
     if "exclude" in raw:
-        spec["exclude"] = _check_exclude(raw["exclude"])
+        spec["exclude"] = _check_exclude(raw["exclude"], spec)
     return spec
 
 
@@ -200,7 +200,8 @@ def _check_dp(raw: dict, spec: dict) -> None:
 CELL_FIELDS = ("method", "arch", "train_size", "seed", "noise_multiplier")
 
 
-def _check_exclude(exclude) -> list[dict]:
+def _check_exclude(exclude, spec: dict) -> list[dict]:
+    """The rules of `exclude`; a value outside the grid's own (a typo, most likely) is an error."""
     if not isinstance(exclude, list) or not all(
         isinstance(rule, dict) and rule and set(rule) <= set(CELL_FIELDS) for rule in exclude
     ):
@@ -208,6 +209,15 @@ def _check_exclude(exclude) -> list[dict]:
             f"study spec 'exclude' must be a list of non-empty objects with keys among "
             f"{list(CELL_FIELDS)}, got {exclude!r}"
         )
+    grid = dict(zip(CELL_FIELDS, ("methods", "archs", "train_sizes", "seeds", "noise_multipliers")))
+    for rule in exclude:
+        for key, value in rule.items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, bool) or item not in spec[grid[key]]:
+                    raise ValueError(
+                        f"study spec 'exclude' rule {rule} has {key} {item!r}, which is not in "
+                        f"the spec's {grid[key]} {spec[grid[key]]}"
+                    )
     return [dict(rule) for rule in exclude]
 
 

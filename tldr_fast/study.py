@@ -30,12 +30,15 @@ methods: ceil(2 n / (K C)) per class per generator), because the best-match stat
 with the number of reconstructions. seed selects the training subset, the target's
 initialisation and the attack's randomness.
 
-Layout under the run root: targets/ARCH-nSIZE-sSEED.safetensors and
-cells/METHOD-ARCH-nSIZE-sSEED/ (a run directory with metrics.json, then row.json). A cell with
+Layout under the run root: targets/ARCH-nSIZE-sSEED[-dpSIGMA].safetensors and
+cells/METHOD-ARCH-nSIZE-sSEED[-dpSIGMA]/ (a run directory with metrics.json, then row.json; the
+-dp suffix only for sigma > 0, so non-private names are those of older run roots). A cell with
 row.json is finished and skipped when the study runs again; a target file that exists is reused.
 Every file is written atomically, so an interrupted study resumes at the first unfinished cell.
 The results directory gets leakage-study.json ({"spec", "schema", "rows"}, one row per cell with
-the fields of ROW_FIELDS), leakage-study.md and leakage-study.png.
+the fields of ROW_FIELDS), leakage-study.md and leakage-study.png; with DP-trained targets the
+markdown gains the DP table and leakage-study-dp.png plots the strongest method's gap against
+epsilon.
 """
 
 from __future__ import annotations

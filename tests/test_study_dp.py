@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_study
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,10 @@ from tldr_fast import serialization, study
 from tldr_fast.attacks import dp
 from tldr_fast.attacks.kkt import KKTMLP
 from tldr_fast.training import build_seeded, train_kkt_recipe
+
+# The runner with every cell faked (test_study's fixture and rows): resume and the study files.
+fake_cells = test_study.fake_cells
+_fake_row = test_study._fake_row
 
 SPEC = {
     "dataset": "mnist-bundled",
@@ -111,26 +116,6 @@ def test_dp_gd_without_noise_is_clipped_full_batch_gd():
     assert private.train_report.privacy["steps"] == 3
 
 
-def _fake_row(cell: dict) -> dict:
-    row = {key: 0.0 for key in study.ROW_FIELDS}
-    row.update(cell, gap=0.01, gap_ci=[0.0, 0.02], nn_count_train=1, nn_count_heldout=0)
-    row.update(evaluator_accuracy=None, num_reconstructions=20, test_accuracy=0.5)
-    row["epsilon"] = 3.0 if cell["noise_multiplier"] else None
-    return row
-
-
-@pytest.fixture
-def fake_cells(monkeypatch):
-    calls = []
-
-    def run_cell(spec, cell, root, data_root=None, device=None, progress=False):
-        calls.append(study.cell_name(cell))
-        return _fake_row(cell)
-
-    monkeypatch.setattr(study, "run_cell", run_cell)
-    return calls
-
-
 def test_resume_skips_finished_dp_cells(tmp_path, fake_cells):
     spec = study.check_spec({**SPEC, "seeds": [0, 1]})
     rows = study.run_study(spec, tmp_path, log=lambda _: None)
@@ -141,7 +126,7 @@ def test_resume_skips_finished_dp_cells(tmp_path, fake_cells):
     study.run_study(spec, tmp_path, log=lambda _: None)
     assert fake_cells[4:] == ["kkt-kkt-mlp-n10-s1-dp0.5"]
     text = (tmp_path / "leakage-study.md").read_text()
-    assert "| kkt | kkt-mlp | 10 | 0.5 | 3 | 0, 1 |" in text
+    assert "| kkt | kkt-mlp | 10 | 0.5 | 0 | 0, 1 |" in text  # the fake rows' epsilon is 0
     assert (tmp_path / "leakage-study-dp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -10,7 +10,9 @@ PATH (relative to the repository root) is either a *table file*, `{"source": str
 "rows": [[cell]], "decimals": {column: int}}`, whose cells are strings or numbers (a number in a
 column listed in `decimals` is printed with that many decimals), or a *benchmark file* written by
 `python -m bench` (`{"suites": {name: [row]}}`, or `{"runs": [[row]]}` for repeated runs, whose rows
-gain a `run` field numbered from 1). For a benchmark file `columns` picks the row fields to show,
+gain a `run` field numbered from 1), or a *study file* written by `tldr-fast study` (`{"spec",
+"schema", "rows"}`, whose rows gain `gap_95ci`, the gap and its interval as one text). For a
+benchmark or study file `columns` picks the row fields to show,
 each with an optional format spec (`median_s|.2f`); `where` keeps the rows whose fields equal the
 given values. Nothing between the markers is kept: the JSON is the only source of the numbers, and
 `--check` (run by the tests) fails when a file is not what its JSON renders to.
@@ -58,7 +60,16 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return path, parsed
 
 
+def _study_rows(data: dict) -> list[dict]:
+    return [
+        {**r, "gap_95ci": f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]"}
+        for r in data["rows"]
+    ]
+
+
 def _benchmark_rows(data: dict, suite: str | None) -> list[dict]:
+    if "schema" in data and "rows" in data:
+        return _study_rows(data)
     if "runs" in data:
         return [{"run": i + 1, **row} for i, run in enumerate(data["runs"]) for row in run]
     suites = data.get("suites", {})
@@ -86,7 +97,7 @@ def render(spec: str, root: Path = ROOT) -> str:
         field, _, value = condition.partition(":")
         rows = [r for r in rows if str(r.get(field)) == value]
     if "columns" not in options:
-        raise ValueError(f"table {path}: a benchmark file needs columns=")
+        raise ValueError(f"table {path}: a benchmark or study file needs columns=")
     fields = [c.partition("|") for c in options["columns"].split(",")]
     return _markdown(
         [f for f, _, _ in fields],

@@ -21,6 +21,8 @@ class TrainReport:
     test_accuracy: float | None
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # (epsilon, delta) spent by a DP-trained model, as `attacks.dp.rdp_privacy` reports it.
+    privacy: dict | None = None
 
 
 def default_device() -> torch.device:
@@ -152,11 +154,22 @@ def train_kkt_recipe(
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float = 1.0,
+    delta: float = 1e-5,
+    seed: int = 0,
 ) -> nn.Module:
     """Haim et al.'s training for KKT reconstruction: the initial weights multiplied by init_scale,
     then full-batch gradient descent on cross-entropy, no momentum and no weight decay, until the
     loss falls below target_loss or `steps` steps have run. Returns the model in eval mode with
     `model.train_report` (epoch_losses holds the loss every 100 steps and the last one).
+
+    With a noise_multiplier sigma the same recipe runs as DP-GD through Opacus
+    (`attacks.dp.make_private` with batch size n): every step is a Poisson batch of sample rate 1,
+    i.e. the full batch, each per-sample gradient clipped to L2 norm <= max_grad_norm = C, plus
+    N(0, (sigma C)^2 I) on their sum, divided by n; `seed` seeds the noise. All `steps` steps run
+    (stopping at target_loss would make the step count depend on the data beyond what the
+    accountant covers), and `train_report.privacy` records the (epsilon, delta) spent.
 
     Small initialisation and a long run to near-zero loss are what bring the weights close to a
     KKT point of margin maximisation, the condition the KKT attack inverts. The defaults suit
@@ -189,19 +202,36 @@ def train_kkt_recipe(
     report = TrainReport(train_accuracy=0.0, test_accuracy=None)
     start = time.perf_counter()
     model.train()
-    bar = progress_bar(range(steps), progress, desc=f"train {type(model).__name__} (kkt recipe)")
-    for step in bar:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach()) if step % 100 == 0 or step == steps - 1 else None
-        if value is not None:
-            report.epoch_losses.append(value)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{value:.2e}")
-        if value is not None and value < target_loss:
-            break
+    hooks = loader = None
+    if noise_multiplier is not None:
+        from tldr_fast.attacks import dp
+
+        config = dp.DPTrainingConfig(
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, epochs=steps,
+            batch_size=len(x), lr=lr, delta=delta, seed=seed,
+        )  # fmt: skip
+        hooks, opt, loader = dp.make_private(model, opt, x, y, config)
+    label = "kkt recipe" if loader is None else f"kkt recipe, DP-GD sigma={noise_multiplier:g}"
+    bar = progress_bar(range(steps), progress, desc=f"train {type(model).__name__} ({label})")
+    try:
+        for step in bar:
+            xb, yb = (x, y) if loader is None else next(iter(loader))
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach()) if step % 100 == 0 or step == steps - 1 else None
+            if value is not None:
+                report.epoch_losses.append(value)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{value:.2e}")
+            if value is not None and value < target_loss and loader is None:
+                break
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+    if loader is not None:
+        report.privacy = dp.rdp_privacy(1 / len(loader), steps, noise_multiplier, delta)
     model.eval()
     report.seconds = time.perf_counter() - start
     report.train_accuracy = evaluate_classifier(model, images, labels, device=device)

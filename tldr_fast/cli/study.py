@@ -26,6 +26,11 @@ def register(commands, attacks) -> None:
     add_data_root_argument(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: write the study files from the cells finished so far",
+    )
     p.set_defaults(func=run, writes={"--out": "dir", "--results": "dir"})
 
 
@@ -42,9 +47,10 @@ def run(args) -> int:
         data_root=args.data_root,
         device=args.device,
         progress=args.progress,
+        finished_only=args.finished_only,
     )
     results = Path(args.results or args.out)
     print(
-        f"{len(rows)} cells; wrote {results / 'leakage-study.json'}, leakage-study.md and leakage-study.png"
+        f"{len(rows)} cells; wrote {results / 'leakage-study.json'}, leakage-study.md and the plots"
     )
     return 0

@@ -108,8 +108,12 @@ def train_kkt_and_save(
     data_root=None,
     device=None,
     progress: bool = True,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float = 1.0,
+    delta: float = 1e-5,
 ):
-    """`training.train_kkt_recipe` on a KKTMLP (seeded initialisation), tested and saved like `train_and_save`."""
+    """`training.train_kkt_recipe` on a KKTMLP (seeded initialisation), tested and saved like
+    `train_and_save`; with a noise_multiplier trained as DP-GD, its privacy in the metadata."""
     from functools import partial
 
     from tldr_fast import training
@@ -118,9 +122,12 @@ def train_kkt_and_save(
     def fit(model, train, test):
         training.train_kkt_recipe(
             model, train.images, train.labels, steps=steps, test=(test.images, test.labels),
-            device=device, progress=progress,
+            device=device, progress=progress, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, delta=delta, seed=seed,
         )  # fmt: skip
-        return {"recipe": "kkt", "steps": steps, "final_loss": model.train_report.epoch_losses[-1]}
+        report = model.train_report
+        recipe = {"recipe": "kkt", "steps": steps, "final_loss": report.epoch_losses[-1]}
+        return recipe if report.privacy is None else {**recipe, "privacy": report.privacy}
 
     return _train_on_dataset(
         dataset, subset, seed, data_root, out, partial(KKTMLP, hidden=tuple(hidden)), fit

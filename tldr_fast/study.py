@@ -24,7 +24,8 @@ can be so trained (mlp and cnn have BatchNorm, which mixes the per-sample gradie
 archs: "mlp" and "cnn" are trained by `tldr-fast train` (mini-batch Adam), "kkt-mlp" by the KKT
 recipe. methods: "inversion", "tldr" (the paper's nine terms), "tldr+prior" (plus the BatchNorm
 feature-statistics prior, eta_bn = 3; it needs BatchNorm, so the grid leaves out tldr+prior on
-kkt-mlp) and "kkt". Every method
+kkt-mlp), "tldr+kkt" (plus the KKT residual term, eta_kkt = 1 with the training-set size as
+kkt_train_size) and "kkt". Every method
 returns as many images as the KKT attack's default, twice the training-set size (the generator
 methods: ceil(2 n / (K C)) per class per generator), because the best-match statistics grow
 with the number of reconstructions. seed selects the training subset, the target's
@@ -50,7 +51,7 @@ from itertools import product
 from pathlib import Path
 
 ARCHS = ("mlp", "cnn", "kkt-mlp")
-METHODS = ("inversion", "tldr", "tldr+prior", "kkt")
+METHODS = ("inversion", "tldr", "tldr+prior", "tldr+kkt", "kkt")
 DEFAULT_BUDGETS = {
     "train_epochs": 15,
     "kkt_train_steps": 5000,
@@ -86,6 +87,9 @@ ROW_FIELDS = (
 # Rows written before the DP axis existed lack its fields: they are non-private.
 NON_PRIVATE_FIELDS = {"noise_multiplier": 0.0, "epsilon": None}
 PRIOR_ETA_BN = 3.0
+# The KKT residual is relative (1 with no multipliers, 0 at a KKT point): weighted like the
+# paper's unit-weight terms.
+KKT_TERM_ETA = 1.0
 # (method, arch) pairs left out of every grid: the prior has no BatchNorm statistics to match.
 WITHOUT_BATCHNORM = {("tldr+prior", "kkt-mlp")}
 
@@ -455,7 +459,11 @@ def attack_cell(
         )
         entry = api.invert
     else:
-        extra = {"eta_bn": PRIOR_ETA_BN} if cell["method"] == "tldr+prior" else {}
+        extra = {
+            "tldr": {},
+            "tldr+prior": {"eta_bn": PRIOR_ETA_BN},
+            "tldr+kkt": {"eta_kkt": KKT_TERM_ETA, "kkt_train_size": n},
+        }[cell["method"]]
         config = ReconstructionConfig.preset(
             "paper",
             steps=b["tldr_steps"],

@@ -140,3 +140,29 @@ def test_cli_bad_spec_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "methods" in err and "dream" in err
     assert main(["study", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [
+        ("tldr", {"eta_bn": 0.0, "eta_kkt": 0.0}),
+        ("tldr+prior", {"eta_bn": study.PRIOR_ETA_BN, "eta_kkt": 0.0}),
+        ("tldr+kkt", {"eta_bn": 0.0, "eta_kkt": study.KKT_TERM_ETA, "kkt_train_size": 30}),
+    ],
+)
+def test_each_generator_method_runs_the_paper_objective_with_its_own_extra_term(
+    monkeypatch, tmp_path, method, weights
+):
+    from tldr_fast import api
+
+    seen = {}
+    monkeypatch.setattr(api, "reconstruct", lambda *args, **kwargs: seen.update(config=args[3]))
+    spec = study.check_spec({**SPEC, "methods": [method]})
+    cell = {"method": method, "arch": "kkt-mlp", "train_size": 30, "seed": 0}
+    target = torch.nn.Linear(1, 1)
+    target.num_classes, target.input_shape = 10, (1, 28, 28)
+    study.attack_cell(spec, cell, target, tmp_path / "t.safetensors", tmp_path / "run")
+    config = seen["config"]
+    assert config.steps == spec["budgets"]["tldr_steps"] and config.seed == 0
+    for field, value in weights.items():
+        assert getattr(config, field) == value, field

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -158,6 +159,13 @@ def peak_memory_bytes(fn: Callable[[], object], device="cpu") -> int:
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 free now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def environment() -> dict:

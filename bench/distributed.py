@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import free_local_port
 from bench.step import IMAGE_SHAPE, NUM_CLASSES, bench_classifier, step_config
 
 CPU_BATCH, CPU_QUICK_BATCH = 64, 16
@@ -45,12 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dist-steps", type=int, default=None, help="timed steps per row (default 6; --quick 2)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, batch: int, steps: int, out: str) -> None:
@@ -120,7 +114,7 @@ def _measure(world: int, batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
         os.environ["OMP_NUM_THREADS"] = "1"
-        mp.spawn(_rank, args=(world, _free_port(), batch, steps, out), nprocs=world)
+        mp.spawn(_rank, args=(world, free_local_port(), batch, steps, out), nprocs=world)
         return json.loads(Path(out).read_text())
 
 

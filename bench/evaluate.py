@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import free_local_port
+
 
 def add_arguments(parser) -> None:
     parser.add_argument(
@@ -214,11 +216,11 @@ def _launch(world: int, case: Path, impl: str, repeats: int) -> dict[str, list[f
     """Wall and process CPU seconds of each timed call on rank 0 of `world` freshly started ranks."""
     import torch.multiprocessing as mp
 
-    from bench.distributed import _free_port
-
     out = case.parent / "rank0.json"
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_rank, args=(world, _free_port(), str(case), impl, repeats, str(out)), nprocs=world)
+    mp.spawn(
+        _rank, args=(world, free_local_port(), str(case), impl, repeats, str(out)), nprocs=world
+    )
     return json.loads(out.read_text())
 
 

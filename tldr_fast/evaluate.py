@@ -564,7 +564,7 @@ def evaluate_run(
     data_root = data_root if data_root is not None else origin.get("data_root")
     train = datasets.load_dataset(train_data, "train", root=data_root, subset=subset, seed=seed)
     heldout, heldout_source = _heldout(heldout_data, train_data, len(train.labels), data_root, seed)
-    evaluator, evaluator_info = _evaluator(
+    evaluator, evaluator_info = resolve_evaluator(
         evaluator, train, train_data, subset, data_root, seed, device, progress and writer
     )
     scores = reconstruction_scores(
@@ -661,8 +661,13 @@ def _heldout(heldout_data, name: str, size: int, data_root, seed: int):
     return (held.images, held.labels), f"{name} test split, balanced, {len(held.labels)} images"
 
 
-def _evaluator(evaluator, train, name: str, subset, data_root, seed: int, device, progress: bool):
-    """(classifier or None, description) for the fidelity statistics."""
+def resolve_evaluator(
+    evaluator, train, name: str, subset, data_root, seed: int, device, progress: bool
+):
+    """(classifier or None, description) of evaluate_run's `evaluator` argument for the fidelity
+    statistics: False -> none; a path -> the model file; a module -> itself; None -> an MLP trained
+    with seed + 1 on the training split's images outside the target's subset (train: the target's
+    training set, name its dataset), or on the test split when the target used the whole split."""
     if evaluator is False:
         return None, {"source": "skipped"}
     if isinstance(evaluator, (str, Path)):

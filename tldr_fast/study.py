@@ -404,14 +404,14 @@ def ensure_evaluator(spec: dict, cell: dict, root: Path, data_root=None, device=
     """evaluate_run's default evaluator (an MLP on training images outside the target's subset),
     trained once per (train size, seed) and shared by every architecture and method."""
     from tldr_fast import datasets, serialization
-    from tldr_fast.evaluate import _evaluator
+    from tldr_fast.evaluate import resolve_evaluator
 
     path = root / "targets" / f"evaluator-n{cell['train_size']}-s{cell['seed']}.safetensors"
     if not path.is_file():
         train = datasets.load_dataset(
             spec["dataset"], "train", root=data_root, subset=cell["train_size"], seed=cell["seed"]
         )
-        model, info = _evaluator(
+        model, info = resolve_evaluator(
             None, train, spec["dataset"], cell["train_size"], data_root, cell["seed"], device, False
         )
         serialization.save(path, model.cpu(), metadata={"evaluator": info})

@@ -26,6 +26,8 @@ import re
 import sys
 from pathlib import Path
 
+from tldr_fast.study import gap_with_interval
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!-- table: (?P<spec>[^>]*?) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
@@ -61,10 +63,7 @@ def _parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _study_rows(data: dict) -> list[dict]:
-    return [
-        {**r, "gap_95ci": f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]"}
-        for r in data["rows"]
-    ]
+    return [{**r, "gap_95ci": gap_with_interval(r)} for r in data["rows"]]
 
 
 def _benchmark_rows(data: dict, suite: str | None) -> list[dict]:

@@ -555,7 +555,7 @@ def markdown_table(rows: list[dict]) -> str:
     private = any(r["noise_multiplier"] for r in rows)
     if private:
         header[4:4] = ["sigma", "epsilon"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for r in rows:
         cells_ = [
             r["method"],
@@ -569,13 +569,25 @@ def markdown_table(rows: list[dict]) -> str:
             r["nn_count_heldout"],
             _fmt(r["mean_best_ssim_train"], ".3f"),
             _fmt(r["mean_best_ssim_heldout"], ".3f"),
-            f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]",
+            gap_with_interval(r),
             _fmt(r["evaluator_accuracy"], ".2f"),
             f"{r['wall_seconds']:.0f}",
         ]
         if private:
             cells_[4:4] = [f"{r['noise_multiplier']:g}", _fmt(r["epsilon"], ".3g")]
-        lines.append("| " + " | ".join(str(c) for c in cells_) + " |")
+        body.append(cells_)
+    return _markdown(header, body)
+
+
+def gap_with_interval(row: dict) -> str:
+    """A row's gap and its 95% interval as one text: "+0.066 [+0.049, +0.082]"."""
+    lo, hi = row["gap_ci"]
+    return f"{row['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in cells_) + " |" for cells_ in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -620,7 +632,7 @@ def dp_table(rows: list[dict]) -> str:
         "mean gap",
         "NN > 0.4 train / held-out",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for (method, arch, n, sigma), mine in _dp_groups(rows).items():
         accuracies = [r["test_accuracy"] for r in mine if r["test_accuracy"] is not None]
         cells_ = [
@@ -631,14 +643,12 @@ def dp_table(rows: list[dict]) -> str:
             _fmt(mine[0]["epsilon"], ".3g") if sigma else "inf",
             ", ".join(str(r["seed"]) for r in mine),
             _fmt(sum(accuracies) / len(accuracies) if accuracies else None, ".3f"),
-            "; ".join(
-                f"{r['gap']:+.3f} [{r['gap_ci'][0]:+.3f}, {r['gap_ci'][1]:+.3f}]" for r in mine
-            ),
+            "; ".join(gap_with_interval(r) for r in mine),
             f"{sum(r['gap'] for r in mine) / len(mine):+.3f}",
             f"{sum(r['nn_count_train'] for r in mine)} / {sum(r['nn_count_heldout'] for r in mine)}",
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells_) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells_)
+    return _markdown(header, body)
 
 
 def plot(rows: list[dict]):

@@ -496,8 +496,8 @@ def chunked_grad_and_value(params, buffers, noise, problem: Problem, chunk_size:
     x, pull_back = vjp(
         lambda p: _generate_local(problem, p, buffers, noise, vectors), generator_parameters(params)
     )
-    multipliers = {name: v for name, v in params.items() if name == KKT_MULTIPLIERS}
-    free = multipliers.get(KKT_MULTIPLIERS)
+    free = params.get(KKT_MULTIPLIERS)
+    multipliers = {} if free is None else {KKT_MULTIPLIERS: free}
     first, stop = _local_range(problem)
     chunks = [(s, min(s + chunk_size, stop)) for s in range(first, stop, chunk_size)]
     perturb_noise = noise.get("perturb")

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_ranks import COLLECTIVE_TIMEOUT_S, run_ranks, worker
 from relative_error import rel_rms
 
+from bench.common import free_local_port
 from tldr_fast import api, conditioning, distributed, engine, losses, objective, serialization
 from tldr_fast.compiled import CompiledStep
 from tldr_fast.config import ReconstructionConfig
@@ -130,24 +129,6 @@ def train_run(run_dir: Path, steps: int, **overrides):
     )
 
 
-# -- the worker: one rank of a 2-process gloo group ---------------------------------------------
-
-
-def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    try:
-        torch.save(SCENARIOS[scenario](rank, Path(out)), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _scenario_float64(rank, out):
     return {name: float64_step(overrides) for name, overrides in VARIANTS.items()}
 
@@ -217,28 +198,7 @@ def _scenario_compiled(rank, out):
     return {"eager": eager, "compiled": compiled}
 
 
-SCENARIOS = {
-    "float64": _scenario_float64,
-    "generator": _scenario_generator,
-    "train": _scenario_train,
-    "mismatch": _scenario_mismatch,
-    "killed": _scenario_killed,
-    "compiled": _scenario_compiled,
-}
-COLLECTIVE_TIMEOUT_S = 60
 KILLED_EXIT = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(scenario: str, out: Path, world: int = 2) -> list[dict]:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, _free_port(), scenario, str(out)), nprocs=world)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -269,7 +229,7 @@ def test_diversity_from_sums_equals_the_losses_on_the_whole_batch(normalized):
 def test_three_ranks_generate_the_single_process_images_and_gradient(tmp_path):
     """Batch 5 on 3 ranks (1 + 2 + 2 images): BatchNorm with the global statistics, each rank's
     rows of the single process's dropout masks, and gradients whose sum is the whole gradient."""
-    ranks = run_ranks("generator", tmp_path, world=3)
+    ranks = run_ranks(_scenario_generator, tmp_path, world=3)
     images, grads = generator_images_and_grads()
     assert [got["images"].shape[1] for got in ranks] == [1, 2, 2]
     got_images = torch.cat([got["images"] for got in ranks], dim=1)
@@ -283,7 +243,7 @@ def test_three_ranks_generate_the_single_process_images_and_gradient(tmp_path):
 
 
 def test_two_ranks_equal_one_process_in_float64(tmp_path):
-    ranks = run_ranks("float64", tmp_path)
+    ranks = run_ranks(_scenario_float64, tmp_path)
     for name, overrides in VARIANTS.items():
         grads, report, stepped = float64_step(overrides)
         for got in ranks:
@@ -305,7 +265,7 @@ def test_two_ranks_equal_one_process_in_float64(tmp_path):
 
 
 def test_two_ranks_train_like_one_process_and_only_rank_zero_writes(tmp_path):
-    ranks = run_ranks("train", tmp_path)
+    ranks = run_ranks(_scenario_train, tmp_path)
     single = train_run(tmp_path / "single", steps=3)
     for got in ranks:
         assert rel_rms(got["images"], single.images) < 1e-4
@@ -333,7 +293,7 @@ def test_two_ranks_train_like_one_process_and_only_rank_zero_writes(tmp_path):
 
 
 def test_a_rank_with_another_config_is_refused_naming_it(tmp_path):
-    for got in run_ranks("mismatch", tmp_path):
+    for got in run_ranks(_scenario_mismatch, tmp_path):
         assert got["error"] is not None and got["error"].startswith(
             "rank 1 has a different config than rank 0"
         )
@@ -342,9 +302,9 @@ def test_a_rank_with_another_config_is_refused_naming_it(tmp_path):
 def test_a_killed_rank_fails_the_other_and_leaves_a_resumable_checkpoint(tmp_path):
     context = mp.get_context("spawn")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    port = _free_port()
+    port = free_local_port()
     ranks = [
-        context.Process(target=_worker, args=(r, 2, port, "killed", str(tmp_path)))
+        context.Process(target=worker, args=(r, 2, port, _scenario_killed, str(tmp_path)))
         for r in range(2)
     ]
     for p in ranks:
@@ -386,7 +346,7 @@ def _torchrun(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_local_port()),
         "-m",
         "tldr_fast",
         "reconstruct",
@@ -439,6 +399,6 @@ def test_torchrun_cli_runs_data_parallel_and_refuses_a_batch_smaller_than_the_wo
 @pytest.mark.slow
 @pytest.mark.compile
 def test_the_data_parallel_step_traces_into_one_graph_with_its_collectives(tmp_path):
-    for got in run_ranks("compiled", tmp_path):
+    for got in run_ranks(_scenario_compiled, tmp_path):
         for name, p in got["eager"].items():
             assert rel_rms(got["compiled"][name], p) < 1e-5, name

@@ -7,22 +7,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
+from bench.common import free_local_port
 from tldr_fast import atomic_files, evaluate, serialization
 from tldr_fast.evaluate import class_ssim_matrices, evaluate_run, fidelity
 from tldr_fast.ssim import matrix_blocks, split_blocks, ssim_matrices
 
-COLLECTIVE_TIMEOUT_S = 60
 SHAPE = (1, 12, 12)
 # The tiny SSIM case: 3 classes, 3 reconstructions and 5 reference images of each. With 2 pairs
 # per block the 3 x 5 class matrices fall into 2 x 1 and 1 x 1 blocks (10 per class, 30 in all);
@@ -94,24 +92,6 @@ def comparable(metrics: dict) -> dict:
     }
 
 
-# -- the worker: one rank of a 2-process gloo group ---------------------------------------------
-
-
-def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    try:
-        torch.save(SCENARIOS[scenario](rank, Path(out)), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _scenario_matrices(rank, out):
     group = dist.group.WORLD
     recon, recon_labels, ref, ref_labels = tiny_case()
@@ -176,21 +156,6 @@ def _scenario_eager(rank, out):
     return {"matrices": _scenario_matrices(rank, out), "run": _scenario_evaluate_run(rank, out)}
 
 
-SCENARIOS = {"eager": _scenario_eager, "compiled": _scenario_compiled}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(scenario: str, out: Path, world: int = 2) -> list[dict]:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, _free_port(), scenario, str(out)), nprocs=world)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def eager_ranks(tmp_path_factory):
     """(what each of the 2 ranks returned, the folder holding their run directory "ranks")."""
@@ -199,7 +164,7 @@ def eager_ranks(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_ranks("eager", out), out
+        return run_ranks(_scenario_eager, out), out
     finally:
         torch.set_num_threads(threads)
 
@@ -259,7 +224,7 @@ def test_two_ranks_compute_the_single_process_matrices_bit_for_bit(eager_ranks):
 @pytest.mark.slow
 @pytest.mark.compile
 def test_two_ranks_compute_the_compiled_matrices_bit_for_bit(tmp_path):
-    ranks = run_ranks("compiled", tmp_path)
+    ranks = run_ranks(_scenario_compiled, tmp_path)
     recon, recon_labels, ref, ref_labels = tiny_case()
     single = class_ssim_matrices(
         recon, recon_labels, ref, ref_labels, chunk_size=SMALL_CHUNK, impl="compiled"
@@ -296,7 +261,7 @@ def test_torchrun_cli_evaluates_on_two_ranks_like_one_process(tmp_path):
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_local_port()),
         "-m",
         "tldr_fast",
         "evaluate",

@@ -191,28 +191,38 @@ def sum_over_ranks(shard: Shard, grads: dict[str, torch.Tensor], report: dict[st
 # -- refusing mismatched ranks ------------------------------------------------------------------
 
 
+def ranks_with_other_digests(digests: list[bytes], group, device: torch.device) -> list[list[int]]:
+    """Per digest: the ranks of group whose digest differs from rank 0's. The digests (equal
+    lengths on every rank) are all-gathered as one uint8 tensor on device (the rank's GPU for
+    NCCL): nothing is pickled."""
+    mine = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).to(device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    differing, start = [], 0
+    for digest in digests:
+        part = slice(start, start + len(digest))
+        differing.append(
+            [r for r, g in enumerate(gathered) if not torch.equal(g[part], gathered[0][part])]
+        )
+        start = part.stop
+    return differing
+
+
 def check_identical(
     shard: Shard | None, config: dict, classifier_sha256: str, device: torch.device
 ) -> None:
     """Refuse to start when a rank's config or classifier weights differ from rank 0's: the
-    sha256 of each is all-gathered (tensors on the rank's device, as NCCL needs: nothing is
-    unpickled) and compared on every rank."""
+    sha256 of each is compared across ranks (`ranks_with_other_digests`)."""
     if shard is None:
         return
     digests = [
         hashlib.sha256(json.dumps(config, sort_keys=True).encode()).digest(),
         bytes.fromhex(classifier_sha256),
     ]
-    mine = torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).to(device)
-    gathered = [torch.empty_like(mine) for _ in range(shard.world_size)]
-    dist.all_gather(gathered, mine)
-    for what, part in (("config", slice(0, 32)), ("classifier weights", slice(32, 64))):
-        differing = [
-            r for r, g in enumerate(gathered) if not torch.equal(g[part], gathered[0][part])
-        ]
-        if differing:
-            ranks = ", ".join(map(str, differing))
+    differing = ranks_with_other_digests(digests, shard.group, device)
+    for what, ranks in zip(("config", "classifier weights"), differing, strict=True):
+        if ranks:
             raise ValueError(
-                f"rank {ranks} has a different {what} than rank 0 (sha256 differs): every rank "
-                f"of a data-parallel run must be given the same"
+                f"rank {', '.join(map(str, ranks))} has a different {what} than rank 0 (sha256 "
+                f"differs): every rank of a data-parallel run must be given the same"
             )

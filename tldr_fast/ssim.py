@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tldr_fast.distributed import ranks_with_other_digests
 from tldr_fast.validation import check_images, check_positive_int, check_unit_range
 
 WIN_SIZE = 7
@@ -235,18 +236,13 @@ def _compute_blocks(
 
 def _check_same_pairs(pairs, group: dist.ProcessGroup) -> None:
     """Refuse pairs that differ from rank 0's: the sha256 of every shape, dtype and byte,
-    all-gathered as tensors on the collective's device (nothing is pickled)."""
+    compared across the group's ranks (`distributed.ranks_with_other_digests`)."""
     digest = hashlib.sha256()
     for t in (t for pair in pairs for t in pair):
         t = t.detach().cpu().contiguous()
         digest.update(f"{tuple(t.shape)} {t.dtype};".encode())
         digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(
-        _collective_device(group)
-    )
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    (differing,) = ranks_with_other_digests([digest.digest()], group, _collective_device(group))
     if differing:
         raise ValueError(
             f"rank {', '.join(map(str, differing))} passed other SSIM pairs than rank 0 (sha256 "

@@ -69,10 +69,18 @@ def split(batch_size: int, world_size: int) -> list[tuple[int, int]]:
     ]
 
 
+def default_group() -> dist.ProcessGroup | None:
+    """The initialised default process group when it has more than one process, else None (the
+    single-process path)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def current_shard(batch_size: int) -> Shard | None:
     """The Shard of this process in the initialised default process group, or None outside one
     (or in a group of one process): the single-process path."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if default_group() is None:
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     ranges = split(batch_size, world)

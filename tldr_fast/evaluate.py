@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tldr_fast.distributed import default_group
 from tldr_fast.features import FeatureSpec, extract_features, offers_features
 from tldr_fast.ssim import ssim_matrices
 from tldr_fast.training import predict_logits
@@ -547,7 +548,7 @@ def evaluate_run(
     check_in_range(threshold, "threshold", 0.0, 1.0)  # before the SSIM matrices, not after
     check_positive_int(num_bootstrap, "num_bootstrap")
     start = time.perf_counter()
-    group = _default_group()
+    group = default_group()
     writer = group is None or dist.get_rank(group) == 0
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
@@ -606,13 +607,6 @@ def evaluate_run(
     if group is not None:
         dist.barrier(group)  # the files exist on every rank's return
     return metrics
-
-
-def _default_group() -> dist.ProcessGroup | None:
-    """The initialised default process group when it has more than one process, else None."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 def _read_run(run_dir: Path):
